@@ -1,0 +1,134 @@
+"""Typed, validated configuration of a multi-task (MoE) ViT: everything needed to rebuild a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from ..nn.routers import ROUTERS
+
+__all__ = ["ModelConfig", "ConfigError"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or out of range; the message names the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a ViT backbone (dense or MoE) with one SETR-PUP head per task.
+
+    ``moe_blocks`` lists the block indices whose MLP is a mixture of experts (empty: dense M-ViT).
+    Each expert has ``expert_hidden = round(expert_ratio * embed_dim)`` hidden units; with
+    ``expert_ratio=1`` and ``top_k=4`` a token's active MLP compute equals a dense ``mlp_ratio=4`` MLP.
+    """
+
+    name: str = "custom"
+    tasks: dict[str, int] = field(default_factory=dict)
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    moe_blocks: tuple[int, ...] = ()
+    num_experts: int = 16
+    top_k: int = 4
+    expert_ratio: float = 1.0
+    router: str = "multi_gate"
+    noise_std: float = 0.0
+    task_embed_dim: int = 64
+    renormalize: bool = False
+    capacity_factor: float | None = None
+    head_channels: int = 256
+    head_stages: int = 4
+
+    @property
+    def expert_hidden(self) -> int:
+        return max(1, round(self.expert_ratio * self.embed_dim))
+
+    @property
+    def mlp_hidden(self) -> int:
+        return max(1, round(self.mlp_ratio * self.embed_dim))
+
+    @property
+    def is_moe(self) -> bool:
+        return len(self.moe_blocks) > 0
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def replace(self, **overrides) -> "ModelConfig":
+        unknown = sorted(set(overrides) - set(self.keys()))
+        if unknown:
+            raise ConfigError(f"unknown model option(s) {unknown}; allowed: {self.keys()}")
+        cfg = dataclasses.replace(self, **overrides)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> "ModelConfig":
+        self.img_size = _pair("img_size", self.img_size)
+        self.moe_blocks = tuple(int(b) for b in self.moe_blocks)
+        self.tasks = {str(t): int(c) for t, c in dict(self.tasks).items()}
+        positive = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_experts", "top_k",
+                    "task_embed_dim", "head_channels", "head_stages")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
+        if not self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.router not in ROUTERS:
+            raise ConfigError(f"router={self.router!r} is not allowed; choose one of {sorted(ROUTERS)}")
+        for key in ("mlp_ratio", "expert_ratio"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+        if self.noise_std < 0:
+            raise ConfigError(f"noise_std must be >= 0, got {self.noise_std!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"capacity_factor must be > 0 or null (dropless), got {self.capacity_factor!r}")
+        bad = [b for b in self.moe_blocks if not 0 <= b < self.depth]
+        if bad or len(set(self.moe_blocks)) != len(self.moe_blocks):
+            raise ConfigError(f"moe_blocks={list(self.moe_blocks)} must be distinct block indices in [0, {self.depth})")
+        for dim, size in zip("HW", self.img_size):
+            if size % self.patch_size:
+                raise ConfigError(f"img_size {dim}={size} is not divisible by patch_size={self.patch_size}")
+        for task, channels in self.tasks.items():
+            if channels < 1:
+                raise ConfigError(f"task {task!r} needs >= 1 output channel, got {channels}")
+        return self
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["img_size"] = list(self.img_size)
+        out["moe_blocks"] = list(self.moe_blocks)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown model option(s) {unknown}; allowed: {cls.keys()}")
+        return cls(**data).validate()
+
+
+def _pair(key: str, value) -> tuple[int, int]:
+    if isinstance(value, int):
+        value = (value, value)
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r}") from None
+    if h < 1 or w < 1:
+        raise ConfigError(f"{key} must be positive, got {value!r}")
+    return (h, w)

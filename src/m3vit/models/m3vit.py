@@ -1,0 +1,226 @@
+"""M³ViT: a ViT backbone whose every other MLP is a task-routed mixture of experts, plus one
+SETR-PUP head per task. With ``moe_blocks=()`` the same file is the dense multi-task M-ViT.
+
+Read top to bottom: ``VisionTransformer`` (patch embedding, cls token, interpolated positional
+embedding, blocks), then ``MultiTaskModel`` (task-batched backbone pass, one head per task), then
+the named configurations registered for ``create_model``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn import Block, Mlp, MoE, SETRPUPHead
+from .config import ModelConfig
+from .registry import register_model
+
+__all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed"]
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
+    """Bicubically resize the grid part of ``pos_embed [1, prefix + h*w, D]`` to ``new_grid``.
+
+    The source grid must be square (as ImageNet ViTs are) or already ``new_grid``.
+    """
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    n = grid.shape[1]
+    if n == new_grid[0] * new_grid[1]:
+        return pos_embed
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"cannot resample a positional embedding of {n} grid tokens (not a square grid)")
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` convolution from images to a grid of tokens."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone with MoE blocks at ``cfg.moe_blocks``; returns the tokens before any final norm.
+
+    ``forward(images, task_ids)`` runs the task-independent prefix (patch embedding and the blocks
+    before the first task-dependent MoE) once, then, for a task-dependent router and several tasks,
+    stacks one copy of the tokens per task along the batch, each copy carrying its task id, and runs
+    the remaining blocks in one batched pass. Output: ``[T, B, 1 + h*w, D]`` (``T = 1`` when the
+    backbone is task-agnostic: dense or shared router) and the token grid ``(h, w)``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, dim)
+        self.grid = (cfg.img_size[0] // cfg.patch_size, cfg.img_size[1] // cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], dim))
+        drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        num_tasks = max(1, len(cfg.tasks))
+        blocks = []
+        for i in range(cfg.depth):
+            if i in cfg.moe_blocks:
+                mlp = MoE(dim, cfg.expert_hidden, cfg.num_experts, cfg.top_k, num_tasks=num_tasks,
+                          router=cfg.router, noise_std=cfg.noise_std, task_embed_dim=cfg.task_embed_dim,
+                          renormalize=cfg.renormalize, capacity_factor=cfg.capacity_factor)
+            else:
+                mlp = Mlp(dim, cfg.mlp_hidden)
+            blocks.append(Block(dim, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop_path=drop_path[i]))
+        self.blocks = nn.ModuleList(blocks)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if b.is_moe]
+
+    @property
+    def task_dependent(self) -> bool:
+        return any(m.task_dependent for m in self.moe_layers)
+
+    @property
+    def _first_task_block(self) -> int:
+        for i, block in enumerate(self.blocks):
+            if block.is_moe and block.mlp.task_dependent:
+                return i
+        return len(self.blocks)
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x, grid = self.patch_embed(images)
+        pos = self.pos_embed if grid == self.grid else resample_pos_embed(self.pos_embed, grid)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+        return x, grid
+
+    def forward(self, images: Tensor, task_ids: Sequence[int] = (0,)) -> tuple[Tensor, tuple[int, int]]:
+        batch = images.shape[0]
+        x, grid = self.embed(images)
+        split = self._first_task_block
+        for block in self.blocks[:split]:
+            x = block(x)
+        task_ids = list(task_ids) if self.task_dependent else [0]
+        copies = len(task_ids)
+        if copies > 1:
+            x = x.repeat(copies, 1, 1)
+            ids = torch.tensor(task_ids, device=x.device).repeat_interleave(batch)
+        else:
+            ids = task_ids[0]
+        for block in self.blocks[split:]:
+            x = block(x, ids)
+        return x.reshape(copies, batch, *x.shape[1:]), grid
+
+
+class MultiTaskModel(nn.Module):
+    """Backbone plus one SETR-PUP head per task; ``model(images, tasks=None) -> {task: [B, C, H, W]}``.
+
+    ``tasks=None`` runs every task: one batched backbone pass over the tasks stacked along the
+    batch (task-dependent routing) or one shared pass (dense / shared router). A subset of tasks
+    runs only those tasks' routing, the experts they pick and their heads.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        if not cfg.tasks:
+            raise ValueError("a multi-task model needs at least one task")
+        self.config = cfg
+        self.tasks: list[str] = list(cfg.tasks)
+        self.backbone = VisionTransformer(cfg)
+        self.heads = nn.ModuleDict(
+            {t: SETRPUPHead(cfg.embed_dim, c, cfg.head_channels, cfg.head_stages) for t, c in cfg.tasks.items()}
+        )
+
+    def resolve_tasks(self, tasks: str | Sequence[str] | None) -> list[str]:
+        """The requested task names in the order given, validated against the model's tasks."""
+        if tasks is None:
+            return list(self.tasks)
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        tasks = list(dict.fromkeys(tasks))
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown or not tasks:
+            raise ValueError(f"unknown task(s) {unknown or tasks}; this model's tasks are {self.tasks}")
+        return tasks
+
+    def check_images(self, images: Tensor) -> None:
+        cfg = self.config
+        if images.dim() != 4 or images.shape[1] != cfg.in_chans:
+            raise ValueError(
+                f"images must be [B, {cfg.in_chans}, H, W], got shape {list(images.shape)}"
+            )
+        h, w = images.shape[-2:]
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the patch size {cfg.patch_size}; "
+                f"resize or pad to a multiple of {cfg.patch_size}"
+            )
+
+    def forward(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+        tasks = self.resolve_tasks(tasks)
+        self.check_images(images)
+        task_ids = [self.tasks.index(t) for t in tasks]
+        features, grid = self.backbone(images, task_ids)
+        size = tuple(images.shape[-2:])
+        outputs = {}
+        for i, task in enumerate(tasks):
+            tokens = features[i] if features.shape[0] > 1 else features[0]
+            outputs[task] = self.heads[task](tokens, grid, size)
+        return outputs
+
+    @property
+    def moe_layers(self) -> list[MoE]:
+        return self.backbone.moe_layers
+
+    def aux_loss(self) -> Tensor:
+        """Sum of the MoE balance losses of the last forward (0 for a dense model or in eval)."""
+        total = self.backbone.pos_embed.new_zeros(())
+        for layer in self.moe_layers:
+            total = total + layer.aux_loss()
+        return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Named configurations. ``m3vit_*``: MoE in every other block (1, 3, ...), 16 experts, top-4,
+# expert hidden = width (a token's active MLP compute equals the dense MLP's), multi-gate routing.
+# ``mvit_*``: the dense multi-task baseline. ``*_micro`` is a CPU-scale config (width 96, 6 blocks)
+# for demos and tests; it is not a paper configuration.
+# ----------------------------------------------------------------------------------------------
+_SIZES = {
+    "micro": dict(embed_dim=96, depth=6, num_heads=3, head_channels=64),
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+for _size, _arch in _SIZES.items():
+    _moe = dict(_arch, moe_blocks=tuple(range(1, _arch["depth"], 2)), num_experts=16, top_k=4,
+                expert_ratio=1.0, router="multi_gate")
+    register_model(f"m3vit_{_size}", ModelConfig(name=f"m3vit_{_size}", **_moe),
+                   f"M³ViT-{_size}: MoE ViT, {_arch['embed_dim']} wide, 16 experts top-4, multi-gate")
+    register_model(f"mvit_{_size}", ModelConfig(name=f"mvit_{_size}", **_arch),
+                   f"M-ViT-{_size}: dense multi-task ViT baseline, {_arch['embed_dim']} wide")

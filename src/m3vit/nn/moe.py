@@ -1,0 +1,193 @@
+"""The task-level sparse mixture-of-experts MLP: V-MoE gating, balance loss, reordered dispatch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .dispatch import dispatch_to_experts, expert_capacity
+from .routers import ROUTERS, build_router
+
+__all__ = ["MoE", "cv_squared", "top_k_gate", "balance_loss"]
+
+
+def cv_squared(v: Tensor) -> Tensor:
+    """Squared coefficient of variation ``var(v) / (mean(v)^2 + 1e-10)`` (population variance)."""
+    v = v.float()
+    return v.var(unbiased=False) / (v.mean() ** 2 + 1e-10)
+
+
+def top_k_gate(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax over all experts, then keep the ``top_k`` largest: returns ``probs, weights, indices``.
+
+    The combine weights are the picked probabilities themselves (V-MoE); ``renormalize`` rescales
+    them to sum to one per token.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return probs, weights, indices
+
+
+def _prob_in_top_k(clean: Tensor, noisy: Tensor, top_k: int, noise_scale: float) -> Tensor:
+    """Smooth estimate ``P(expert e is in the top-k | the other experts' noise)`` per token, ``[S, E]``.
+
+    For expert e the threshold is the k-th largest noisy logit among the *other* experts: the
+    (k+1)-th largest overall when e is itself in the noisy top-k, else the k-th largest.
+    """
+    num_experts = clean.shape[-1]
+    if top_k >= num_experts:
+        return torch.ones_like(clean)
+    top_vals = noisy.topk(top_k + 1, dim=-1).values
+    kth, kth_plus_one = top_vals[:, top_k - 1 : top_k], top_vals[:, top_k : top_k + 1]
+    threshold = torch.where(noisy >= kth, kth_plus_one, kth)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return normal.cdf((clean - threshold) / noise_scale)
+
+
+def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None) -> Tensor:
+    """``cv^2(importance) + cv^2(load)`` over one group of tokens.
+
+    Importance is each expert's summed gate probability; load is the smooth in-top-k probability
+    mass when given (noisy gating), else the hard count of tokens routed to each expert.
+    """
+    importance = probs.sum(0)
+    if load is None:
+        load = torch.bincount(indices.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
+    else:
+        load = load.sum(0)
+    return cv_squared(importance) + cv_squared(load)
+
+
+class MoE(nn.Module):
+    """Sparse MoE MLP with task-dependent routing and expert-by-expert dispatch.
+
+    Each expert is ``Linear(dim, hidden_dim) -> GELU -> Linear(hidden_dim, dim)``, stacked as
+    ``w1 [E, dim, hidden]``, ``b1 [E, hidden]``, ``w2 [E, hidden, dim]``, ``b2 [E, dim]``.
+    ``forward(x [B, N, dim], task_ids)`` with ``task_ids`` an int or ``LongTensor[B]`` (one task per
+    image, tasks may differ within a batch). After a forward, ``last_routing`` holds detached
+    ``indices [B*N, k]``, ``weights [B*N, k]``, ``probs [B*N, E]``, ``task_ids [B*N]``, the
+    per-expert queue lengths ``counts`` and the number of ``dropped`` (token, choice) pairs.
+
+    The balance loss (``aux_loss()``, training only) is computed per task present in the batch and
+    summed, so a task-batched forward gives the sum of the per-task forwards' losses; a shared
+    router treats the whole batch as one group.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        top_k: int,
+        num_tasks: int = 1,
+        router: str = "multi_gate",
+        noise_std: float = 0.0,
+        task_embed_dim: int = 64,
+        renormalize: bool = False,
+        capacity_factor: float | None = None,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got top_k={top_k}")
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r} is not a router kind; choose one of {sorted(ROUTERS)}")
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        self.dim, self.hidden_dim = dim, hidden_dim
+        self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
+        self.noise_std, self.renormalize, self.capacity_factor = noise_std, renormalize, capacity_factor
+        self.router_kind = router
+        self.router = build_router(router, dim, num_experts, num_tasks, task_embed_dim)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+        self.last_routing: dict | None = None
+        self._aux_loss: Tensor | None = None
+
+    @property
+    def task_dependent(self) -> bool:
+        return self.router.task_dependent
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
+            f"top_k={self.top_k}, num_tasks={self.num_tasks}, router={self.router_kind!r}, "
+            f"noise_std={self.noise_std}"
+        )
+
+    def _task_ids(self, task_ids: int | Tensor, batch: int, device: torch.device) -> Tensor:
+        if isinstance(task_ids, int):
+            task_ids = torch.full((batch,), task_ids, dtype=torch.long, device=device)
+        elif not isinstance(task_ids, Tensor):
+            raise TypeError(f"task_ids must be an int or a LongTensor[B], got {type(task_ids).__name__}")
+        task_ids = task_ids.to(device=device, dtype=torch.long).reshape(-1)
+        if task_ids.numel() == 1 and batch != 1:
+            task_ids = task_ids.expand(batch)
+        if task_ids.numel() != batch:
+            raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {batch} images")
+        if int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks:
+            raise ValueError(f"task ids must lie in [0, {self.num_tasks}), got {task_ids.unique().tolist()}")
+        return task_ids
+
+    def forward(self, x: Tensor, task_ids: int | Tensor = 0) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE expects x of shape [B, N, {self.dim}], got {list(x.shape)}")
+        batch, num_tokens, _ = x.shape
+        task_ids = self._task_ids(task_ids, batch, x.device)
+        logits = self.router(x, task_ids).reshape(batch * num_tokens, self.num_experts).float()
+
+        noisy = self.training and self.noise_std > 0
+        noise_scale = self.noise_std / self.num_experts
+        gate_logits = logits + torch.randn_like(logits) * noise_scale if noisy else logits
+        probs, weights, indices = top_k_gate(gate_logits, self.top_k, self.renormalize)
+
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(batch * num_tokens, self.top_k, self.num_experts, self.capacity_factor)
+        tokens = x.reshape(batch * num_tokens, self.dim)
+        out, plan = dispatch_to_experts(tokens, indices, weights, self.w1, self.b1, self.w2, self.b2, capacity)
+
+        token_tasks = task_ids.repeat_interleave(num_tokens)
+        if self.training:
+            load = _prob_in_top_k(logits, gate_logits, self.top_k, noise_scale) if noisy else None
+            self._aux_loss = self._grouped_balance_loss(probs, indices, load, token_tasks)
+        else:
+            self._aux_loss = None
+        self.last_routing = {
+            "indices": indices.detach(),
+            "weights": weights.detach(),
+            "probs": probs.detach(),
+            "task_ids": token_tasks,
+            "counts": plan.counts,
+            "dropped": plan.dropped,
+        }
+        return out.reshape(batch, num_tokens, self.dim)
+
+    def _grouped_balance_loss(self, probs: Tensor, indices: Tensor, load: Tensor | None, token_tasks: Tensor) -> Tensor:
+        tasks = token_tasks.unique().tolist() if self.task_dependent else [None]
+        if len(tasks) == 1:
+            return balance_loss(probs, indices, load)
+        total = probs.new_zeros(())
+        for task in tasks:
+            rows = (token_tasks == task).nonzero().squeeze(1)
+            group_load = None if load is None else load.index_select(0, rows)
+            total = total + balance_loss(probs.index_select(0, rows), indices.index_select(0, rows), group_load)
+        return total
+
+    def aux_loss(self) -> Tensor:
+        """Balance loss of the last training forward; 0 in eval mode or before any forward."""
+        if self._aux_loss is None:
+            return self.w1.new_zeros(())
+        return self._aux_loss
+

@@ -1,0 +1,181 @@
+"""MultiTaskModel: task-batched forward equals per-task runs, sparse single-task pathways, sizes, errors."""
+
+import pytest
+import torch
+
+import m3vit
+from m3vit.models import ConfigError, ModelConfig, MultiTaskModel
+
+TASKS = {"semseg": 5, "depth": 1, "normals": 3}
+
+
+def tiny(name="m3vit_micro", **kw):
+    kw.setdefault("embed_dim", 32)
+    kw.setdefault("depth", 4)
+    kw.setdefault("num_heads", 2)
+    kw.setdefault("num_experts", 6)
+    kw.setdefault("top_k", 2)
+    kw.setdefault("head_channels", 8)
+    kw.setdefault("moe_blocks", (1, 3)) if name.startswith("m3vit") else None
+    torch.manual_seed(0)
+    return m3vit.create_model(name, TASKS, img_size=(32, 32), **kw)
+
+
+@pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])
+def test_all_task_forward_equals_per_task_runs(router):
+    model = tiny(router=router).eval()
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        together = model(images)
+        for task in TASKS:
+            alone = model(images, tasks=[task])
+            assert list(alone) == [task]
+            torch.testing.assert_close(alone[task], together[task], rtol=1e-5, atol=1e-5)
+            assert together[task].shape == (2, TASKS[task], 32, 48)
+
+
+def test_subset_of_tasks_returns_only_those_in_request_order():
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 32, 32), tasks=["normals", "semseg"])
+    assert list(out) == ["normals", "semseg"]
+
+
+def test_task_dependent_routing_differs_between_tasks():
+    model = tiny().eval()
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32), tasks=["semseg", "depth"])
+    routing = model.moe_layers[0].last_routing
+    per_task = routing["indices"].reshape(2, -1, routing["indices"].shape[-1])
+    assert not torch.equal(per_task[0], per_task[1])
+    assert routing["task_ids"].tolist() == [0] * per_task.shape[1] + [1] * per_task.shape[1]
+
+
+def test_single_task_runs_only_its_pathway():
+    """One task: one backbone copy, only that task's router rows used, only its head called."""
+    model = tiny().eval()
+    called = []
+    for name, head in model.heads.items():
+        head.register_forward_hook(lambda m, i, o, name=name: called.append(name))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32), tasks=["depth"])
+    assert called == ["depth"]
+    for layer in model.moe_layers:
+        assert layer.last_routing["indices"].shape[0] == 2 * (1 + 4)  # B * tokens, not T * B * tokens
+        assert set(layer.last_routing["task_ids"].tolist()) == {1}
+
+
+def test_single_task_gradients_touch_only_its_router_and_head():
+    model = tiny()
+    model(torch.randn(2, 3, 32, 32), tasks=["depth"])["depth"].sum().backward()
+    router_grad = model.moe_layers[0].router.weight.grad
+    assert router_grad[1].abs().sum() > 0
+    assert router_grad[0].abs().sum() == 0 and router_grad[2].abs().sum() == 0
+    assert all(p.grad is None for p in model.heads["semseg"].parameters())
+
+
+def test_task_batched_training_step_equals_sequential_per_task_steps():
+    """Loss and gradients of one batched multi-task pass == sum of per-task passes (BN per head)."""
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32)
+    out = model(images)
+    loss = sum(o.square().mean() for o in out.values()) + 0.01 * model.aux_loss()
+    loss.backward()
+    batched = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for task in TASKS:
+        o = model(images, tasks=[task])[task]
+        step = o.square().mean() + 0.01 * model.aux_loss()
+        step.backward()
+        total += step.item()
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+    for name, grad in batched.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_aux_loss_is_sum_over_moe_layers_and_zero_for_dense_or_eval():
+    model = tiny()
+    model(torch.randn(1, 3, 32, 32))
+    expected = sum(layer.aux_loss() for layer in model.moe_layers)
+    assert model.aux_loss().item() == pytest.approx(expected.item())
+    assert model.aux_loss().item() > 0
+    model.eval()
+    model(torch.randn(1, 3, 32, 32))
+    assert model.aux_loss().item() == 0.0
+    dense = tiny("mvit_micro")
+    dense(torch.randn(1, 3, 32, 32))
+    assert dense.aux_loss().item() == 0.0 and dense.moe_layers == []
+
+
+@pytest.mark.parametrize("size", [(16, 16), (32, 64), (80, 48)])
+def test_any_input_size_divisible_by_patch(size):
+    model = tiny().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert all(o.shape[-2:] == size for o in out.values())
+
+
+def test_moe_blocks_positions_and_expert_shapes():
+    model = m3vit.create_model("m3vit_small", ["semseg"], img_size=(64, 64))
+    kinds = [type(b.mlp).__name__ for b in model.backbone.blocks]
+    assert kinds == ["Mlp", "MoE"] * 6
+    moe = model.moe_layers[0]
+    assert (moe.num_experts, moe.top_k, moe.hidden_dim, moe.router_kind) == (16, 4, 384, "multi_gate")
+    assert moe.w1.shape == (16, 384, 384) and moe.w2.shape == (16, 384, 384)
+    dense = m3vit.create_model("mvit_small", ["semseg"], img_size=(64, 64))
+    assert dense.backbone.blocks[1].mlp.fc1.out_features == 1536 and dense.moe_layers == []
+
+
+def test_registry_sizes():
+    expected = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+    for size, (dim, depth, heads) in expected.items():
+        for prefix in ("m3vit", "mvit"):
+            cfg = m3vit.models.model_config(f"{prefix}_{size}", ["semseg"])
+            assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.patch_size) == (dim, depth, heads, 16)
+            assert cfg.is_moe == (prefix == "m3vit")
+    assert set(m3vit.list_models()) >= {f"{p}_{s}" for p in ("m3vit", "mvit") for s in expected}
+
+
+def test_overrides_apply():
+    cfg = m3vit.models.model_config("m3vit_tiny", {"semseg": 40}, img_size=(64, 64), num_experts=8, top_k=2,
+                                    expert_ratio=2.0, router="task_conditioned", moe_blocks=[0, 5],
+                                    noise_std=1.0, head_channels=32)
+    assert (cfg.num_experts, cfg.top_k, cfg.expert_hidden, cfg.router, cfg.moe_blocks) == (8, 2, 384, "task_conditioned", (0, 5))
+    assert cfg.tasks == {"semseg": 40} and cfg.head_channels == 32 and cfg.noise_std == 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(name="nope"), r"unknown model 'nope'; available: \[.*m3vit_small"),
+        (dict(tasks=["semseg", "bogus"]), r"unknown task\(s\) \['bogus'\]; known tasks"),
+        (dict(top_k=17), r"top_k=17 must be <= num_experts=16"),
+        (dict(router="soft"), r"router='soft' is not allowed; choose one of"),
+        (dict(img_size=(100, 64)), r"img_size H=100 is not divisible by patch_size=16"),
+        (dict(moe_blocks=[12]), r"moe_blocks=\[12\] must be distinct block indices in \[0, 12\)"),
+        (dict(num_expert=3), r"unknown model option\(s\) \['num_expert'\]; allowed:"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(kwargs, match):
+    args = dict(name="m3vit_tiny", tasks=["semseg"], img_size=(64, 64))
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=match):
+        m3vit.create_model(args.pop("name"), args.pop("tasks"), **args)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny().eval()
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\], got shape \[1, 4, 32, 32\]"):
+        model(torch.randn(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="image size 33x32 is not divisible by the patch size 16"):
+        model(torch.randn(1, 3, 33, 32))
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['edge'\]; this model's tasks are"):
+        model(torch.randn(1, 3, 32, 32), tasks=["edge"])
+
+
+def test_config_dict_round_trip():
+    cfg = m3vit.models.model_config("m3vit_micro", TASKS, img_size=(64, 32), capacity_factor=1.5)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert isinstance(MultiTaskModel(again), MultiTaskModel)

@@ -1,0 +1,141 @@
+"""Loading DeiT/timm-format ViT weights: exact mapping, expert rule, interpolation, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import m3vit
+from m3vit.models import ConfigError, load_pretrained_vit
+
+DIM, DEPTH, HEADS, GRID = 32, 4, 2, 4  # checkpoint trained at 64x64 with patch 16
+
+
+def timm_state_dict(dim=DIM, depth=DEPTH, grid=GRID, mlp_ratio=4, distilled=False, seed=0):
+    """A random state dict in the timm VisionTransformer key layout."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    hidden = mlp_ratio * dim
+    prefix = 2 if distilled else 1
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, prefix + grid * grid, dim),
+          "patch_embed.proj.weight": r(dim, 3, 16, 16), "patch_embed.proj.bias": r(dim),
+          "norm.weight": r(dim), "norm.bias": r(dim), "head.weight": r(1000, dim), "head.bias": r(1000)}
+    if distilled:
+        sd["dist_token"] = r(1, 1, dim)
+    for i in range(depth):
+        p = f"blocks.{i}."
+        sd |= {p + "norm1.weight": r(dim), p + "norm1.bias": r(dim), p + "attn.qkv.weight": r(3 * dim, dim),
+               p + "attn.qkv.bias": r(3 * dim), p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
+               p + "norm2.weight": r(dim), p + "norm2.bias": r(dim), p + "mlp.fc1.weight": r(hidden, dim),
+               p + "mlp.fc1.bias": r(hidden), p + "mlp.fc2.weight": r(dim, hidden), p + "mlp.fc2.bias": r(dim)}
+    return sd
+
+
+def make(name="m3vit_micro", img=(64, 64), **kw):
+    args = dict(embed_dim=DIM, depth=DEPTH, num_heads=HEADS, head_channels=8)
+    if name.startswith("m3vit"):
+        args |= dict(moe_blocks=(1, 3), num_experts=8, top_k=4, expert_ratio=1.0)
+    args |= kw
+    return m3vit.create_model(name, ["semseg", "depth"], img_size=img, **args)
+
+
+def test_dense_model_maps_exactly_and_matches_a_reference_vit(tmp_path):
+    sd = {k: v.double() for k, v in timm_state_dict().items()}
+    path = tmp_path / "deit.pth"
+    torch.save({"model": sd}, path)
+    model = make("mvit_micro").double()
+    report = load_pretrained_vit(model, path)
+    assert report["ignored"] == ["head.bias", "head.weight"]
+    own = model.state_dict()
+    for key in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.2.attn.qkv.weight", "blocks.3.mlp.fc2.bias"]:
+        assert torch.equal(own["backbone." + key], sd[key]), key
+    assert torch.equal(own["heads.depth.norm.weight"], sd["norm.weight"])
+
+    # An independent timm-style ViT forward from the raw state dict gives the same final features.
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=16).flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"], t], 1) + sd["pos_embed"]
+    for i in range(DEPTH):
+        p = lambda k: sd[f"blocks.{i}.{k}"]  # noqa: E731
+        h = F.layer_norm(t, (DIM,), p("norm1.weight"), p("norm1.bias"), eps=1e-6)
+        q, k, v = F.linear(h, p("attn.qkv.weight"), p("attn.qkv.bias")).reshape(1, -1, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (DIM // HEADS) ** 0.5, -1) @ v
+        t = t + F.linear(a.transpose(1, 2).reshape(1, -1, DIM), p("attn.proj.weight"), p("attn.proj.bias"))
+        h = F.layer_norm(t, (DIM,), p("norm2.weight"), p("norm2.bias"), eps=1e-6)
+        t = t + F.linear(F.gelu(F.linear(h, p("mlp.fc1.weight"), p("mlp.fc1.bias"))), p("mlp.fc2.weight"), p("mlp.fc2.bias"))
+    model.eval()
+    with torch.no_grad():
+        ours, _ = model.backbone(x)
+    torch.testing.assert_close(ours[0], t, rtol=1e-9, atol=1e-9)
+
+
+def test_split_rule_reproduces_dense_mlp_when_one_expert_per_slice_has_weight_one(tmp_path):
+    sd = timm_state_dict()
+    path = tmp_path / "vit.safetensors"
+    from safetensors.torch import save_file
+    save_file(sd, str(path))
+    model = make()
+    report = load_pretrained_vit(model, path)
+    assert report["rule"] == {"name": "split", "slices": 4}
+    moe = model.moe_layers[0]  # block 1
+    x = torch.randn(5, DIM)
+    dense = F.linear(F.gelu(F.linear(x, sd["blocks.1.mlp.fc1.weight"], sd["blocks.1.mlp.fc1.bias"])),
+                     sd["blocks.1.mlp.fc2.weight"], sd["blocks.1.mlp.fc2.bias"])
+    for experts in ([0, 1, 2, 3], [4, 1, 6, 3]):  # one expert from each of the 4 slices
+        out = sum(F.gelu(x @ moe.w1[e] + moe.b1[e]) @ moe.w2[e] + moe.b2[e] for e in experts)
+        torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_upcycle_rule_copies_the_dense_mlp_into_every_expert():
+    sd = timm_state_dict()
+    model = make(expert_ratio=4.0)
+    assert load_pretrained_vit(model, sd)["rule"] == {"name": "upcycle", "slices": 1}
+    moe = model.moe_layers[1]  # block 3
+    for e in range(moe.num_experts):
+        assert torch.equal(moe.w1[e], sd["blocks.3.mlp.fc1.weight"].t())
+        assert torch.equal(moe.b2[e], sd["blocks.3.mlp.fc2.bias"])
+
+
+def test_pos_embed_interpolated_and_distillation_token_dropped():
+    sd = timm_state_dict(distilled=True)
+    model = make(img=(96, 128))  # grid 6x8 from a 4x4 checkpoint
+    load_pretrained_vit(model, sd)
+    pos = model.backbone.pos_embed
+    assert pos.shape == (1, 1 + 6 * 8, DIM)
+    assert torch.equal(pos[0, 0], sd["pos_embed"][0, 0])  # cls position kept, dist position dropped
+    grid = sd["pos_embed"][:, 2:].reshape(1, 4, 4, DIM).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 48, DIM)
+    torch.testing.assert_close(pos[:, 1:], expected)
+
+
+@pytest.mark.parametrize(
+    "sd_kwargs, model_kwargs, match",
+    [
+        (dict(dim=48), {}, r"'patch_embed.proj.weight' has shape \[48, 3, 16, 16\] but the model's"),
+        (dict(depth=6), {}, "pretrained checkpoint has 6 blocks but the model has depth=4"),
+        (dict(mlp_ratio=3), dict(mlp_ratio=3.0, expert_ratio=2.0), "cannot initialise experts of hidden size 64 from a dense MLP of hidden size 96"),
+    ],
+)
+def test_mismatches_raise_clear_errors(sd_kwargs, model_kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        load_pretrained_vit(make(**model_kwargs), timm_state_dict(**sd_kwargs))
+
+
+def test_missing_key_and_unreadable_file(tmp_path):
+    sd = timm_state_dict()
+    del sd["blocks.2.attn.proj.bias"]
+    with pytest.raises(ConfigError, match="has no 'blocks.2.attn.proj.bias'"):
+        load_pretrained_vit(make(), sd)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_pretrained_vit(make(), tmp_path / "nope.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_pretrained_vit(make(), bad)
+
+
+def test_create_model_pretrained_argument(tmp_path):
+    path = tmp_path / "vit.pth"
+    torch.save(timm_state_dict(), path)
+    model = m3vit.create_model("m3vit_micro", ["semseg"], img_size=(64, 64), pretrained=path, embed_dim=DIM,
+                               depth=DEPTH, num_heads=HEADS, moe_blocks=(1, 3), num_experts=8, head_channels=8)
+    assert torch.equal(model.backbone.cls_token, timm_state_dict()["cls_token"])
