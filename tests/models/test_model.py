@@ -179,3 +179,17 @@ def test_config_dict_round_trip():
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert isinstance(MultiTaskModel(again), MultiTaskModel)
+
+
+def test_bf16_autocast_forward_and_backward():
+    model = tiny()
+    images = torch.randn(2, 3, 32, 32)
+    reference = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images)
+        loss = sum(o.float().mean() for o in out.values()) + model.aux_loss()
+    loss.backward()
+    for task in TASKS:
+        torch.testing.assert_close(out[task].float(), reference[task], rtol=0.1, atol=0.1)
+    w1 = model.moe_layers[0].w1
+    assert w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0

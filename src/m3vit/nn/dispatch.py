@@ -151,6 +151,13 @@ def dispatch_to_experts(
     Returns the combined output ``[S, D]`` and the dispatch plan (queue lengths, dropped pairs).
     """
     plan = plan_dispatch(indices, w1.shape[0], capacity)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # Run the experts in the autocast dtype, as autocast would run each GEMM, then leave autocast
+        # off inside: the hand-written op keeps every buffer in one dtype.
+        dtype = torch.get_autocast_dtype(device)
+        x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
     gate = weights.t().reshape(-1).index_select(0, plan.slot).to(x.dtype)
-    out = ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2)
+    with torch.autocast(device, enabled=False):
+        out = ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2)
     return out, plan
