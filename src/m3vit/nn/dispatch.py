@@ -51,10 +51,12 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity: int | None = None
     flat = indices.t().reshape(-1)
     slot = torch.argsort(flat, stable=True)
     counts_t = torch.bincount(flat, minlength=num_experts)
+    if counts_t.numel() > num_experts:
+        raise ValueError(f"expert indices must lie in [0, {num_experts}), got {int(flat.max())}")
     dropped = 0
     if capacity is not None:
         starts = torch.cumsum(counts_t, 0) - counts_t
-        position = torch.arange(slot.numel(), device=slot.device) - starts.repeat_interleave(counts_t)
+        position = torch.arange(slot.numel(), device=slot.device) - starts.index_select(0, flat[slot])
         keep = position < capacity
         dropped = int(slot.numel() - int(keep.sum()))
         if dropped:

@@ -11,9 +11,14 @@ from .routers import ROUTERS, build_router
 __all__ = ["MoE", "cv_squared", "top_k_gate", "balance_loss"]
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Upcast half-precision tensors for the gate's softmax and statistics; keep float64 as is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def cv_squared(v: Tensor) -> Tensor:
     """Squared coefficient of variation ``var(v) / (mean(v)^2 + 1e-10)`` (population variance)."""
-    v = v.float()
+    v = _at_least_float32(v)
     return v.var(unbiased=False) / (v.mean() ** 2 + 1e-10)
 
 
@@ -23,7 +28,7 @@ def top_k_gate(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[T
     The combine weights are the picked probabilities themselves (V-MoE); ``renormalize`` rescales
     them to sum to one per token.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(_at_least_float32(logits), dim=-1)
     weights, indices = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -145,7 +150,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expects x of shape [B, N, {self.dim}], got {list(x.shape)}")
         batch, num_tokens, _ = x.shape
         task_ids = self._task_ids(task_ids, batch, x.device)
-        logits = self.router(x, task_ids).reshape(batch * num_tokens, self.num_experts).float()
+        logits = _at_least_float32(self.router(x, task_ids).reshape(batch * num_tokens, self.num_experts))
 
         noisy = self.training and self.noise_std > 0
         noise_scale = self.noise_std / self.num_experts
