@@ -66,7 +66,7 @@ def gate_ref(logits: torch.Tensor, top_k: int, renormalize: bool = False):
     probs = probs / probs.sum(dim=1, keepdim=True)
     weights, indices = [], []
     for s in range(logits.shape[0]):
-        order = sorted(range(logits.shape[1]), key=lambda e: -float(probs[s, e]))
+        order = sorted(range(logits.shape[1]), key=lambda e: -float(probs[s, e].detach()))
         picked = order[:top_k]
         w = torch.stack([probs[s, e] for e in picked])
         if renormalize:
