@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from m3vit.nn import dispatch_to_experts, expert_capacity, plan_dispatch
 
+STRATEGIES = pytest.mark.parametrize("strategy", ["per_expert", "batched"])
+
 F64 = torch.float64
 FAST = settings(max_examples=30, deadline=None)
 
@@ -114,6 +116,7 @@ EDGE_CASES = [
 # ----------------------------------------------------------------------------------------------
 
 
+@STRATEGIES
 @FAST
 @given(problems())
 @example(EDGE_CASES[0]).via("edge")
@@ -122,9 +125,9 @@ EDGE_CASES = [
 @example(EDGE_CASES[3]).via("edge")
 @example(EDGE_CASES[4]).via("edge")
 @example(EDGE_CASES[5]).via("edge")
-def test_dispatch_forward_matches_per_token_loop(p):
+def test_dispatch_forward_matches_per_token_loop(strategy, p):
     indices, _, (x, weights, w1, b1, w2, b2) = make_problem(**p)
-    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2)
+    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=strategy)
     expected = dispatch_ref(x, indices, weights, w1, b1, w2, b2)
     assert out.dtype == F64
     assert out.shape == x.shape
@@ -132,20 +135,22 @@ def test_dispatch_forward_matches_per_token_loop(p):
     assert plan.dropped == 0
 
 
-def test_dispatch_forward_sums_duplicate_choices_of_one_expert():
+@STRATEGIES
+def test_dispatch_forward_sums_duplicate_choices_of_one_expert(strategy):
     """A token listing the same expert twice gets that expert's output twice (weights summed)."""
     _, _, (x, _, w1, b1, w2, b2) = make_problem(4, 3, 2, 3, 4, 3, seed=5)
     indices = torch.tensor([[1, 1], [0, 2], [2, 2], [0, 1]])
     weights = torch.rand(4, 2, dtype=F64)
-    out, _ = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2)
+    out, _ = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=strategy)
     torch.testing.assert_close(out, dispatch_ref(x, indices, weights, w1, b1, w2, b2), rtol=1e-10, atol=1e-10)
 
 
-def test_dispatch_zero_combine_weight_gives_zero_contribution():
+@STRATEGIES
+def test_dispatch_zero_combine_weight_gives_zero_contribution(strategy):
     _, _, (x, _, w1, b1, w2, b2) = make_problem(6, 3, 1, 3, 4, 3, seed=3)
     indices = torch.tensor([[0], [1], [2], [0], [1], [2]])
     weights = torch.zeros(6, 1, dtype=F64)
-    out, _ = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2)
+    out, _ = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=strategy)
     assert torch.equal(out, torch.zeros_like(x))
 
 
@@ -154,17 +159,18 @@ def test_dispatch_zero_combine_weight_gives_zero_contribution():
 # ----------------------------------------------------------------------------------------------
 
 
+@STRATEGIES
 @settings(max_examples=25, deadline=None)
 @given(problems(max_tokens=20))
 @example(EDGE_CASES[0]).via("edge")
 @example(EDGE_CASES[2]).via("edge")
 @example(EDGE_CASES[4]).via("edge")
-def test_dispatch_gradients_match_reference_autograd(p):
+def test_dispatch_gradients_match_reference_autograd(strategy, p):
     indices, _, leaves = make_problem(**p, requires_grad=True)
     gen = torch.Generator().manual_seed(p["seed"] + 1)
     probe = torch.randn(p["num_tokens"], p["dim"], generator=gen, dtype=F64)
 
-    out, _ = dispatch_to_experts(leaves[0], indices, *leaves[1:])
+    out, _ = dispatch_to_experts(leaves[0], indices, *leaves[1:], strategy=strategy)
     got = torch.autograd.grad((out * probe).sum(), leaves)
 
     expected_out = dispatch_ref(leaves[0], indices, *leaves[1:])
@@ -180,20 +186,22 @@ def test_dispatch_gradients_match_reference_autograd(p):
     "num_tokens,num_experts,top_k,num_used,capacity",
     [(5, 3, 2, 3, None), (4, 4, 1, 2, None), (3, 1, 1, 1, None), (4, 3, 3, 3, None), (4, 2, 2, 2, 3)],
 )
-def test_dispatch_gradcheck(num_tokens, num_experts, top_k, num_used, capacity):
+@STRATEGIES
+def test_dispatch_gradcheck(strategy, num_tokens, num_experts, top_k, num_used, capacity):
     indices, _, leaves = make_problem(num_tokens, num_experts, top_k, 2, 3, num_used, seed=11, requires_grad=True)
 
     def fn(x, weights, w1, b1, w2, b2):
-        return dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity=capacity)[0]
+        return dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity=capacity, strategy=strategy)[0]
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def test_dispatch_gradient_of_only_some_inputs():
+@STRATEGIES
+def test_dispatch_gradient_of_only_some_inputs(strategy):
     """Asking for the gradient of x alone (frozen experts) still gives the reference gradient."""
     indices, _, (x, weights, w1, b1, w2, b2) = make_problem(10, 4, 2, 3, 5, 4, seed=2)
     x.requires_grad_(True)
-    out, _ = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2)
+    out, _ = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=strategy)
     (gx,) = torch.autograd.grad(out.pow(2).sum(), x)
     (ex,) = torch.autograd.grad(dispatch_ref(x, indices, weights, w1, b1, w2, b2).pow(2).sum(), x)
     torch.testing.assert_close(gx, ex, rtol=1e-9, atol=1e-10)
@@ -204,11 +212,12 @@ def test_dispatch_gradient_of_only_some_inputs():
 # ----------------------------------------------------------------------------------------------
 
 
+@STRATEGIES
 @settings(max_examples=25, deadline=None)
 @given(problems(max_tokens=24).filter(lambda p: p["num_used"] < p["num_experts"]))
 @example(EDGE_CASES[4]).via("edge")
 @example(EDGE_CASES[5]).via("edge")
-def test_dispatch_never_reads_empty_experts(p):
+def test_dispatch_never_reads_empty_experts(strategy, p):
     indices, used, (x, weights, w1, b1, w2, b2) = make_problem(**p)
     unused = sorted(set(range(p["num_experts"])) - set(used.tolist()))
     assert unused
@@ -219,7 +228,7 @@ def test_dispatch_never_reads_empty_experts(p):
     x.requires_grad_(True)
     weights.requires_grad_(True)
 
-    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2)
+    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=strategy)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.detach(), clean_expected, rtol=1e-10, atol=1e-10)
     assert all(plan.counts[e] == 0 for e in unused)
@@ -317,21 +326,23 @@ def test_plan_capacity_drops_second_choices_before_any_first_choice():
     assert plan.dropped == 2
 
 
+@STRATEGIES
 @FAST
 @given(problems(max_tokens=24), st.integers(1, 10))
 @example(EDGE_CASES[5], 2).via("edge")
-def test_dispatch_with_capacity_matches_loop_skipping_dropped_pairs(p, capacity):
+def test_dispatch_with_capacity_matches_loop_skipping_dropped_pairs(strategy, p, capacity):
     indices, _, (x, weights, w1, b1, w2, b2) = make_problem(**p)
     kept = kept_pairs_ref(indices, p["num_experts"], capacity)
-    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity=capacity)
+    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity=capacity, strategy=strategy)
     expected = dispatch_ref(x, indices, weights, w1, b1, w2, b2, kept=kept)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     assert plan.dropped == p["num_tokens"] * p["top_k"] - len(kept)
 
 
-def test_dispatch_capacity_large_enough_is_dropless():
+@STRATEGIES
+def test_dispatch_capacity_large_enough_is_dropless(strategy):
     indices, _, (x, weights, w1, b1, w2, b2) = make_problem(12, 4, 2, 3, 4, 4, seed=9)
-    out_cap, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity=24)
+    out_cap, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity=24, strategy=strategy)
     assert plan.dropped == 0
     torch.testing.assert_close(out_cap, dispatch_ref(x, indices, weights, w1, b1, w2, b2), rtol=1e-10, atol=1e-10)
 
@@ -342,3 +353,16 @@ def test_dispatch_capacity_large_enough_is_dropless():
 )
 def test_expert_capacity_is_ceil_of_factor_times_average_load(num_tokens, top_k, num_experts, factor, expected):
     assert expert_capacity(num_tokens, top_k, num_experts, factor) == expected
+
+
+def test_strategies_agree_on_long_queues_and_unknown_strategy_is_rejected():
+    """Long queues (auto picks per-expert) and short ones (auto picks batched) give one answer."""
+    for num_tokens, num_experts in ((600, 2), (40, 8)):
+        indices, _, (x, weights, w1, b1, w2, b2) = make_problem(num_tokens, num_experts, 2, 6, 5, num_experts, seed=3)
+        outs = [dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=s)[0]
+                for s in ("auto", "per_expert", "batched")]
+        torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(outs[0], outs[2], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(outs[0], dispatch_ref(x, indices, weights, w1, b1, w2, b2), rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match=r"strategy='fast' is not a dispatch strategy; choose one of"):
+        dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy="fast")
