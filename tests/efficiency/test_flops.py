@@ -13,7 +13,7 @@ TASKS = {"semseg": 5, "depth": 1}
 def build(name, **kw):
     args = dict(embed_dim=D, depth=DEPTH, num_heads=HEADS, head_channels=CH, mlp_ratio=4.0)
     if name.startswith("m3vit"):
-        args |= dict(moe_blocks=(1, 3), num_experts=E, top_k=K, expert_ratio=HID / D)
+        args |= dict(moe_blocks=(1, 3), num_experts=E, top_k=K, expert_ratio=HID / D, dispatch="per_expert")
     args |= kw
     return m3vit.create_model(name, TASKS, img_size=(H, W), **args)
 
@@ -90,3 +90,13 @@ def test_mode_is_restored_and_errors_are_clear():
         m3vit.count_flops(model, (H + 1, W))
     with pytest.raises(ValueError, match="unknown task"):
         m3vit.count_flops(model, (H, W), tasks=["edge"])
+
+
+def test_batched_dispatch_counts_its_padding_rows():
+    """The batched strategy computes every queue padded to the longest: those FLOPs are counted."""
+    model = build("m3vit_micro", dispatch="batched")
+    report = m3vit.count_flops(model, (H, W), tasks=["semseg"], batch_size=B)
+    padded_rows = sum(sum(1 for c in layer.last_routing["counts"] if c) * max(layer.last_routing["counts"])
+                      for layer in model.moe_layers)
+    assert report.by_component["experts"] * 1e9 == pytest.approx(2 * 2 * padded_rows * D * HID)
+    assert report.by_component["experts"] * 1e9 >= hand_formulas((1, 3))["experts"]

@@ -155,6 +155,7 @@ def test_overrides_apply():
         (dict(img_size=(100, 64)), r"img_size H=100 is not divisible by patch_size=16"),
         (dict(moe_blocks=[12]), r"moe_blocks=\[12\] must be distinct block indices in \[0, 12\)"),
         (dict(num_expert=3), r"unknown model option\(s\) \['num_expert'\]; allowed:"),
+        (dict(dispatch="fast"), r"dispatch='fast' is not allowed; choose one of \['auto', 'per_expert', 'batched'\]"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, match):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
+from ..nn.dispatch import STRATEGIES
 from ..nn.routers import ROUTERS
 
 __all__ = ["ModelConfig", "ConfigError"]
@@ -43,6 +44,7 @@ class ModelConfig:
     task_embed_dim: int = 64
     renormalize: bool = False
     capacity_factor: float | None = None
+    dispatch: str = "auto"
     head_channels: int = 256
     head_stages: int = 4
 
@@ -84,6 +86,8 @@ class ModelConfig:
             raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not self.top_k <= self.num_experts:
             raise ConfigError(f"top_k={self.top_k} must be <= num_experts={self.num_experts}")
+        if self.dispatch not in STRATEGIES:
+            raise ConfigError(f"dispatch={self.dispatch!r} is not allowed; choose one of {list(STRATEGIES)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router={self.router!r} is not allowed; choose one of {sorted(ROUTERS)}")
         for key in ("mlp_ratio", "expert_ratio"):

@@ -80,7 +80,8 @@ class VisionTransformer(nn.Module):
             if i in cfg.moe_blocks:
                 mlp = MoE(dim, cfg.expert_hidden, cfg.num_experts, cfg.top_k, num_tasks=num_tasks,
                           router=cfg.router, noise_std=cfg.noise_std, task_embed_dim=cfg.task_embed_dim,
-                          renormalize=cfg.renormalize, capacity_factor=cfg.capacity_factor)
+                          renormalize=cfg.renormalize, capacity_factor=cfg.capacity_factor,
+                          dispatch=cfg.dispatch)
             else:
                 mlp = Mlp(dim, cfg.mlp_hidden)
             blocks.append(Block(dim, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop_path=drop_path[i]))

@@ -11,7 +11,7 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
   also runs expert by expert, writing straight into the stacked weight gradients.
 * ``"batched"`` (short queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
-  combine weight.
+  combine weight, but they are computed, so FLOPs include them.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from torch import Tensor
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
-# Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. Measured
-# on 2 CPU cores (benchmarks/moe_dispatch.py): batched wins at <= ~400 rows, per-expert from ~500.
-BATCHED_MAX_MEAN_QUEUE = 448
+# Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
+# cores batched wins clearly at ~100 rows (benchmarks/moe_dispatch.py, small shape), while with a real
+# model's uneven queues per-expert already wins at ~256 rows (m3vit_small, 512x512, batch 1): padding
+# to the longest queue wastes ~25% there, and those padded rows are executed (and counted as FLOPs).
+BATCHED_MAX_MEAN_QUEUE = 160
 
 
 @dataclass(frozen=True)

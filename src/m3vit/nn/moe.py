@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .dispatch import dispatch_to_experts, expert_capacity
+from .dispatch import STRATEGIES, dispatch_to_experts, expert_capacity
 from .routers import ROUTERS, build_router
 
 __all__ = ["MoE", "cv_squared", "top_k_gate", "balance_loss"]
@@ -92,6 +92,7 @@ class MoE(nn.Module):
         task_embed_dim: int = 64,
         renormalize: bool = False,
         capacity_factor: float | None = None,
+        dispatch: str = "auto",
     ):
         super().__init__()
         if num_experts < 1:
@@ -106,6 +107,9 @@ class MoE(nn.Module):
             raise ValueError(f"noise_std must be >= 0, got {noise_std}")
         if capacity_factor is not None and capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if dispatch not in STRATEGIES:
+            raise ValueError(f"dispatch={dispatch!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
+        self.dispatch = dispatch
         self.dim, self.hidden_dim = dim, hidden_dim
         self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
         self.noise_std, self.renormalize, self.capacity_factor = noise_std, renormalize, capacity_factor
@@ -161,7 +165,8 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(batch * num_tokens, self.top_k, self.num_experts, self.capacity_factor)
         tokens = x.reshape(batch * num_tokens, self.dim)
-        out, plan = dispatch_to_experts(tokens, indices, weights, self.w1, self.b1, self.w2, self.b2, capacity)
+        out, plan = dispatch_to_experts(tokens, indices, weights, self.w1, self.b1, self.w2, self.b2, capacity,
+                                        strategy=self.dispatch)
 
         token_tasks = task_ids.repeat_interleave(num_tokens)
         if self.training:
