@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import m3vit
-from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, dispatch_to_experts
+from m3vit.nn.dispatch import choose_strategy, dispatch_to_experts, plan_dispatch
 
 try:  # optional peer: `pip install mixture-of-experts` (the `bench` extra)
     from mixture_of_experts import MoE as LucidrainsMoE
@@ -358,9 +358,8 @@ def check_correctness(shape: Shape, p: dict[str, Tensor], grad_out: Tensor) -> d
 def bench_shape(shape: Shape, repeats: int, warmup: int, heavy_repeats: int) -> dict:
     print(f"\n## {shape.name}  (S = {shape.num_tokens})")
     p = make_problem(shape)
-    mean_queue = shape.num_tokens * shape.top_k / shape.experts
-    strategy = "batched" if mean_queue < BATCHED_MAX_MEAN_QUEUE else "per_expert"
-    print(f"  ours: mean queue {mean_queue:.0f} rows -> strategy '{strategy}'")
+    strategy = choose_strategy(plan_dispatch(p["indices"], shape.experts))
+    print(f"  ours: mean queue {shape.num_tokens * shape.top_k / shape.experts:.0f} rows -> strategy '{strategy}'")
     g = torch.Generator().manual_seed(123)
     grad_out = torch.randn(shape.num_tokens, shape.dim, generator=g)
     checks = check_correctness(shape, p, grad_out)

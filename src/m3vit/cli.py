@@ -88,6 +88,7 @@ def cmd_flops(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     h, w = report.img_size
+    print(f"{report.model}: {report.params_m:.1f} M parameters ({report.backbone_params_m:.1f} M in the backbone)")
     print(f"{report.model} at {h}x{w}, batch {report.batch_size} (component columns in GFLOPs; "
           f"FLOPs = 2 x MACs; attention includes {report.attention_matmul_gflops:.2f} GFLOPs of QK^T/AV matmuls)")
     print(_flops_table(report))
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 2
 
 

@@ -45,7 +45,8 @@ class FlopReport:
     (the task-batched pass); ``by_task[t]`` is for a forward of task ``t`` alone (its sparse
     pathway), each with ``gflops``, ``gmacs`` and ``by_component`` (GFLOPs).
     ``attention_matmul_gflops`` is the part of ``attention`` spent in QK^T and AV, which
-    module-hook counters such as thop do not see.
+    module-hook counters such as thop do not see. ``params_m``/``backbone_params_m``: parameters of
+    the whole model and of its backbone, in millions.
     """
 
     model: str
@@ -56,6 +57,8 @@ class FlopReport:
     gmacs: float
     by_component: dict[str, float]
     attention_matmul_gflops: float
+    params_m: float = 0.0
+    backbone_params_m: float = 0.0
     by_task: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -90,9 +93,7 @@ def _measure(model, images: torch.Tensor, tasks: list[str]) -> tuple[int, dict[s
     with torch.no_grad(), fc.FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
         model(images, tasks=tasks)
     counts = counter.get_flop_counts()
-    attn_ops = {_aten._scaled_dot_product_flash_attention_for_cpu} if _CUSTOM else set()
-    attn_ops |= {k for k in counts.get("Global", {}) if "attention" in str(k)}
-    attn_matmul = sum(v for k, v in counts.get("Global", {}).items() if k in attn_ops)
+    attn_matmul = sum(v for k, v in counts.get("Global", {}).items() if "attention" in str(k))
     return counter.get_total_flops(), _component_flops(model, counts), attn_matmul
 
 
@@ -128,4 +129,7 @@ def count_flops(model, img_size: Sequence[int] | int, tasks: Sequence[str] | str
         model.train(was_training)
     return FlopReport(model=cfg.name, img_size=img_size, batch_size=batch_size, tasks=tasks,
                       gflops=total / 1e9, gmacs=total / 2e9, by_component=_giga(parts),
-                      attention_matmul_gflops=attn / 1e9, by_task=by_task)
+                      attention_matmul_gflops=attn / 1e9,
+                      params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                      backbone_params_m=sum(p.numel() for p in model.backbone.parameters()) / 1e6,
+                      by_task=by_task)

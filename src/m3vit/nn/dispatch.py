@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "STRATEGIES"]
+__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
 # Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
@@ -77,6 +77,12 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity: int | None = None
         counts_t = counts_t.clamp(max=capacity)
     token = slot % num_tokens
     return DispatchPlan(token=token, expert=expert, slot=slot, counts=tuple(counts_t.tolist()), dropped=dropped)
+
+
+def choose_strategy(plan: DispatchPlan) -> str:
+    """What ``strategy="auto"`` runs for this plan: ``"batched"`` for short queues, else ``"per_expert"``."""
+    busy = sum(1 for c in plan.counts if c)
+    return "batched" if plan.token.numel() < BATCHED_MAX_MEAN_QUEUE * busy else "per_expert"
 
 
 def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
@@ -206,8 +212,7 @@ def dispatch_to_experts(
     if plan.token.numel() == 0:
         return torch.zeros_like(x), plan
     if strategy == "auto":
-        busy = sum(1 for c in plan.counts if c)
-        strategy = "batched" if plan.token.numel() < BATCHED_MAX_MEAN_QUEUE * busy else "per_expert"
+        strategy = choose_strategy(plan)
     with torch.autocast(device, enabled=False):
         if strategy == "batched":
             return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2), plan

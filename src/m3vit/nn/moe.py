@@ -47,8 +47,7 @@ def _prob_in_top_k(clean: Tensor, noisy: Tensor, top_k: int, noise_scale: float)
     top_vals = noisy.topk(top_k + 1, dim=-1).values
     kth, kth_plus_one = top_vals[:, top_k - 1 : top_k], top_vals[:, top_k : top_k + 1]
     threshold = torch.where(noisy >= kth, kth_plus_one, kth)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    return normal.cdf((clean - threshold) / noise_scale)
+    return torch.special.ndtr((clean - threshold) / noise_scale)
 
 
 def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None) -> Tensor:
