@@ -355,7 +355,7 @@ def check_correctness(shape: Shape, p: dict[str, Tensor], grad_out: Tensor) -> d
     return report
 
 
-def bench_shape(shape: Shape, repeats: int, warmup: int, heavy_repeats: int) -> dict:
+def bench_shape(shape: Shape, repeats: int, warmup: int, heavy_repeats: int, only: list[str] | None = None) -> dict:
     print(f"\n## {shape.name}  (S = {shape.num_tokens})")
     p = make_problem(shape)
     strategy = choose_strategy(plan_dispatch(p["indices"], shape.experts))
@@ -377,6 +377,8 @@ def bench_shape(shape: Shape, repeats: int, warmup: int, heavy_repeats: int) -> 
         if module is not None:
             lucid[f"lucidrains H={hidden}"] = (module, hidden)
     names += list(lucid)
+    if only:  # a head-to-head subset; the dense ceiling is always timed (ratios are to it)
+        names = [n for n in names if n == DENSE or any(n == o or n.startswith(o + " ") for o in only)]
 
     # forward, no grad
     args = tuple(p[n] for n in ("x", "indices", "weights", "w1", "b1", "w2", "b2"))
@@ -558,7 +560,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: small shape only, few repeats")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="interleaved rounds per shape (default 5, quick 3)")
+                    help="interleaved rounds per shape (default 11, quick 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls per implementation before the rounds")
     ap.add_argument("--heavy-repeats", type=int, default=1,
                     help="rounds for GShard where its [S,E,C] tensors exceed 200 MB (ViT-S: ~40-80 s a call)")
@@ -566,11 +568,18 @@ def main(argv=None) -> int:
                     help="interleaved rounds of the task-batched section (default 3, quick 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(N); default: leave torch's default (all cores)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="time only these implementations (plus the dense ceiling), e.g. --only ours grouped_mm")
+    ap.add_argument("--skip-model", action="store_true", help="skip the task-batched vs sequential model section")
     ap.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
     args = ap.parse_args(argv)
+    peers = ["ours", "mask loop", "all experts", "gshard einsum", "grouped_mm", "lucidrains"]
+    unknown = [o for o in args.only or [] if o not in peers]
+    if unknown:
+        ap.error(f"--only: unknown implementation(s) {unknown}; choose from {peers}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 11)
     model_repeats = args.model_repeats or (1 if args.quick else 3)
     warmup = args.warmup
 
@@ -584,10 +593,11 @@ def main(argv=None) -> int:
                "args": vars(args), "repeats": repeats, "model_repeats": model_repeats, "warmup": warmup,
                "shapes": []}
     for shape in shapes:
-        results["shapes"].append(bench_shape(shape, repeats, warmup, args.heavy_repeats))
+        results["shapes"].append(bench_shape(shape, repeats, warmup, args.heavy_repeats, args.only))
     # --quick: a smoke run of the section at batch 1, 64x64
-    results["task_batched_vs_sequential"] = (
-        bench_task_batched(model_repeats, batch=1, img=64) if args.quick else bench_task_batched(model_repeats))
+    if not args.skip_model:
+        results["task_batched_vs_sequential"] = (
+            bench_task_batched(model_repeats, batch=1, img=64) if args.quick else bench_task_batched(model_repeats))
     results["notes"] = NOTES
     results["elapsed_s"] = time.perf_counter() - start
     write_json(args.out, results)

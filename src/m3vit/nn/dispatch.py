@@ -6,8 +6,8 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
 
 * ``"per_expert"`` (long queues): one expert at a time: gather its tokens, ``Linear -> GELU ->
   Linear``, scale by the combine weights, scatter-add back. The activations of one queue stay hot in
-  cache (the CPU analogue of holding two experts on chip), which makes this as fast as a dense MLP of
-  the same active FLOPs. Forward and backward are written out by hand (``ExpertMLP``) so the backward
+  cache (the CPU analogue of holding two experts on chip), which brings it close to a dense MLP of
+  the same active FLOPs (see BENCHMARKS.md). Forward and backward are written out by hand (``ExpertMLP``) so the backward
   also runs expert by expert, writing straight into the stacked weight gradients.
 * ``"batched"`` (short queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
