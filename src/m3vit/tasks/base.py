@@ -1,0 +1,100 @@
+"""The contract every dense-prediction task implements: label format, loss, metric, colouring, label transforms.
+
+Label format in memory (one sample; a batch adds a leading ``B``):
+
+========================  ===================  ==========================================================
+task                      dtype / shape        values
+========================  ===================  ==========================================================
+``semseg``                int64 ``[H, W]``     class ids ``0..C-1``; ``IGNORE`` (255) where unlabelled
+``human_parts``           int64 ``[H, W]``     0 background, 1..6 parts; 255 ignored
+``sal``, ``edge``         float32 ``[1, H, W]`` 0 / 1; 255 ignored
+``normals``               float32 ``[3, H, W]`` camera-space unit vectors (x right, y up, z towards the
+                                               camera); 255 in all three channels where undefined
+``depth``                 float32 ``[1, H, W]`` metres, > 0; 255 where unknown
+========================  ===================  ==========================================================
+
+Predictions handed to losses, metrics and ``colorize`` are raw model outputs (logits, unnormalised
+normals, depth) of shape ``[B, C, H, W]`` (``colorize`` takes one ``[C, H, W]`` map).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+
+__all__ = ["IGNORE", "Task", "Metric"]
+
+#: Label value of every ignored pixel (all channels for normals).
+IGNORE = 255
+
+
+class Metric(abc.ABC):
+    """Accumulates statistics over a whole dataset; ``compute`` reports them (percent where the field does)."""
+
+    @abc.abstractmethod
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add one batch: ``pred`` raw outputs ``[B, C, H, W]``, ``target`` labels in the task's format."""
+
+    @abc.abstractmethod
+    def compute(self) -> dict[str, float]:
+        """The metrics over everything seen since construction or ``reset``."""
+
+    @abc.abstractmethod
+    def reset(self) -> None:
+        """Forget everything seen."""
+
+
+class Task(abc.ABC):
+    """One dense-prediction task. Instances are cheap, stateless and configured by keyword options."""
+
+    #: Registry name (``semseg``, ``human_parts``, ``sal``, ``normals``, ``edge``, ``depth``).
+    name: ClassVar[str]
+    #: ``"class"`` (int64 ``[H, W]``) or ``"dense"`` (float32 ``[C, H, W]``) labels.
+    label_kind: ClassVar[str]
+    #: Metric name -> True when higher is better (used by Δm and by model selection).
+    higher_is_better: ClassVar[dict[str, bool]]
+    #: The metric Δm and model selection use unless told otherwise.
+    primary_metric: ClassVar[str]
+
+    #: Output channels the model head needs for this task.
+    channels: int
+
+    @abc.abstractmethod
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of raw outputs ``pred [B, C, H, W]`` against labels; 0 (not NaN) with no valid pixel."""
+
+    @abc.abstractmethod
+    def new_metric(self, **opts) -> Metric:
+        """A fresh dataset-level metric accumulator."""
+
+    @abc.abstractmethod
+    def colorize(self, x: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
+        """RGB ``uint8 [H, W, 3]`` picture of a raw prediction ``[C, H, W]`` or of a label."""
+
+    def valid_mask(self, target: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of labelled pixels, ``[B, H, W]`` (or ``[H, W]`` for one label)."""
+        if self.label_kind == "class":
+            return target != IGNORE
+        return (target != IGNORE).all(dim=-3)
+
+    # --- how the label's *values* change under a geometric transform --------------------------
+    # The joint transforms in ``m3vit.data.transforms`` move the pixels (nearest-neighbour for every
+    # label, padding with IGNORE); these hooks fix up what the values mean afterwards. Defaults are
+    # the identity: class ids, saliency, edges do not change with flips, rotations or scale.
+
+    def flip_values(self, label: torch.Tensor) -> torch.Tensor:
+        """Values after a horizontal flip of the pixels (normals negate x)."""
+        return label
+
+    def rotate_values(self, label: torch.Tensor, angle_deg: float) -> torch.Tensor:
+        """Values after rotating the image content by ``angle_deg`` counter-clockwise as displayed."""
+        return label
+
+    def scale_values(self, label: torch.Tensor, scale: float) -> torch.Tensor:
+        """Values after zooming the image by ``scale`` (> 1 enlarges; depth divides by it when asked)."""
+        return label
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(channels={self.channels})"
