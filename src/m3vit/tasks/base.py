@@ -14,17 +14,24 @@ task                      dtype / shape        values
 ========================  ===================  ==========================================================
 
 Predictions handed to losses, metrics and ``colorize`` are raw model outputs (logits, unnormalised
-normals, depth) of shape ``[B, C, H, W]`` (``colorize`` takes one ``[C, H, W]`` map).
+normals, depth) of shape ``[B, C, H, W]`` (``colorize`` takes one ``[C, H, W]`` map). Predictions must
+already have the label's spatial size; a mismatch raises ``ValueError``.
+
+The label hooks (``flip_values``, ``rotate_values``, ``scale_values``) take one label ``[C, H, W]`` or
+a batch ``[B, C, H, W]`` (channel dim ``-3``; class labels pass through unchanged).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-__all__ = ["IGNORE", "Task", "Metric"]
+if TYPE_CHECKING:
+    import numpy
+
+__all__ = ["IGNORE", "Task", "Metric", "check_batch", "check_positive_int"]
 
 #: Label value of every ignored pixel (all channels for normals).
 IGNORE = 255
@@ -58,6 +65,9 @@ class Task(abc.ABC):
     #: The metric Δm and model selection use unless told otherwise.
     primary_metric: ClassVar[str]
 
+    #: Channels of a dense label (``[C, H, W]``); class labels have none (``[H, W]``).
+    label_channels: ClassVar[int] = 0
+
     #: Output channels the model head needs for this task.
     channels: int
 
@@ -70,8 +80,20 @@ class Task(abc.ABC):
         """A fresh dataset-level metric accumulator."""
 
     @abc.abstractmethod
-    def colorize(self, x: torch.Tensor) -> "numpy.ndarray":  # noqa: F821
-        """RGB ``uint8 [H, W, 3]`` picture of a raw prediction ``[C, H, W]`` or of a label."""
+    def colorize(self, x: torch.Tensor, kind: str = "auto") -> numpy.ndarray:
+        """RGB ``uint8 [H, W, 3]`` picture of a raw prediction ``[C, H, W]`` or of a label.
+
+        ``kind`` is ``"pred"``, ``"label"`` or ``"auto"`` (each task documents how it tells them apart).
+        """
+
+    @classmethod
+    def metric_higher_is_better(cls, metric: str) -> bool:
+        """Direction of ``metric`` for Δm and model selection; ``ValueError`` for a metric the task lacks."""
+        if metric not in cls.higher_is_better:
+            raise ValueError(
+                f"task {cls.name!r} has no metric {metric!r}; its metrics are {sorted(cls.higher_is_better)}"
+            )
+        return cls.higher_is_better[metric]
 
     def valid_mask(self, target: torch.Tensor) -> torch.Tensor:
         """Boolean mask of labelled pixels, ``[B, H, W]`` (or ``[H, W]`` for one label)."""
@@ -98,3 +120,48 @@ class Task(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels})"
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1, else ``ValueError`` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_batch(task: Task, pred: torch.Tensor, target: torch.Tensor, *, pred_channels: int | None = None):
+    """Validate a ``(pred [B, C, H, W], target)`` batch for ``task``; returns both.
+
+    Class labels come back as ``[B, H, W]`` int64, dense labels as float on ``pred``'s device.
+
+    Class labels may also come as ``[B, 1, H, W]``. ``pred_channels`` (default ``task.channels``) is
+    the channel count the prediction must have.
+    """
+    if not isinstance(pred, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError(f"{task.name}: pred and target must be torch tensors, got {type(pred).__name__} "
+                         f"and {type(target).__name__}")
+    if pred.dim() != 4:
+        raise ValueError(f"{task.name}: pred must be [B, C, H, W], got shape {tuple(pred.shape)}")
+    if not pred.is_floating_point():
+        raise ValueError(f"{task.name}: pred must be a floating-point tensor (raw outputs), got {pred.dtype}")
+    channels = task.channels if pred_channels is None else pred_channels
+    if pred.shape[1] != channels:
+        raise ValueError(f"{task.name}: pred has {pred.shape[1]} channels, the task expects {channels}")
+    b, _, h, w = pred.shape
+    if task.label_kind == "class":
+        if target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise ValueError(f"{task.name}: labels must be an integer tensor of class ids, got {target.dtype}")
+        expected = (b, h, w)
+        target = target.long()
+    else:
+        if not target.is_floating_point():
+            target = target.float()
+        expected = (b, task.label_channels, h, w)
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{task.name}: target shape {tuple(target.shape)} does not match pred {tuple(pred.shape)} "
+            f"(expected {expected}; resize predictions to the label size first)"
+        )
+    return pred, target.to(pred.device)

@@ -1,0 +1,85 @@
+"""Δm (multi-task gain over single-task baselines) and loading baselines from JSON files and run folders."""
+
+import json
+
+import pytest
+
+from m3vit.tasks import delta_m, load_baselines
+
+BASELINES = {"semseg": {"mIoU": 66.2}, "normals": {"mean": 13.9}, "human_parts": {"mIoU": 59.9},
+             "sal": {"mIoU": 66.3, "maxF": 80.0}, "edge": {"odsF": 68.8}, "depth": {"rmse": 0.585}}
+
+
+def test_better_than_baseline_is_positive_in_both_directions():
+    assert delta_m({"semseg": {"mIoU": 70.0}}, BASELINES) == pytest.approx((70.0 - 66.2) / 66.2 * 100)
+    assert delta_m({"normals": {"mean": 13.0}}, BASELINES) == pytest.approx((13.9 - 13.0) / 13.9 * 100)
+    assert delta_m({"depth": {"rmse": 0.7}}, BASELINES) < 0
+    assert delta_m({"edge": {"odsF": 60.0}}, BASELINES) < 0
+    assert delta_m({t: dict(v) for t, v in BASELINES.items()}, BASELINES) == 0.0
+
+
+def test_mean_over_tasks_matches_a_hand_computed_value():
+    # The M³ViT multi-gate row of the paper's PASCAL-Context table against the ResNet-18 baselines.
+    results = {"semseg": {"mIoU": 72.8}, "normals": {"mean": 14.5}, "human_parts": {"mIoU": 62.1},
+               "sal": {"mIoU": 66.3}, "edge": {"odsF": 71.7}}
+    terms = [(72.8 - 66.2) / 66.2, -(14.5 - 13.9) / 13.9, (62.1 - 59.9) / 59.9, 0.0, (71.7 - 68.8) / 68.8]
+    assert delta_m(results, BASELINES) == pytest.approx(sum(terms) / 5 * 100)
+    assert delta_m(results, BASELINES) == pytest.approx(2.71, abs=0.01)  # as the paper reports
+
+
+def test_metric_override():
+    got = delta_m({"sal": {"maxF": 84.0, "mIoU": 0.0}}, BASELINES, metrics={"sal": "maxF"})
+    assert got == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize(
+    "results,baselines,metrics,match",
+    [
+        ({"semseg": {"mIoU": 70.0}}, {"normals": {"mean": 1.0}}, None, "no baseline for task 'semseg'"),
+        ({"semseg": {"pixel_acc": 70.0}}, BASELINES, None, "lack metric 'mIoU'"),
+        ({"semseg": {"mIoU": 70.0}}, {"semseg": {"pixel_acc": 1.0}}, None, "lacks metric 'mIoU'"),
+        ({"semseg": {"mIoU": 70.0}}, {"semseg": {"mIoU": 0.0}}, None, "non-zero"),
+        ({"semseg": {"mIoU": 70.0}}, BASELINES, {"semseg": "accuracy"}, "no metric 'accuracy'"),
+        ({"semseg": {"mIoU": 70.0}}, BASELINES, {"depth": "rmse"}, "not in the results"),
+        ({"keypoints": {"AP": 1.0}}, BASELINES, None, "unknown task 'keypoints'"),
+        ({}, BASELINES, None, "at least one"),
+    ],
+)
+def test_errors_name_the_problem(results, baselines, metrics, match):
+    with pytest.raises(ValueError, match=match):
+        delta_m(results, baselines, metrics)
+
+
+def test_load_baselines_from_file_wrapped_file_and_run_directory(tmp_path):
+    plain = tmp_path / "baselines.json"
+    plain.write_text(json.dumps(BASELINES))
+    assert load_baselines(plain) == BASELINES
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"metrics": BASELINES, "epoch": 3}))
+    assert load_baselines(str(wrapped)) == BASELINES
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"metrics": {"depth": {"rmse": 0.5}}}))
+    assert load_baselines(run) == {"depth": {"rmse": 0.5}}
+    (run / "metrics.json").write_text(json.dumps({"depth": {"rmse": 0.4}}))
+    assert load_baselines(run) == {"depth": {"rmse": 0.4}}  # metrics.json first
+
+
+def test_load_baselines_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_baselines(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="metrics.json"):
+        load_baselines(tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_baselines(bad)
+    bad.write_text(json.dumps({"semseg": 66.2}))
+    with pytest.raises(ValueError, match="'semseg' must be an object"):
+        load_baselines(bad)
+    bad.write_text(json.dumps({"semseg": {"mIoU": "high"}}))
+    with pytest.raises(ValueError, match="semseg/mIoU must be a number"):
+        load_baselines(bad)
+    bad.write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="expected a JSON object"):
+        load_baselines(bad)
