@@ -79,3 +79,35 @@ def test_console_entry_points_without_traceback():
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().startswith("error: unknown task(s)")
+
+
+def test_data_show_writes_a_png_grid(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid" / "samples.png"
+    assert main(["data", "show", "--num", "2", "--size", "32", "48", "--tasks", "semseg", "depth",
+                 "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > img.height  # 2 rows x 3 columns (image, semseg, depth)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["samples.png"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "show", "--dataset", "pascal_context", "--root", "/nonexistent/PASCAL_MT"],
+         "PASCAL_MT root folder not found: /nonexistent/PASCAL_MT"),
+        (["data", "show", "--dataset", "nyud"], "needs its root folder"),
+        (["data", "show", "--root", "/tmp"], "synthetic dataset is rendered"),
+        (["data", "show", "--tasks", "bogus"], "bogus"),
+        (["data", "show", "--split", "nope"], "nope"),
+        (["data", "show", "--num", "0"], "--num must be >= 1"),
+        (["data", "show", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    ],
+)
+def test_data_show_errors(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err.splitlines()[0] and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

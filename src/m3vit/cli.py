@@ -1,4 +1,4 @@
-"""Command-line interface: ``m3vit models | flops | demo``. Errors become one line and exit code 2."""
+"""Command-line interface: ``m3vit models | flops | demo | data``. Errors become one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -143,6 +143,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_data_show(args) -> int:
+    from .data import build_dataset
+    from .data.show import render_grid
+
+    if args.num < 1 or args.start < 0:
+        raise CLIError("--num must be >= 1 and --start >= 0")
+    options = {"size": tuple(args.size)} if args.size else {}
+    if args.dataset == "synthetic":
+        options["length"] = args.start + args.num
+    dataset = build_dataset(args.dataset, args.split, root=args.root, seed=args.seed, tasks=args.tasks, **options)
+    stop = min(args.start + args.num, len(dataset))
+    if args.start >= stop:
+        raise CLIError(f"--start {args.start} is past the end of the {args.split} split ({len(dataset)} samples)")
+    path = render_grid(dataset, list(range(args.start, stop)), args.out)
+    print(f"wrote {path} ({stop - args.start} {args.dataset} {args.split} samples: image + "
+          f"{', '.join(dataset.tasks)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m3vit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -170,6 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (median reported)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("data", help="look at a dataset")
+    data = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = data.add_parser("show", help="write a PNG grid of samples: the image and every label, coloured")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "pascal_context", "nyud"])
+    p.add_argument("--root", help="dataset root (PASCAL_MT or NYUD_MT tree; not needed for synthetic)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--tasks", nargs="+", help="labels to show (default: every task of the dataset)")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                   help="render size of the synthetic scenes (default 128 128); for real data: resize to this")
+    p.add_argument("--num", type=int, default=4, help="number of samples (rows)")
+    p.add_argument("--start", type=int, default=0, help="index of the first sample")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.png", help="PNG to write")
+    p.set_defaults(func=cmd_data_show)
     return parser
 
 

@@ -1,0 +1,64 @@
+"""Datasets and joint transforms: procedural ``SyntheticScenes``, ``PascalContextMT``, ``NYUDMT``.
+
+Every dataset returns samples ``{"image": float32 [3, H, W] in [0, 1], <task>: label, "meta": {...}}``
+with labels in the format of ``m3vit.tasks.base`` and exposes ``tasks``, ``task_channels`` (what
+``create_model`` needs), ``classes`` and ``set_epoch``. ``build_dataset`` makes one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from .nyud import NYUD_CLASSES, NYUDMT
+from .pascal_context import VOC_CLASSES, PascalContextMT
+from .synthetic import SyntheticScenes
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Compose,
+    Normalize,
+    PadCrop,
+    RandomHorizontalFlip,
+    RandomScaleRotate,
+    Resize,
+    eval_transforms,
+    train_transforms,
+)
+
+__all__ = [
+    "DATASETS", "build_dataset", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
+    "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
+    "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms",
+]
+
+#: Dataset name -> class (the names configs and the CLI use).
+DATASETS = {"synthetic": SyntheticScenes, "pascal_context": PascalContextMT, "nyud": NYUDMT}
+
+
+def build_dataset(name: str, split: str = "train", *, root: str | None = None, size: Sequence[int] | None = None,
+                  length: int | None = None, seed: int = 0, tasks: Sequence[str] | None = None,
+                  transform: Callable | None = None):
+    """A dataset by name.
+
+    ``synthetic`` renders at ``size`` (default 128x128) and has ``length`` samples (default 1000); the
+    folder datasets need ``root`` and, when ``size`` is given and no ``transform`` is, are resized to it
+    (labels nearest, image not normalised). ``transform`` is applied as given otherwise.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
+    if size is not None:
+        size = tuple(int(s) for s in size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"dataset size must be two positive ints (H, W), got {size}")
+    if name == "synthetic":
+        if root is not None:
+            raise ValueError("the synthetic dataset is rendered, not read: drop --root / data.root")
+        return SyntheticScenes(split, size=size or (128, 128), length=1000 if length is None else length,
+                               seed=seed, tasks=tasks, transform=transform)
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs its root folder (--root / data.root)")
+    if length is not None:
+        raise ValueError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
+    if transform is None and size is not None:
+        transform = Resize(size)
+    return DATASETS[name](root, split, tasks=tasks, transform=transform, seed=seed)
