@@ -282,18 +282,10 @@ def test_depth_metric_rejects_non_positive_labels():
 
 
 @pytest.mark.parametrize("task_name", ["semseg", "human_parts", "sal", "normals", "depth", "edge"])
-def test_metric_keys_have_a_direction_and_primary_metric_is_reported(task_name):
+def test_metric_keys_have_a_direction_and_primary_metric_is_reported(task_name, valid_batch):
     task = get_task(task_name)
     assert task.primary_metric in task.higher_is_better
-    b, h, w = 1, 5, 5
-    g = torch.Generator().manual_seed(0)
-    pred = torch.randn(b, task.channels, h, w, generator=g)
-    if task.label_kind == "class":
-        target = torch.randint(0, task.channels, (b, h, w), generator=g)
-    elif task_name == "normals":
-        target = torch.nn.functional.normalize(torch.randn(b, 3, h, w, generator=g), dim=1)
-    else:
-        target = (torch.rand(b, 1, h, w, generator=g) < 0.5).float() + (task_name == "depth")
+    pred, target = valid_batch(task, 1, 5, 5)
     metric = task.new_metric()
     metric.update(pred, target)
     result = metric.compute()
