@@ -46,14 +46,10 @@ def build_dataset(name: str, split: str = "train", *, root: str | None = None, s
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
-    if size is not None:
-        size = tuple(int(s) for s in size)
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"dataset size must be two positive ints (H, W), got {size}")
     if name == "synthetic":
         if root is not None:
             raise ValueError("the synthetic dataset is rendered, not read: drop --root / data.root")
-        return SyntheticScenes(split, size=size or (128, 128), length=1000 if length is None else length,
+        return SyntheticScenes(split, size=(128, 128) if size is None else size, length=1000 if length is None else length,
                                seed=seed, tasks=tasks, transform=transform)
     if root is None:
         raise ValueError(f"dataset {name!r} needs its root folder (--root / data.root)")
