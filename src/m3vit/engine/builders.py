@@ -1,0 +1,83 @@
+"""Build what a run config describes: datasets, task objects, loss weights and the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..data import Compose, Normalize, Resize, build_dataset, train_transforms
+from ..models import create_model
+from ..models.config import ConfigError
+from ..tasks import Task, default_loss_weights, get_task
+from .config import RunConfig
+
+__all__ = ["build_train_dataset", "build_eval_dataset", "build_tasks", "loss_weights", "build_model", "collate"]
+
+
+def build_train_dataset(cfg: RunConfig):
+    """The training split with the configured augmentation (ImageNet-normalised images of ``data.size``)."""
+    data = cfg.data
+    if data.augment == "none":
+        transform = Compose([Normalize()] if data.name == "synthetic" else [Resize(data.size), Normalize()])
+    else:
+        transform = train_transforms(data.size, mode=data.augment)
+    length = data.train_length if data.name == "synthetic" else None
+    return build_dataset(data.name, data.train_split, root=data.root, size=data.size if data.name == "synthetic" else None,
+                         length=length, seed=data.seed, tasks=data.tasks, transform=transform)
+
+
+def build_eval_dataset(cfg: RunConfig, split: str | None = None):
+    """The evaluation split, untransformed: images in ``[0, 1]`` and labels at their own resolution.
+
+    The evaluator resizes and normalises images itself and upsamples predictions to each label, so
+    metrics are computed on the original labels (the field's protocol).
+    """
+    data = cfg.data
+    split = data.val_split if split is None else split
+    if data.name == "synthetic":
+        return build_dataset("synthetic", split, size=data.size, length=data.val_length, seed=data.seed,
+                             tasks=data.tasks)
+    return build_dataset(data.name, split, root=data.root, seed=data.seed, tasks=data.tasks)
+
+
+def build_tasks(task_channels: dict[str, int], dataset: Any = None) -> dict[str, Task]:
+    """Task objects (loss, metric, colours) for the model's tasks, sized to its output channels.
+
+    Class names come from ``dataset`` (``classes`` / ``part_names``) when it has them and they match.
+    """
+    names = {"semseg": getattr(dataset, "classes", None), "human_parts": getattr(dataset, "part_names", None)}
+    out = {}
+    for name, channels in task_channels.items():
+        if name in ("semseg", "human_parts"):
+            class_names = names[name] if names[name] is not None and len(names[name]) == channels else None
+            out[name] = get_task(name, num_classes=channels, class_names=class_names)
+        else:
+            out[name] = get_task(name)
+    return out
+
+
+def loss_weights(cfg: RunConfig, tasks: list[str]) -> dict[str, float]:
+    """``train.loss_weights`` or the dataset's reference weights, for ``tasks`` (a missing task: error)."""
+    weights = cfg.train.loss_weights
+    if weights is None:
+        weights = default_loss_weights(cfg.data.name)
+    missing = [t for t in tasks if t not in weights]
+    if missing:
+        raise ConfigError(f"train.loss_weights: no weight for task(s) {missing}; give one per task of {tasks}")
+    return {t: float(weights[t]) for t in tasks}
+
+
+def build_model(cfg: RunConfig, task_channels: dict[str, int]):
+    """The model of ``cfg.model`` for ``task_channels`` at ``data.size`` (backbone from ``model.pretrained``)."""
+    return create_model(cfg.model.name, dict(task_channels), img_size=cfg.data.size,
+                        pretrained=cfg.model.pretrained, **cfg.model_overrides())
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack a list of same-size samples into a batch; ``meta`` becomes a list of dicts."""
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch

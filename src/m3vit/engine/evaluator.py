@@ -1,0 +1,104 @@
+"""Evaluation: every task scored through its own sparse pathway, on labels at their own resolution."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..tasks import Task
+from .builders import build_tasks
+
+__all__ = ["evaluate", "metric_options", "prepare_images"]
+
+log = logging.getLogger(__name__)
+
+
+def metric_options(eval_cfg: Any, task: str) -> dict[str, Any]:
+    """Options for ``Task.new_metric`` from an ``EvalSection`` (only the edge metric has any)."""
+    if task == "edge" and eval_cfg is not None:
+        return {"num_thresholds": eval_cfg.edge_thresholds, "max_dist": eval_cfg.edge_max_dist,
+                "workers": eval_cfg.edge_workers}
+    return {}
+
+
+def prepare_images(images: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """``[3, H, W]`` images in ``[0, 1]`` -> one ImageNet-normalised batch ``[B, 3, *size]`` (bilinear)."""
+    size = tuple(int(s) for s in size)
+    out = []
+    for image in images:
+        image = image.float()
+        if tuple(image.shape[-2:]) != size:
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        out.append(image)
+    batch = torch.stack(out)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+@torch.no_grad()
+def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: int = 8,
+             size: Sequence[int] | None = None, eval_cfg: Any = None, pathway: str = "single",
+             device: str | torch.device | None = None, limit: int | None = None,
+             progress: bool = False) -> dict[str, dict[str, float]]:
+    """Score ``model`` on ``dataset``: ``{task: {metric: value}}``.
+
+    Images (``[0, 1]``, untransformed) are resized to ``size`` (default: the model's ``img_size``) and
+    normalised; each prediction is upsampled (bilinear) to its label's resolution before the metric
+    sees it. ``pathway="single"`` runs each task alone (its router, the experts it picks, its head),
+    as a deployed model would; ``"all"`` runs every task in one batched forward (the results agree).
+    ``eval_cfg`` is an ``EvalSection`` (edge metric options); ``limit`` scores the first N samples.
+    """
+    if pathway not in ("single", "all"):
+        raise ValueError(f"pathway must be 'single' or 'all', got {pathway!r}")
+    tasks = model.resolve_tasks(tasks)
+    missing = [t for t in tasks if t not in getattr(dataset, "tasks", ())]
+    if missing:
+        raise ValueError(f"the dataset has no labels for task(s) {missing}; it provides {list(dataset.tasks)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    size = tuple(model.config.img_size if size is None else size)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)
+    metrics = {t: task_objs[t].new_metric(**metric_options(eval_cfg, t)) for t in tasks}
+    was_training = model.training
+    model.eval()
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    starts = range(0, count, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False)
+    try:
+        for start in starts:
+            samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+            images = prepare_images([s["image"] for s in samples], size).to(device)
+            if pathway == "all":
+                outputs = model(images, tasks=tasks)
+            else:
+                outputs = {t: model(images, tasks=[t])[t] for t in tasks}
+            for task in tasks:
+                pred = outputs[task].float().cpu()
+                labels = [s[task] for s in samples]
+                if all(label.shape[-2:] == labels[0].shape[-2:] for label in labels):
+                    target = torch.stack(labels)
+                    if tuple(pred.shape[-2:]) != tuple(target.shape[-2:]):
+                        pred = F.interpolate(pred, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
+                    metrics[task].update(pred, target)
+                else:
+                    for i, label in enumerate(labels):
+                        one = F.interpolate(pred[i:i + 1], size=tuple(label.shape[-2:]), mode="bilinear",
+                                            align_corners=False)
+                        metrics[task].update(one, label[None])
+        return {t: {k: float(v) for k, v in metrics[t].compute().items()} for t in tasks}
+    finally:
+        for metric in metrics.values():
+            close = getattr(metric, "close", None)
+            if close is not None:
+                close()
+        model.train(was_training)
