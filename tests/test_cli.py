@@ -37,18 +37,6 @@ def test_flops_from_checkpoint(tmp_path, capsys):
     assert "edge" in capsys.readouterr().out
 
 
-def test_demo_small(tmp_path, capsys):
-    out_json = tmp_path / "demo.json"
-    assert main(["demo", "--models", "m3vit_micro", "mvit_micro", "--tasks", "semseg", "sal",
-                 "--img-size", "32", "32", "--repeats", "1", "--json", str(out_json)]) == 0
-    text = capsys.readouterr().out
-    assert "per-task comparison" in text and "latency" in text
-    data = json.loads(out_json.read_text())
-    assert set(data) == {"m3vit_micro", "mvit_micro"}
-    assert set(data["m3vit_micro"]["latency_ms"]) == {"semseg", "sal", "all"}
-    assert not list(tmp_path.glob("*.tmp"))
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [

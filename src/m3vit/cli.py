@@ -1,4 +1,4 @@
-"""Command-line interface: ``m3vit models | flops | demo | data``. Errors become one line and exit code 2."""
+"""Command-line interface: ``m3vit train | eval | infer | experts | demo | study | models | flops | data``. Errors become one line and exit code 2."""
 
 from __future__ import annotations
 
@@ -95,51 +95,60 @@ def cmd_flops(args) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def cmd_demo(args) -> int:
-    import torch
+    from .experiments import DEFAULT_CONFIGS, run_demo
+    from .experiments.demo import find_config
 
-    import m3vit
+    configs = {"m3vit": args.m3vit_config or find_config(DEFAULT_CONFIGS["m3vit"]),
+               "mvit": args.mvit_config or find_config(DEFAULT_CONFIGS["mvit"])}
+    for path in configs.values():
+        if not os.path.isfile(path):
+            raise CLIError(f"config file {str(path)!r} does not exist")
+    _say(f"m3vit demo: train M³ViT ({configs['m3vit']}) and M-ViT ({configs['mvit']}) on the same data and "
+         f"budget, evaluate, compare -> {args.out}")
+    result = run_demo(args.out, configs, args.set or [], fresh=args.fresh, latency_repeats=args.repeats,
+                      samples=args.samples, say=_say)
+    print()
+    print(result.table)
+    print(f"\nwrote {result.out}/results.json, {result.out}/report.md and {result.out}/figures/")
+    return 0
 
-    from .efficiency import measure_latency
 
-    torch.manual_seed(0)
-    size = tuple(args.img_size)
-    results = {}
-    print(f"m3vit demo: M³ViT vs dense M-ViT for {len(args.tasks)} tasks at {size[0]}x{size[1]} "
-          f"on {torch.get_num_threads()} CPU thread(s), batch 1\n")
-    for name in args.models:
-        model = m3vit.create_model(name, args.tasks, img_size=size).eval()
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        report = m3vit.count_flops(model, size)
-        settings = [[t] for t in model.tasks] + [None]
-        latency = measure_latency(model, size, settings, repeats=args.repeats, warmup=1)
-        lat = {("all" if s is None else s[0]): r["median_ms"] for s, r in zip(settings, latency)}
-        results[name] = {"params_m": params, "flops": report.to_dict(), "latency_ms": lat}
-        print(f"== {name} ({params:.1f} M parameters)")
-        print(_flops_table(report))
-        print("latency (median of %d, ms): " % args.repeats
-              + ", ".join(f"{k} {v:.0f}" for k, v in lat.items()))
-        single = sum(lat[t] for t in model.tasks)
-        print(f"  one task alone: {min(lat[t] for t in model.tasks):.0f}-{max(lat[t] for t in model.tasks):.0f} ms; "
-              f"all {len(model.tasks)} tasks in one pass: {lat['all']:.0f} ms "
-              f"(vs {single:.0f} ms as {len(model.tasks)} single-task runs)\n")
-    if len(results) == 2:
-        (a, ra), (b, rb) = results.items()
-        cfg = m3vit.models.model_config(a, args.tasks, img_size=size)
-        ta, tb = ra["flops"]["by_task"], rb["flops"]["by_task"]
-        rows = [[t, ta[t]["gmacs"], tb[t]["gmacs"], ra["latency_ms"][t], rb["latency_ms"][t]] for t in ta]
-        rows.append(["all", ra["flops"]["gmacs"], rb["flops"]["gmacs"], ra["latency_ms"]["all"], rb["latency_ms"]["all"]])
-        print(f"== per-task comparison: {a} vs {b}")
-        print(_table(["task", f"{a} GMACs", f"{b} GMACs", f"{a} ms", f"{b} ms"], rows))
-        print(f"\nEach task runs only its own pathway: its router, the top-{cfg.top_k} of {cfg.num_experts} "
-              f"experts it picks (width {cfg.expert_hidden} each) and its head; a dense MLP has width "
-              f"{cfg.mlp_hidden}. 'all' runs the task-dependent blocks once per task in one batched pass.")
-    if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, args.json)
-        print(f"\nwrote {args.json}")
+def cmd_study(args) -> int:
+    from .experiments import run_study
+
+    if len(args.multi) % 2:
+        raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit configs/synthetic/m3vit_tiny.yaml")
+    multi = dict(zip(args.multi[::2], args.multi[1::2]))
+    for path in [*multi.values(), args.single]:
+        if not os.path.isfile(path):
+            raise CLIError(f"config file {str(path)!r} does not exist")
+    study = run_study(args.out, multi, args.single, args.set or [], fresh=args.fresh, say=_say)
+    print()
+    print(study["table"])
+    print(f"\nwrote {args.out}/study.json, {args.out}/baselines.json and {args.out}/report.md")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .engine.config import load_config, parse_overrides
+    from .engine.trainer import TrainingError, train
+
+    cfg = load_config(args.config, parse_overrides(args.set))
+    try:
+        result = train(cfg, args.out, resume=args.resume)
+    except TrainingError as exc:
+        raise CLIError(str(exc)) from None
+    if result.rank == 0:
+        start = f", resumed at step {result.start_step}" if result.resumed else ""
+        procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
+        print(f"trained {cfg.model.name} for {result.steps} steps{start}{procs} in {result.seconds:.1f} s "
+              f"({result.images_per_s:.1f} images/s); loss {result.last_losses.get('loss', float('nan')):.4g}")
+        print(f"final model: {result.final_dir} (log: {result.log_path})")
     return 0
 
 
@@ -159,6 +168,163 @@ def cmd_data_show(args) -> int:
     path = render_grid(dataset, list(range(args.start, stop)), args.out)
     print(f"wrote {path} ({stop - args.start} {args.dataset} {args.split} samples: image + "
           f"{', '.join(dataset.tasks)})")
+    return 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    return name
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    from .engine.inference import write_atomic
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, write)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _metric_text(task: str, metric: str, value: float) -> str:
+    from .tasks.registry import task_class
+
+    arrow = "↑" if task_class(task).metric_higher_is_better(metric) else "↓"
+    number = f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+    return f"{metric}{arrow} {number}"
+
+
+def _eval_table(metrics: dict) -> str:
+    """One row per task: its primary metric, then the other headline metrics (per-class IoU: JSON only)."""
+    from .tasks.registry import task_class
+
+    rows = [["task", "main metric", "other metrics"]]
+    for task, values in metrics.items():
+        cls = task_class(task)
+        order = [cls.primary_metric] + [m for m in cls.higher_is_better if m != cls.primary_metric]
+        order += [m for m in values if m not in order and "/" not in m]
+        shown = [m for m in order if m in values]
+        rows.append([task, _metric_text(task, shown[0], values[shown[0]]) if shown else "-",
+                     ", ".join(_metric_text(task, m, values[m]) for m in shown[1:])])
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0].ljust(widths[0])} | {r[1].ljust(widths[1])} | {r[2]}".rstrip() for r in rows]
+    lines.insert(1, f"{'-' * widths[0]}-+-{'-' * widths[1]}-+-{'-' * max(len(r[2]) for r in rows)}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .engine.builders import build_eval_dataset
+    from .engine.checkpoints import checkpoint_step, load_run
+    from .engine.evaluator import evaluate
+    from .tasks import delta_m, load_baselines
+
+    model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
+    tasks = model.resolve_tasks(args.tasks)
+    baselines_path = args.baselines or cfg.eval.baselines
+    baselines = load_baselines(baselines_path) if baselines_path else None
+    if baselines is not None:
+        missing = [t for t in tasks if t not in baselines]
+        if missing:
+            raise CLIError(f"baselines {baselines_path} have no entry for task(s) {missing}; they cover "
+                           f"{sorted(baselines)} (choose tasks with --tasks)")
+    split = args.split or cfg.data.val_split
+    dataset = build_eval_dataset(cfg, split=split)
+    batch_size = cfg.eval.batch_size if args.eval_batch_size is None else args.eval_batch_size
+    metrics = evaluate(model, dataset, tasks, batch_size=batch_size,
+                       eval_cfg=cfg.eval, pathway=args.pathway, limit=args.limit,
+                       progress=not args.json and sys.stderr.isatty())
+    dm = delta_m(metrics, baselines) if baselines is not None else None
+    num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    report = {
+        "metrics": metrics,
+        "checkpoint": str(args.checkpoint),
+        "step": checkpoint_step(args.checkpoint),
+        "data": {**cfg.to_dict()["data"], "split": split, "num_samples": num_samples},
+        "pathway": args.pathway,
+        "delta_m": dm,
+        "baselines": str(baselines_path) if baselines_path else None,
+    }
+    if args.out:
+        _write_json_atomic(args.out, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    step = "" if report["step"] is None else f" (step {report['step']})"
+    how = "each task through its own pathway" if args.pathway == "single" else "all tasks in one forward"
+    print(f"{args.checkpoint}{step} on {cfg.data.name} {split}, {num_samples} samples, {how}:")
+    print(_eval_table(metrics))
+    if dm is not None:
+        print(f"Δm vs {baselines_path}: {dm:+.2f}% (mean relative gain of each task's main metric)")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_infer(args) -> int:
+    from .engine.inference import infer_files
+    from .models import load_checkpoint
+
+    model = load_checkpoint(args.checkpoint, map_location=_device(args.device))
+    tasks = model.resolve_tasks(args.task)
+    try:
+        result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy)
+    except OSError as exc:
+        raise CLIError(f"cannot write to {args.out}: {exc.strerror or exc}") from None
+    for _, reason in result.failed:
+        print(f"error: {reason}", file=sys.stderr)
+    print(f"wrote {len(result.written)} files for {len(result.processed)} image(s) x {len(tasks)} task(s) "
+          f"({', '.join(tasks)}) to {args.out}" + (f"; {len(result.failed)} image(s) could not be read" if result.failed else ""))
+    return 1 if result.failed else 0
+
+
+def cmd_experts(args) -> int:
+    from .engine.builders import build_eval_dataset
+    from .engine.checkpoints import checkpoint_step, load_run
+    from .engine.experts import expert_usage, plot_heatmaps, write_summary, write_usage
+
+    model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
+    if not model.moe_layers:
+        raise CLIError(f"{args.checkpoint}: model {model.config.name!r} is dense (no MoE layer); expert usage "
+                       f"needs an MoE checkpoint")
+    if not 0 < args.threshold <= 1:
+        raise CLIError(f"--threshold must be in (0, 1], got {args.threshold}")
+    tasks = model.resolve_tasks(args.tasks)
+    split = args.split or cfg.data.val_split
+    dataset = build_eval_dataset(cfg, split=split)
+    batch_size = cfg.eval.batch_size if args.eval_batch_size is None else args.eval_batch_size
+    usage = expert_usage(model, dataset, tasks, limit=args.limit, batch_size=batch_size,
+                         progress=not args.json and sys.stderr.isatty())
+    extra = {"checkpoint": str(args.checkpoint), "step": checkpoint_step(args.checkpoint),
+             "data": {**cfg.to_dict()["data"], "split": split}}
+    try:
+        pictures = plot_heatmaps(usage, args.out, threshold=args.threshold)
+        json_path = write_usage(usage, os.path.join(args.out, "usage.json"), threshold=args.threshold, extra=extra)
+        write_summary(usage, os.path.join(args.out, "summary.md"), threshold=args.threshold)
+    except OSError as exc:
+        raise CLIError(f"cannot write to {args.out}: {exc.strerror or exc}") from None
+    if args.json:
+        print(json.dumps({**extra, **usage.to_dict(args.threshold)}, indent=2))
+        return 0
+    print(f"{args.checkpoint}: expert usage of {len(tasks)} task(s) on {usage.num_images} {cfg.data.name} {split} "
+          f"images, top-{usage.top_k} of {usage.num_experts} experts; core = the fewest experts taking "
+          f">= {args.threshold:.0%} of a task's assignments")
+    for layer in usage.summary(args.threshold):
+        cores = ", ".join(f"{t} {len(c)} ({' '.join(f'e{e}' for e in c)})" for t, c in layer["core_experts"].items())
+        print(f"block {layer['block']}: core experts per task: {cores}")
+        if layer["mean_jaccard"] is not None:
+            shared = ", ".join(f"e{s['expert']} ({s['tasks']} tasks)" for s in layer["most_shared"])
+            print(f"  mean pairwise overlap: Jaccard {layer['mean_jaccard']:.2f}, shared assignments "
+                  f"{layer['mean_shared']:.2f}; most shared: {shared or '-'}")
+    print(f"wrote {json_path}, summary.md and {len(pictures)} heatmaps in {args.out}")
     return 0
 
 
@@ -182,13 +348,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_flops)
 
-    p = sub.add_parser("demo", help="FLOPs and CPU latency of M³ViT vs M-ViT, single-task vs all-task")
-    p.add_argument("--models", nargs=2, default=["m3vit_small", "mvit_small"], metavar=("MOE", "DENSE"))
-    p.add_argument("--tasks", nargs="+", default=PASCAL_TASKS)
-    p.add_argument("--img-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (median reported)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p = sub.add_parser("demo", help="train M³ViT and dense M-ViT on synthetic scenes, evaluate, compare, report")
+    p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
+    p.add_argument("--m3vit-config", help="run config of the MoE model (default configs/synthetic/m3vit_tiny.yaml)")
+    p.add_argument("--mvit-config", help="run config of the dense model (default configs/synthetic/mvit_tiny.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override for both runs, e.g. --set train.steps=20 --set data.val_length=8")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
+    p.add_argument("--repeats", type=int, default=5, help="timed latency repeats per setting (median reported)")
+    p.add_argument("--samples", type=int, default=3, help="validation images in the prediction figures")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("study", help="train single-task baselines and multi-task models; report Δm")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--single", default="configs/synthetic/mvit_tiny.yaml",
+                   help="config trained once per task as the single-task baseline")
+    p.add_argument("--multi", nargs="+", metavar="NAME_OR_CONFIG",
+                   default=["m3vit", "configs/synthetic/m3vit_tiny.yaml", "mvit", "configs/synthetic/mvit_tiny.yaml"],
+                   help="NAME CONFIG pairs of multi-task runs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("train", help="train a run config (multi-task, checkpoints, --resume, torchrun for DDP)")
+    p.add_argument("--config", help="run config YAML (default: the built-in defaults)")
+    p.add_argument("--out", required=True, help="run directory (must be empty unless --resume)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override, e.g. --set train.steps=100 --set data.size=[64,64]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint, each task through its own sparse pathway")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/final)")
+    p.add_argument("--tasks", nargs="+", help="tasks to evaluate (default: every task of the model)")
+    p.add_argument("--split", help="dataset split (default: the run's data.val_split)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="run config override, e.g. --set data.seed=3 --set data.val_length=8")
+    p.add_argument("--limit", type=int, help="score only the first N samples")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--pathway", choices=["single", "all"], default="single",
+                   help="single: each task alone (as deployed); all: every task in one batched forward")
+    p.add_argument("--baselines", help="single-task metrics (JSON or run folder) for Δm (default: eval.baselines)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--out", help="also write the JSON results to this file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("infer", help="predict tasks for image files; write coloured PNGs (and raw .npy)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--task", action="append", required=True, help="a task to predict (repeat for more)")
+    p.add_argument("--out", required=True, help="output folder for <image stem>_<task>.png")
+    p.add_argument("--npy", action="store_true",
+                   help="also write <stem>_<task>.npy: class ids (uint8), probabilities (sal, edge), unit "
+                        "normals [3,H,W] or depth, at the image's size")
+    p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
+                   help="network input size (default: the model's img_size; multiples of the patch size)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; PNG, JPEG, ...)")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("experts", help="per task and MoE layer, how often each expert is chosen; heatmaps")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory of an MoE model")
+    p.add_argument("--out", required=True, help="output folder for usage.json and the heatmap PNGs")
+    p.add_argument("--tasks", nargs="+", help="tasks to analyse (default: every task of the model)")
+    p.add_argument("--split", help="dataset split (default: the run's data.val_split)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
+    p.add_argument("--limit", type=int, help="use only the first N samples")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="a task's core experts take at least this share of its assignments (default 0.9)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print usage.json's content")
+    p.set_defaults(func=cmd_experts)
 
     p = sub.add_parser("data", help="look at a dataset")
     data = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -217,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CLIError as exc:
         print(f"error: {exc}", file=sys.stderr)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as exc:
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, TypeError, OSError, KeyError) as exc:
         if os.environ.get("M3VIT_DEBUG"):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -225,9 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     return 2
 
 

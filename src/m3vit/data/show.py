@@ -10,7 +10,7 @@ import torch
 
 from ..tasks import get_task
 
-__all__ = ["dataset_tasks", "render_grid"]
+__all__ = ["dataset_tasks", "render_grid", "save_figure"]
 
 _TITLES = {
     "image": "image", "semseg": "semseg", "human_parts": "human parts", "sal": "saliency",
@@ -65,6 +65,11 @@ def render_grid(dataset, indices: Sequence[int], path: str | os.PathLike, *, cel
                 ax.set_title(_TITLES.get(key, key), fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (cell * len(indices) + 0.3),
                         wspace=0.04, hspace=0.04)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> str:
+    """Write a matplotlib ``Figure`` as PNG to a temporary name, then rename it to ``path``."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)

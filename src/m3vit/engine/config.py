@@ -51,6 +51,11 @@ def _check_int(key: str, value: Any, minimum: int | None = None) -> int:
 
 def _check_float(key: str, value: Any, minimum: float | None = None, strict: bool = False,
                  maximum: float | None = None) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise _fail(key, f"must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(key, f"must be a number, got {value!r}")
     value = float(value)

@@ -62,6 +62,8 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
         raise ValueError(f"the dataset has no labels for task(s) {missing}; it provides {list(dataset.tasks)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (or None for the whole dataset), got {limit}")
     size = tuple(model.config.img_size if size is None else size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)

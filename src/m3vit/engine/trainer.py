@@ -1,0 +1,606 @@
+"""Multi-task training: one batched backbone pass over all tasks per step, checkpoints, exact resume, DDP.
+
+``train(cfg, out_dir)`` runs a ``RunConfig`` and writes the run directory::
+
+    OUT/config.yaml              the resolved run config
+    OUT/log.jsonl                one JSON object per line: train logs {"step", "epoch", "lr", "loss",
+                                 "loss/<task>", "aux", "images_per_s", "time"} (means over the
+                                 ``log_every`` steps before ``step``; "time" is seconds of training
+                                 so far) and periodic evals {"step", "eval": {task: {metric: v}}}
+    OUT/checkpoints/step-N/      model.safetensors + config.yaml (with "run" and "step") + trainer.pt
+    OUT/final/                   the trained model: model.safetensors + config.yaml (with "run", "step")
+
+The loss of a step is ``sum_t w_t * L_t + aux_weight * aux`` (+ ``cross_task_weight`` times the
+weighted losses of the optional training-only cross-task head). A step checkpoint is written inside
+one temporary directory that is renamed when complete, so a checkpoint directory exists only whole;
+``trainer.pt`` holds everything else a resume needs (optimizer, schedule step, GradScaler, the
+torch/numpy/python RNG states of every process, the data order: epoch and position, the cross-task
+head). ``resume=True`` continues from the newest complete checkpoint and, on CPU with the same
+thread count, ends with bit-identical weights to an uninterrupted run: the data order is a
+permutation drawn from ``(train.seed, epoch)`` and augmentation a pure function of
+``(data.seed, index, epoch)``, so nothing depends on where a run was interrupted.
+
+Distributed (``torchrun --nproc_per_node=N -m m3vit train ...``): ``train.batch_size`` is per
+process; every global batch of ``batch_size * N`` samples is the same set a single process with
+``batch_size * N`` would see. The model is wrapped in ``DistributedDataParallel``
+(``find_unused_parameters=False``: the experts of a layer are slices of stacked parameters, so an
+expert that receives no token still has a (zero) gradient, and every task runs every step); gradients are
+averaged over processes, so each process's task losses are means over its own samples and the MoE
+balance loss is computed per process on its own tokens (a single process computes it on the
+whole global batch: a small, expected difference). The heads' BatchNorms normalise with the
+statistics of the global batch: ``nn.SyncBatchNorm`` on CUDA and, because PyTorch's SyncBatchNorm does
+not run on CPU (torch 2.13 raises for CPU tensors), ``distributed.GroupBatchNorm2d`` on CPU/gloo. Rank 0 alone logs, shows progress, evaluates
+and writes checkpoints (with barriers around); checkpoints hold the unwrapped model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from ..models.checkpoint import CONFIG, WEIGHTS, atomic_directory, save_checkpoint
+from ..models.config import ConfigError
+from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
+from .config import RunConfig
+from .cross_task import CrossTaskHead
+from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier, cleanup_distributed,
+                          convert_sync_batchnorm, gather_objects, init_distributed)
+from .schedules import LRSchedule, StepScheduler, build_optimizer
+
+__all__ = ["train", "TrainResult", "TrainingError", "RunDirectoryError", "RESUMABLE_KEYS", "latest_checkpoint",
+           "config_differences", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer.pt"
+LOG_FILE = "log.jsonl"
+RUN_CONFIG = "config.yaml"
+# Keys a resumed run may change; anything else must match OUT/config.yaml.
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.epochs", "train.progress", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers",
+})
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
+
+
+class RunDirectoryError(ValueError):
+    """The output directory cannot be used as asked (not empty without resume, config changed ...)."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished ``train`` call produced (on every process; only rank 0 wrote files)."""
+
+    out_dir: Path
+    final_dir: Path
+    log_path: Path
+    steps: int
+    start_step: int
+    seconds: float
+    images_per_s: float
+    last_losses: dict[str, float] = field(default_factory=dict)
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def resumed(self) -> bool:
+        return self.start_step > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory: config check, newest complete checkpoint, log truncation.
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, old value, new value)]`` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{dotted}.")
+        elif a != b:
+            out.append((dotted, a, b))
+    return out
+
+
+def _is_complete_checkpoint(path: Path) -> bool:
+    return all((path / name).is_file() for name in (WEIGHTS, CONFIG, TRAINER_STATE))
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest complete ``OUT/checkpoints/step-N`` (temporary and partial directories ignored)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and _is_complete_checkpoint(path):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def _remove_dir(path: Path) -> None:
+    """Delete a directory so that an interruption never leaves a half-deleted ``step-N``: rename first."""
+    doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    for _, path in _step_dirs(root)[:-keep]:
+        _remove_dir(path)
+
+
+def _clean_temporaries(root: Path) -> None:
+    """Remove what an interrupted save or prune left in ``root`` (hidden temp/old/deleting dirs)."""
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".") and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (and drop a torn last line of a killed run)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line)
+    _write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
+def _check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    """Validate ``out`` for this run; returns the checkpoint to resume from (or None)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {str(out)!r} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not resume:
+        if entries:
+            raise RunDirectoryError(f"output directory {str(out)!r} is not empty; pass --resume to continue "
+                                    f"the run in it, or choose a new --out")
+        return None
+    if not entries:
+        log.warning("--resume: %s is empty; starting from scratch", out)
+        return None
+    saved_path = out / RUN_CONFIG
+    if not saved_path.is_file():
+        raise RunDirectoryError(f"--resume: {str(out)!r} is not a run directory ({RUN_CONFIG} is missing)")
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except yaml.YAMLError:
+        raise RunDirectoryError(f"--resume: {saved_path} is not valid YAML") from None
+    if not isinstance(saved, dict):
+        raise RunDirectoryError(f"--resume: {saved_path} is not a run config")
+    changed = [d for d in config_differences(saved, cfg.to_dict()) if d[0] not in RESUMABLE_KEYS]
+    if changed:
+        key, before, after = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise RunDirectoryError(
+            f"--resume: {key} differs from the run's {saved_path} ({before!r} there, {after!r} now){more}; "
+            f"a resumed run may only change {', '.join(sorted(RESUMABLE_KEYS))}")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
+    return checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, precision, seeds, RNG state.
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` -> a device: ``auto`` picks CUDA when available (this process's local rank)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ConfigError(f"train.device: {name!r} is not allowed; choose one of ['auto', 'cpu', 'cuda']")
+    return torch.device("cpu")
+
+
+def _autocast(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("train.amp: fp16 autocast needs a CUDA device; use 'bf16' or 'none' on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's RNG states in a ``torch.load(weights_only=True)``-safe form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module trained: model (+ training-only cross-task head), so DDP covers both.
+
+
+class _TrainModule(nn.Module):
+    def __init__(self, model: nn.Module, cross_task_head: CrossTaskHead | None):
+        super().__init__()
+        self.model = model
+        self.cross_task_head = cross_task_head
+
+    def forward(self, images: torch.Tensor):
+        outputs = self.model(images)
+        aux = self.model.aux_loss()
+        refined = self.cross_task_head(outputs) if self.cross_task_head is not None else None
+        return outputs, aux, refined
+
+
+class _LossWindow:
+    """Sums of the logged quantities since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.images = 0
+        self.seconds = 0.0
+
+    def add(self, values: dict[str, float], images: int, seconds: float) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(1, self.steps) for k, v in self.sums.items()}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _tensorboard_writer(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the tensorboard package is optional
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
+          callbacks: Sequence[Callable[[dict], None]] | None = None) -> TrainResult:
+    """Train the model of ``cfg`` into ``out_dir`` (see the module docstring for the layout).
+
+    ``resume=True`` continues the run in ``out_dir`` from its newest complete checkpoint (a config
+    that differs in anything but ``RESUMABLE_KEYS`` is refused); without it ``out_dir`` must be empty
+    or absent. ``callbacks`` are called on rank 0 with every record written to ``log.jsonl``.
+    ``cfg.train.progress`` turns the tqdm bar on or off.
+    """
+    cfg = RunConfig.from_dict(cfg.to_dict())  # a validated private copy
+    tcfg = cfg.train
+    out = Path(out_dir)
+    device_type = resolve_device(tcfg.device).type  # fails early for an unavailable device
+    if tcfg.amp == "fp16" and device_type != "cuda":
+        raise ConfigError("train.amp: fp16 autocast needs a CUDA device; use 'bf16' or 'none' on CPU")
+    # Every process checks the directory before joining the group; rank 0 writes into it only after.
+    checkpoint = _check_run_dir(out, cfg, resume)
+
+    info = init_distributed(device_type)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if tcfg.deterministic:
+            if device_type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        device = resolve_device(tcfg.device, info.local_rank)
+        return _Trainer(cfg, out, device, info, checkpoint, callbacks or ()).run()
+    finally:
+        torch.use_deterministic_algorithms(previous_deterministic)
+        cleanup_distributed(info)
+
+
+class _Trainer:
+    """One training run (built by ``train``); ``run()`` does the work."""
+
+    def __init__(self, cfg: RunConfig, out: Path, device: torch.device, info: DistInfo, checkpoint: Path | None,
+                 callbacks: Sequence[Callable[[dict], None]]):
+        self.cfg, self.out, self.device, self.info, self.callbacks = cfg, out, device, info, list(callbacks)
+        tcfg = cfg.train
+        _seed_everything(tcfg.seed)
+        self.dataset = build_train_dataset(cfg)
+        task_channels = dict(self.dataset.task_channels)
+        self.model = build_model(cfg, task_channels)
+        self.tasks = build_tasks(task_channels, self.dataset)
+        self.weights = loss_weights(cfg, list(task_channels))
+        head = CrossTaskHead(task_channels) if tcfg.cross_task_head else None
+        if info.distributed:
+            self.model.heads = convert_sync_batchnorm(self.model.heads, device.type)
+        self.module = _TrainModule(self.model, head).to(device)
+        if info.distributed:  # the same initial weights everywhere (by seed, and DDP broadcasts), then
+            torch.manual_seed(tcfg.seed + 7919 * info.rank)  # per-process randomness (drop path, router noise)
+        self.sampler = GlobalBatchSampler(len(self.dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size)
+        self.total_steps = tcfg.steps if tcfg.steps is not None else tcfg.epochs * self.sampler.batches_per_epoch
+        self.optimizer = build_optimizer(tcfg, {"model": self.model, **({"cross_task_head": head} if head else {})})
+        self.scheduler = StepScheduler(self.optimizer, LRSchedule.from_config(tcfg, self.total_steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16" and device.type == "cuda")
+        self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
+        self.checkpoint = checkpoint
+        self.eval_dataset = None
+        self.last_losses: dict[str, float] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        head = self.module.cross_task_head
+        return {
+            "step": self.step, "epoch": self.epoch, "position": self.position,
+            "global_batch": self.sampler.global_batch, "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": gather_objects(_rng_state(self.device), self.info),
+            "cross_task_head": None if head is None else head.state_dict(),
+        }
+
+    def _restore(self, directory: Path) -> None:
+        state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+        weights = load_file(str(directory / WEIGHTS), device="cpu")
+        self.model.load_state_dict(weights, strict=True)
+        head = self.module.cross_task_head
+        if head is not None:
+            if state.get("cross_task_head") is None:
+                raise RunDirectoryError(f"{directory}: no cross-task head state to resume (train.cross_task_head)")
+            head.load_state_dict(state["cross_task_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if int(state["global_batch"]) != self.sampler.global_batch:
+            log.warning("resuming with a global batch of %d instead of %d: the data order of epoch %d changes",
+                        self.sampler.global_batch, state["global_batch"], self.epoch)
+            self.position = self.position * int(state["global_batch"]) // self.sampler.global_batch
+        rng = state["rng"]
+        if len(rng) == self.info.world_size:
+            _set_rng_state(rng[self.info.rank], self.device)
+        else:
+            log.warning("the checkpoint holds RNG states of %d process(es), not %d: reseeding", len(rng),
+                        self.info.world_size)
+            torch.manual_seed(self.cfg.train.seed + 7919 * self.info.rank + self.step)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", directory, self.step, self.epoch, self.position)
+
+    def _save_step_checkpoint(self) -> None:
+        state = self._trainer_state()  # collective (gathers RNG states): every process calls it
+        if self.info.is_main:
+            root = self.out / "checkpoints"
+            extra = {"run": self.cfg.to_dict(), "step": self.step}
+            with atomic_directory(root / f"step-{self.step}") as tmp:
+                save_checkpoint(self.model, tmp, extra=extra)
+                torch.save(state, tmp / TRAINER_STATE)
+            _prune_checkpoints(root, self.cfg.train.keep_checkpoints)
+        barrier(self.info)
+
+    # -- logging -------------------------------------------------------------------------------
+
+    def _emit(self, record: dict) -> None:
+        _append_jsonl(self.out / LOG_FILE, record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.writer.add_scalar(key, value, record["step"])
+            for task, metrics in record.get("eval", {}).items():
+                for name, value in metrics.items():
+                    self.writer.add_scalar(f"eval/{task}/{name}", value, record["step"])
+        for callback in self.callbacks:
+            callback(record)
+
+    def _evaluate(self) -> dict:
+        from .evaluator import evaluate
+
+        if self.eval_dataset is None:
+            self.eval_dataset = build_eval_dataset(self.cfg)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluation must not move the training RNG
+            return evaluate(self.model, self.eval_dataset, batch_size=self.cfg.eval.batch_size,
+                            eval_cfg=self.cfg.eval, pathway="all", device=self.device)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _loader(self) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)  # keeps the global RNG untouched
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.cfg.train.batch_size, sampler=self.sampler, collate_fn=collate,
+            num_workers=self.cfg.data.num_workers, drop_last=False, generator=generator,
+            pin_memory=self.device.type == "cuda")
+
+    def _train_step(self, batch: dict, wrapped: nn.Module) -> dict[str, float]:
+        tcfg = self.cfg.train
+        images = batch["image"].to(self.device, non_blocking=True)
+        targets = {t: batch[t].to(self.device, non_blocking=True) for t in self.tasks}
+        lr = self.scheduler.apply()
+        with _autocast(tcfg.amp, self.device):
+            outputs, aux, refined = wrapped(images)
+        losses = {t: self.tasks[t].loss(outputs[t].float(), targets[t]) for t in self.tasks}
+        total = sum(self.weights[t] * losses[t] for t in self.tasks) + tcfg.aux_weight * aux.float()
+        cross = None
+        if refined is not None:
+            cross = sum(self.weights[t] * self.tasks[t].loss(refined[t].float(), targets[t]) for t in self.tasks)
+            total = total + tcfg.cross_task_weight * cross
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if tcfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), tcfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        names = ["loss", "aux", *(f"loss/{t}" for t in self.tasks)] + (["loss/cross_task"] if cross is not None else [])
+        values = torch.stack([total.detach(), aux.detach().float(), *(losses[t].detach() for t in self.tasks),
+                              *([cross.detach()] if cross is not None else [])]).tolist()
+        record = dict(zip(names, values))
+        if not math.isfinite(record["loss"]) and not self.scaler.is_enabled():
+            bad = [k for k, v in record.items() if not math.isfinite(v)]
+            raise TrainingError(f"the loss is not finite at step {self.step + 1} ({', '.join(bad)}); lower train.lr, "
+                                f"set train.grad_clip or check the loss weights")
+        record["lr"] = lr
+        return record
+
+    def run(self) -> TrainResult:
+        cfg, info, out = self.cfg, self.info, self.out
+        log_path = out / LOG_FILE
+        if self.checkpoint is not None:
+            self._restore(self.checkpoint)
+            if self.step > self.total_steps:
+                raise RunDirectoryError(f"--resume: the newest checkpoint ({self.checkpoint.name}) is past the run's "
+                                        f"length of {self.total_steps} steps; set train.steps >= {self.step}")
+        if info.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            _clean_temporaries(out / "checkpoints")
+            _clean_temporaries(out)
+            _write_text_atomic(out / RUN_CONFIG, cfg.to_yaml())
+        barrier(info)
+        start_step = self.step
+        if info.is_main:
+            _truncate_log(log_path, start_step)
+            if not log_path.exists():
+                log_path.touch()
+        self.writer = _tensorboard_writer(out) if info.is_main else None
+        wrapped: nn.Module = self.module
+        if info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = nn.parallel.DistributedDataParallel(self.module, device_ids=ids, find_unused_parameters=False)
+        self.module.train()
+        progress = None
+        if cfg.train.progress and info.is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
+        window, started = _LossWindow(), time.perf_counter()
+        run_images, run_seconds = 0, 0.0
+        loader = self._loader()
+        try:
+            while self.step < self.total_steps:
+                if self.position >= self.sampler.batches_per_epoch:
+                    self.epoch, self.position = self.epoch + 1, 0
+                self.dataset.set_epoch(self.epoch)
+                self.sampler.set_epoch(self.epoch, self.position)
+                tick = time.perf_counter()
+                for batch in loader:
+                    record = self._train_step(batch, wrapped)
+                    self.step, self.position = self.step + 1, self.position + 1
+                    now = time.perf_counter()
+                    images = self.sampler.global_batch
+                    window.add({k: v for k, v in record.items() if k != "lr"}, images, now - tick)
+                    self.elapsed += now - tick
+                    run_images, run_seconds = run_images + images, run_seconds + (now - tick)
+                    self.last_losses = {k: v for k, v in record.items() if k.startswith("loss") or k == "aux"}
+                    if progress is not None:
+                        postfix = {k.removeprefix("loss/"): f"{v:.3g}" for k, v in record.items() if k.startswith("loss/")}
+                        postfix["loss"] = f"{record['loss']:.3g}"
+                        postfix["img/s"] = f"{images / max(now - tick, 1e-9):.1f}"
+                        progress.set_postfix(postfix, refresh=False)
+                        progress.update(1)
+                    self._after_step(record, window, progress)
+                    if self.step >= self.total_steps:
+                        break
+                    tick = time.perf_counter()
+                else:
+                    continue
+                break
+            if info.is_main and (self.step > start_step or not (out / "final" / "model.safetensors").is_file()):
+                save_checkpoint(self.model, out / "final", extra={"run": cfg.to_dict(), "step": self.step})
+            barrier(info)
+        finally:
+            if progress is not None:
+                progress.close()
+            if self.writer is not None:
+                self.writer.close()
+        seconds = time.perf_counter() - started
+        return TrainResult(out_dir=out, final_dir=out / "final", log_path=log_path, steps=self.step,
+                           start_step=start_step, seconds=seconds,
+                           images_per_s=run_images / run_seconds if run_seconds > 0 else 0.0,
+                           last_losses=all_reduce_mean(self.last_losses, info) if self.last_losses else {},
+                           rank=info.rank, world_size=info.world_size)
+
+    def _after_step(self, record: dict, window: _LossWindow, progress) -> None:
+        tcfg, step = self.cfg.train, self.step
+        if step % tcfg.log_every == 0 or step == self.total_steps:
+            means = all_reduce_mean(window.means(), self.info)
+            if self.info.is_main:
+                line = {"step": step, "epoch": self.epoch, "lr": record["lr"], "loss": means.pop("loss"),
+                        **{k: means[k] for k in sorted(means) if k.startswith("loss/")}, "aux": means["aux"],
+                        "images_per_s": window.images / max(window.seconds, 1e-9), "time": round(self.elapsed, 3)}
+                self._emit(line)
+            window.__init__()
+        if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == self.total_steps):
+            if self.info.is_main:
+                metrics = self._evaluate()
+                self._emit({"step": step, "eval": metrics})
+                if progress is not None:
+                    flat = {f"{t}/{m}": f"{v:.3g}" for t, ms in metrics.items() for m, v in list(ms.items())[:1]}
+                    progress.set_postfix(flat, refresh=True)
+            barrier(self.info)
+        if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == self.total_steps:
+            self._save_step_checkpoint()

@@ -1,0 +1,264 @@
+"""The main job: train M³ViT and the dense M-ViT on the same data and budget, evaluate, compare, report.
+
+``run_demo`` trains both models from their run configs (by default ``configs/synthetic/m3vit_tiny.yaml``
+and ``mvit_tiny.yaml``), evaluates each saved ``final/`` checkpoint with every task through its own
+pathway (exactly what ``m3vit eval --checkpoint`` does), measures per-task GFLOPs and CPU latency of
+single-task vs all-task inference, and writes ``results.json``, ``report.md`` and the figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..efficiency import count_flops, measure_latency
+from ..engine.builders import build_eval_dataset
+from ..engine.config import ConfigError, RunConfig, load_config
+from ..engine.evaluator import evaluate
+from ..models import load_checkpoint
+from ..tasks import delta_m
+from .report import metrics_table, plot_curves, plot_predictions, read_log, write_json, write_text
+
+__all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary", "find_config"]
+
+log = logging.getLogger(__name__)
+
+#: Run names and their default configs (relative to the repository's ``configs/`` folder).
+DEFAULT_CONFIGS = {"m3vit": "synthetic/m3vit_tiny.yaml", "mvit": "synthetic/mvit_tiny.yaml"}
+
+# Settings that must agree for the comparison to be fair (same data, same optimisation budget).
+_SHARED_SECTIONS = ("data", "train", "eval")
+
+
+def find_config(relative: str) -> Path:
+    """A shipped config: ``./configs/<relative>`` or the repository's ``configs/`` next to the package."""
+    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
+        if (base / relative).is_file():
+            return base / relative
+    raise FileNotFoundError(f"config configs/{relative} not found (run from the m3vit repository, or pass "
+                            f"the config path explicitly)")
+
+
+def compare_configs(configs: Mapping[str, RunConfig]) -> None:
+    """Raise ``ConfigError`` unless every run shares the data, train and eval sections."""
+    (first_name, first), *rest = configs.items()
+    base = first.to_dict()
+    for name, cfg in rest:
+        other = cfg.to_dict()
+        for section in _SHARED_SECTIONS:
+            for key in base[section]:
+                if base[section][key] != other[section][key]:
+                    raise ConfigError(
+                        f"{section}.{key}: {first_name} has {base[section][key]!r} but {name} has "
+                        f"{other[section][key]!r}; a fair comparison needs the same data, training and "
+                        f"evaluation settings")
+
+
+def _gflops(model, img_size: Sequence[int]) -> tuple[dict[str, float], float]:
+    report = count_flops(model, tuple(img_size))
+    gflops = {t: r["gflops"] for t, r in report.by_task.items()}
+    gflops["all"] = report.gflops
+    return gflops, report.params_m
+
+
+def efficiency_summary(model, img_size: Sequence[int], repeats: int = 5) -> dict[str, Any]:
+    """Per-task and all-task GFLOPs and median CPU latency (ms) of single-task vs all-task inference
+    (batch 1, timed round-robin in one run).
+
+    ``gflops`` is the active compute: the MoE layers counted with per-expert dispatch, which executes
+    exactly the routed tokens. ``gflops_executed`` counts what the model's configured dispatch runs,
+    which on short queues ("auto" -> batched) includes the rows padded to the longest queue.
+    """
+    executed, params = _gflops(model, img_size)
+    saved = [layer.dispatch for layer in model.moe_layers]
+    try:
+        for layer in model.moe_layers:
+            layer.dispatch = "per_expert"
+        active, _ = _gflops(model, img_size)
+    finally:
+        for layer, dispatch in zip(model.moe_layers, saved):
+            layer.dispatch = dispatch
+    settings = [[t] for t in model.tasks] + [None]
+    timings = measure_latency(model, tuple(img_size), settings, repeats=repeats, warmup=1)
+    latency = {("all" if s is None else s[0]): r["median_ms"] for s, r in zip(settings, timings)}
+    return {"params_m": params, "gflops": active, "gflops_executed": executed, "latency_ms": latency,
+            "threads": torch.get_num_threads(), "img_size": list(img_size), "batch_size": 1}
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    table: str = ""
+
+
+def _train(cfg: RunConfig, out: Path, fresh: bool) -> dict[str, Any]:
+    from ..engine.trainer import train
+
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    result = train(cfg, out, resume=out.exists())
+    return {"train_seconds": training_seconds(result.log_path), "steps": result.steps}
+
+
+def training_seconds(log_path: Path) -> float | None:
+    """Training time of a run, summed over its resumes (the last ``time`` in its ``log.jsonl``)."""
+    times = [r["time"] for r in read_log(log_path) if "time" in r] if Path(log_path).is_file() else []
+    return times[-1] if times else None
+
+
+def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | None = None,
+             overrides: Sequence[str] | dict | None = None, *, fresh: bool = False, latency_repeats: int = 5,
+             samples: int = 3, say: Callable[[str], None] = log.info) -> DemoResult:
+    """Train, evaluate and compare; ``configs`` maps run name -> config path (default ``DEFAULT_CONFIGS``).
+
+    ``overrides`` (``--set`` strings or a dotted dict) apply to every run. A run directory that
+    already holds a run of the same config is resumed (a finished one is not retrained); ``fresh``
+    deletes it first. ``say`` receives progress lines.
+    """
+    out = Path(out)
+    paths = {name: Path(p) for name, p in (configs or {}).items()} or {n: find_config(r) for n, r in DEFAULT_CONFIGS.items()}
+    cfgs = {name: load_config(path, overrides) for name, path in paths.items()}
+    compare_configs(cfgs)
+    results: dict[str, Any] = {}
+    models = {}
+    for name, cfg in cfgs.items():
+        say(f"[{name}] training {cfg.model.name} for {cfg.train.steps or cfg.train.epochs} "
+            f"{'steps' if cfg.train.steps else 'epochs'} ({paths[name]}) -> {out / name}")
+        info = _train(cfg, out / name, fresh)
+        final = out / name / "final"
+        model = load_checkpoint(final)
+        models[name] = model
+        dataset = build_eval_dataset(cfg)
+        say(f"[{name}] evaluating {final} on {len(dataset)} {cfg.data.val_split} samples, each task on its own pathway")
+        start = time.perf_counter()
+        metrics = evaluate(model, dataset, eval_cfg=cfg.eval, batch_size=cfg.eval.batch_size, pathway="single")
+        info["eval_seconds"] = time.perf_counter() - start
+        say(f"[{name}] measuring GFLOPs and CPU latency at {cfg.data.size[0]}x{cfg.data.size[1]}")
+        results[name] = {"metrics": metrics, "checkpoint": str(final), "config": str(paths[name]),
+                         "model": cfg.model.name, **info, **efficiency_summary(model, cfg.data.size, latency_repeats)}
+    names = list(cfgs)
+    first_cfg = cfgs[names[0]]
+    if len(names) == 2:
+        a, b = names
+        ma, mb = results[a]["metrics"], results[b]["metrics"]
+        results["diff"] = {t: {k: ma[t][k] - mb[t][k] for k in ma[t] if k in mb.get(t, {})} for t in ma}
+        try:
+            results["delta_m"] = {"value": delta_m(ma, mb), "of": a, "baseline": b}
+        except ValueError as exc:  # e.g. a zero baseline metric after a very short run
+            results["delta_m"] = {"value": None, "of": a, "baseline": b, "error": str(exc)}
+    figures = _figures(out, cfgs, models, results, samples, say)
+    results["figures"] = figures
+    write_json(out / "results.json", results)
+    table = _summary(results, names, first_cfg)
+    write_text(out / "report.md", _report(results, names, cfgs, paths, table, figures))
+    say(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    return DemoResult(out=out, results=results, table=table)
+
+
+def _figures(out: Path, cfgs, models, results, samples: int, say) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    fig_dir = out / "figures"
+    logs = {name: out / name / "log.jsonl" for name in cfgs if (out / name / "log.jsonl").is_file()}
+    if logs:
+        figures["curves"] = str(plot_curves(logs, fig_dir / "curves.png"))
+    cfg = next(iter(cfgs.values()))
+    dataset = build_eval_dataset(cfg)
+    indices = list(range(min(samples, len(dataset))))
+    figures["predictions"] = {}
+    for task in next(iter(models.values())).tasks:
+        figures["predictions"][task] = str(plot_predictions(models, dataset, indices, task,
+                                                            fig_dir / f"predictions_{task}.png"))
+    moe = {name: m for name, m in models.items() if m.moe_layers}
+    if moe:
+        from ..engine.experts import expert_usage, plot_heatmaps
+
+        name, model = next(iter(moe.items()))
+        say(f"[{name}] counting expert usage per task on the {cfg.data.val_split} split")
+        usage = expert_usage(model, dataset, batch_size=cfg.eval.batch_size)
+        results[name]["experts"] = usage.to_dict()
+        figures["experts"] = [str(p) for p in plot_heatmaps(usage, fig_dir / "experts")]
+    return figures
+
+
+def _summary(results: dict, names: list[str], cfg: RunConfig) -> str:
+    from .report import format_table
+
+    lines = [metrics_table({n: results[n]["metrics"] for n in names})]
+    tasks = list(results[names[0]]["gflops"])
+    rows = []
+    for task in tasks:
+        row = [task]
+        for n in names:
+            row += [results[n]["gflops"].get(task), results[n]["latency_ms"].get(task)]
+        rows.append(row)
+    headers = ["tasks run"] + [f"{n} {k}" for n in names for k in ("GFLOPs", "ms")]
+    h, w = cfg.data.size
+    lines.append("")
+    lines.append(f"Inference cost at {h}x{w}, batch 1, {results[names[0]]['threads']} CPU thread(s) "
+                 f"(median of the timed runs); 'all' runs every task in one batched pass; GFLOPs are the "
+                 f"active compute (routed tokens only, see results.json gflops_executed for padded dispatch):")
+    lines.append(format_table(headers, rows))
+    if "delta_m" in results and results["delta_m"]["value"] is not None:
+        d = results["delta_m"]
+        lines.append(f"\nΔm of {d['of']} against {d['baseline']} as the baseline: {d['value']:+.2f}% "
+                     f"(mean relative gain of each task's primary metric)")
+    return "\n".join(lines)
+
+
+def _report(results: dict, names: list[str], cfgs, paths, table: str, figures: dict) -> str:
+    from .report import format_table
+
+    cfg = cfgs[names[0]]
+    h, w = cfg.data.size
+    out = [f"# m3vit demo: {' vs '.join(names)}", ""]
+    out.append(f"Data: {cfg.data.name} {h}x{w}, {cfg.data.train_length if cfg.data.name == 'synthetic' else ''} "
+               f"training scenes, {cfg.train.steps or cfg.train.epochs} {'steps' if cfg.train.steps else 'epochs'} "
+               f"of batch {cfg.train.batch_size} ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}); "
+               f"evaluated on the {cfg.data.val_split} split with every task through its own pathway.")
+    out.append("")
+    rows = [[n, results[n]["model"], results[n]["params_m"], results[n]["steps"], results[n]["train_seconds"],
+             results[n]["checkpoint"]] for n in names]
+    out.append(format_table(["run", "model", "params (M)", "steps", "train s", "checkpoint"], rows, markdown=True))
+    out.append("")
+    out.append("## Metrics")
+    out.append("")
+    out.append(metrics_table({n: results[n]["metrics"] for n in names}, markdown=True))
+    out.append("")
+    if "delta_m" in results and results["delta_m"]["value"] is not None:
+        d = results["delta_m"]
+        out.append(f"Δm of {d['of']} with {d['baseline']} as the baseline: **{d['value']:+.2f}%**.")
+        out.append("")
+    out.append("## Inference cost (batch 1, CPU)")
+    out.append("")
+    tasks = list(results[names[0]]["gflops"])
+    rows = [[t] + [results[n][k].get(t) for n in names for k in ("gflops", "latency_ms")] for t in tasks]
+    out.append(format_table(["tasks run"] + [f"{n} {k}" for n in names for k in ("GFLOPs", "ms")], rows, markdown=True))
+    out.append("")
+    out.append("A single task runs only its router, the experts it picks and its head; `all` runs every task "
+               "in one task-batched pass. GFLOPs are the active compute (each routed token through its k experts); "
+               "`gflops_executed` in results.json also counts the rows the batched dispatch pads to the longest "
+               "expert queue, which it runs on short queues because that is faster on a CPU.")
+    out.append("")
+    base = Path(results[names[0]]["checkpoint"]).parents[1]
+    if "curves" in figures:
+        out += ["## Training curves", "", f"![training curves]({Path(figures['curves']).relative_to(base)})", ""]
+    if figures.get("experts"):
+        out += ["## Expert usage per task", ""]
+        out += [f"![expert usage]({Path(p).relative_to(base)})" for p in figures["experts"]]
+        out.append("")
+    if figures.get("predictions"):
+        out += ["## Sample predictions", ""]
+        out += [f"![{t}]({Path(p).relative_to(base)})" for t, p in figures["predictions"].items()]
+        out.append("")
+    out += ["## Reproduce", "", "```bash"]
+    out += [f"m3vit eval --checkpoint {results[n]['checkpoint']}" for n in names]
+    out += ["```", ""]
+    return "\n".join(out)

@@ -1,0 +1,187 @@
+"""Figures and tables for experiment reports: training curves, sample predictions, metric tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.show import save_figure
+from ..engine.builders import build_tasks
+from ..engine.evaluator import prepare_images
+
+__all__ = ["read_log", "plot_curves", "plot_predictions", "metrics_table", "format_table", "headline_metrics"]
+
+_TITLES = {"semseg": "semseg", "human_parts": "human parts", "sal": "saliency", "normals": "normals",
+           "edge": "edges", "depth": "depth"}
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's ``log.jsonl`` (training and evaluation lines), in order."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records
+
+
+def plot_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike) -> str:
+    """One PNG: total training loss and each task's loss against the step, one line per run."""
+    runs = {name: [r for r in read_log(p) if "loss" in r] for name, p in logs.items()}
+    tasks = sorted({k.split("/", 1)[1] for records in runs.values() for r in records for k in r
+                    if k.startswith("loss/")})
+    panels = ["total"] + tasks
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(3.2 * cols, 2.5 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, panel in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        key = "loss" if panel == "total" else f"loss/{panel}"
+        for name, records in runs.items():
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, label=name, linewidth=1.2)
+        ax.set_title("total loss (weighted)" if panel == "total" else f"{_TITLES.get(panel, panel)} loss", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if panel == "total":
+            ax.legend(fontsize=7)
+    for j in range(len(panels), rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _image_to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@torch.no_grad()
+def plot_predictions(models: Mapping[str, torch.nn.Module], dataset, indices: Sequence[int], task: str,
+                     path: str | os.PathLike) -> str:
+    """One PNG for ``task``: a row per sample with the image, the label and each model's prediction
+    (each task run through its own pathway, upsampled to the label)."""
+    import torch.nn.functional as F
+
+    first = next(iter(models.values()))
+    task_obj = build_tasks({task: first.config.tasks[task]}, dataset)[task]
+    columns = ["image", "label", *models]
+    fig = _figure(1.8 * len(columns), 1.8 * len(indices) + 0.3)
+    axes = fig.subplots(len(indices), len(columns), squeeze=False)
+    for row, index in enumerate(indices):
+        sample = dataset[index]
+        label = sample[task]
+        pictures = [_image_to_uint8(sample["image"]), task_obj.colorize(label, kind="label")]
+        for model in models.values():
+            model.eval()
+            images = prepare_images([sample["image"]], model.config.img_size)
+            pred = model(images, tasks=[task])[task].float()
+            pred = F.interpolate(pred, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+            pictures.append(task_obj.colorize(pred[0], kind="pred"))
+        for col, picture in enumerate(pictures):
+            ax = axes[row][col]
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(columns[col], fontsize=9)
+    fig.suptitle(_TITLES.get(task, task), fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / (1.8 * len(indices) + 0.3),
+                        wspace=0.04, hspace=0.04)
+    return save_figure(fig, path)
+
+
+#: The metrics a report table shows per task (all metrics stay in the JSON).
+_HEADLINE = {"semseg": ["mIoU"], "human_parts": ["mIoU"], "sal": ["maxF", "mIoU"],
+             "normals": ["mean", "median"], "edge": ["odsF"], "depth": ["rmse", "log_rmse"]}
+
+
+def headline_metrics(task: str, metrics: Mapping[str, float]) -> list[str]:
+    """The metric names a table shows for ``task`` (those of ``_HEADLINE`` it has, else all scalar ones)."""
+    names = [m for m in _HEADLINE.get(task, []) if m in metrics]
+    return names or [m for m in metrics if "/" not in m]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}" if abs(value) < 0.01 and value else f"{value:.2f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table; numbers are formatted with ``_fmt``."""
+    cells = [list(headers)] + [[_fmt(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in cells]
+        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def metrics_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], markdown: bool = False,
+                  diff: bool = True) -> str:
+    """Rows task/metric, one column per run (``{run: {task: {metric: v}}}``), plus ``a - b`` for two runs."""
+    from ..tasks.registry import task_class
+
+    names = list(results)
+    tasks = list(dict.fromkeys(t for r in results.values() for t in r))
+    headers = ["task", "metric", *names]
+    two = diff and len(names) == 2
+    if two:
+        headers += [f"{names[0]} - {names[1]}", "better"]
+    rows = []
+    for task in tasks:
+        first = next(r[task] for r in results.values() if task in r)
+        for metric in headline_metrics(task, first):
+            values = [results[n].get(task, {}).get(metric) for n in names]
+            row = [task, metric, *values]
+            if two:
+                a, b = values
+                if a is None or b is None:
+                    row += [None, "-"]
+                else:
+                    higher = task_class(task).metric_higher_is_better(metric)
+                    better = "=" if a == b else names[0] if (a > b) == higher else names[1]
+                    row += [a - b, better]
+            rows.append(row)
+    return format_table(headers, rows, markdown=markdown)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,308 @@
+"""Run configs: shipped files load and carry the reference recipe, overrides parse as YAML, every bad
+key or value is one ConfigError naming the dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m3vit.engine.config import ConfigError, RunConfig, apply_overrides, load_config, parse_overrides
+from m3vit.models import model_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+# A small valid model so that model-option tests do not depend on the default size.
+SMALL = {"model.name": "m3vit_micro", "data.size": [32, 32]}
+
+
+def test_the_issue_configs_are_shipped():
+    names = {str(p.relative_to(CONFIGS)) for p in SHIPPED}
+    assert {"synthetic/m3vit_tiny.yaml", "synthetic/mvit_tiny.yaml", "pascal_context/m3vit_small.yaml",
+            "pascal_context/mvit_small.yaml", "pascal_context/m3vit_small_task_conditioned.yaml",
+            "nyud/m3vit_small.yaml", "nyud/mvit_small.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text())
+    # what the file says is what the config holds (spot-check the keys checks rely on)
+    assert cfg.model.name == raw["model"]["name"]
+    assert list(cfg.data.size) == raw["data"]["size"]
+    assert cfg.train.batch_size == raw["train"]["batch_size"]
+    again = RunConfig.from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again.to_dict() == cfg.to_dict()
+    # the model it describes can be configured for its tasks
+    tasks = {t: 2 for t in (cfg.data.tasks or ["semseg"])}
+    model_config(cfg.model.name, tasks, img_size=cfg.data.size, **cfg.model_overrides())
+
+
+@pytest.mark.parametrize("dataset, tasks, size, weights", [
+    ("pascal_context", ["semseg", "human_parts", "sal", "normals", "edge"], (512, 512),
+     {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0}),
+    ("nyud", None, (480, 640), None),
+])
+@pytest.mark.parametrize("model", ["m3vit_small", "mvit_small"])
+def test_reference_recipe(dataset, tasks, size, weights, model):
+    """The recipe of the paper (DESIGN.md): SGD 0.9, lr 0.002, wd 1e-4, poly 0.9, 100 epochs, batch 8,
+    gate loss 0.01, gate noise 0."""
+    cfg = load_config(CONFIGS / dataset / f"{model}.yaml")
+    t = cfg.train
+    recipe = (t.optimizer, t.momentum, t.lr, t.weight_decay, t.schedule, t.poly_power)
+    assert recipe == ("sgd", 0.9, 0.002, 1e-4, "poly", 0.9)
+    assert (t.epochs, t.steps, t.batch_size, t.aux_weight) == (100, None, 8, 0.01)
+    assert cfg.model.name == model and tuple(cfg.data.size) == size and cfg.data.name == dataset
+    assert cfg.model.options.get("noise_std", 0.0) == 0.0
+    if tasks is not None:
+        assert cfg.data.tasks == tasks
+    if weights is not None:
+        assert t.loss_weights == weights
+    elif t.loss_weights is not None:
+        assert t.loss_weights["semseg"] == 1.0 and t.loss_weights["depth"] == 1.0
+
+
+def test_task_conditioned_config_uses_the_task_conditioned_router():
+    cfg = load_config(CONFIGS / "pascal_context" / "m3vit_small_task_conditioned.yaml")
+    built = model_config(cfg.model.name, {"semseg": 21}, img_size=cfg.data.size, **cfg.model_overrides())
+    assert built.router == "task_conditioned" and built.is_moe
+
+
+def test_synthetic_pair_matches_in_everything_but_the_mlp():
+    moe, dense = (load_config(CONFIGS / "synthetic" / f"{n}.yaml") for n in ("m3vit_tiny", "mvit_tiny"))
+    assert moe.to_dict()["data"] == dense.to_dict()["data"]
+    assert moe.to_dict()["train"] == dense.to_dict()["train"]
+    a, b = (model_config(c.model.name, {"semseg": 8}, img_size=c.data.size, **c.model_overrides())
+            for c in (moe, dense))
+    assert (a.embed_dim, a.depth, a.num_heads, a.head_channels) == (b.embed_dim, b.depth, b.num_heads, b.head_channels)
+    assert a.is_moe and not b.is_moe
+    # same active MLP compute per token: top_k experts of width expert_hidden vs one MLP of width mlp_hidden
+    assert a.top_k * a.expert_hidden == b.mlp_hidden
+
+
+def test_defaults_round_trip():
+    cfg = RunConfig().validate()
+    assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert RunConfig.from_dict(yaml.safe_load(cfg.to_yaml())).to_dict() == cfg.to_dict()
+    assert load_config(None).to_dict() == cfg.to_dict()
+    assert RunConfig.from_dict(None).to_dict() == cfg.to_dict()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.integers(1, 10**6),
+    lr=st.floats(1e-8, 10, allow_nan=False),
+    size=st.tuples(st.integers(1, 8), st.integers(1, 8)).map(lambda hw: [16 * hw[0], 16 * hw[1]]),
+    deterministic=st.booleans(),
+    grad_clip=st.one_of(st.none(), st.floats(1e-3, 100)),
+    tasks=st.one_of(st.none(), st.lists(st.sampled_from(["semseg", "depth", "normals", "edge"]), min_size=1,
+                                        max_size=4, unique=True)),
+)
+def test_valid_overrides_round_trip(steps, lr, size, deterministic, grad_clip, tasks):
+    overrides = {"model.name": "m3vit_micro", "train.steps": steps, "train.lr": lr, "data.size": size,
+                 "train.deterministic": deterministic, "train.grad_clip": grad_clip, "data.tasks": tasks}
+    cfg = load_config(None, overrides)
+    assert (cfg.train.steps, cfg.train.lr, list(cfg.data.size)) == (steps, lr, size)
+    assert (cfg.train.deterministic, cfg.train.grad_clip, cfg.data.tasks) == (deterministic, grad_clip, tasks)
+    assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+    # the same overrides as --set strings give the same config
+    strings = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+               for k, v in overrides.items()]
+    assert load_config(None, strings).to_dict() == cfg.to_dict()
+
+
+def test_parse_overrides_reads_yaml_values():
+    parsed = parse_overrides(["data.size=[64,64]", "data.root=null", "train.grad_clip=0.5", "train.lr=2.0e-3",
+                              "train.deterministic=false", "train.steps=12", "data.val_split=val",
+                              "train.loss_weights={semseg: 1, depth: 2.5}", "data.train_split=a=b"])
+    assert parsed == {"data.size": [64, 64], "data.root": None, "train.grad_clip": 0.5, "train.lr": 0.002,
+                      "train.deterministic": False, "train.steps": 12, "data.val_split": "val",
+                      "train.loss_weights": {"semseg": 1, "depth": 2.5}, "data.train_split": "a=b"}
+    cfg = load_config(None, ["data.size=[64,64]", "train.steps=null", "train.epochs=3", "train.progress=false"])
+    assert cfg.data.size == (64, 64) and cfg.train.steps is None and cfg.train.epochs == 3
+    assert cfg.train.progress is False
+    assert load_config(None, ["data.size=48"]).data.size == (48, 48)
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("nonsense", "--set expects section.key=value"),
+    ("=3", "--set expects section.key=value"),
+    ("data.size=[64,", "--set data.size: cannot parse value"),
+])
+def test_malformed_set_items(item, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        parse_overrides([item])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"bogus.x": 1}, "bogus"),
+    ({"train": 3}, "--set train"),
+    ({"train.bogus": 1}, "train.bogus"),
+    ({"data.bogus": 1}, "data.bogus"),
+    ({"eval.bogus": 1}, "eval.bogus"),
+    ({"model.bogus": 1}, "model.bogus"),
+    ({"model.tasks": {"semseg": 3}}, "model.tasks"),
+    ({"model.img_size": [32, 32]}, "model.img_size"),
+])
+def test_unknown_section_or_key_names_it(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    message = str(err.value)
+    assert message.startswith(key) and ("unknown" in message or "keys are section.key" in message)
+    assert "\n" not in message
+
+
+def test_model_keys_from_the_data_section_say_so():
+    with pytest.raises(ConfigError, match=r"model.tasks: unknown key \(set by the data section\)"):
+        load_config(None, {"model.tasks": ["semseg"]})
+
+
+def test_unknown_top_level_section_in_a_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name: m3vit_micro}\noptim: {lr: 1}\n")
+    with pytest.raises(ConfigError, match="optim: unknown section; allowed sections: model, data, train, eval"):
+        load_config(path)
+
+
+BAD_VALUES = [
+    # (dotted key, value, fragment of the message) -- one per kind of check
+    ("train.steps", "ten", "must be an integer"),
+    ("train.steps", 0, "must be >= 1"),
+    ("train.batch_size", True, "must be an integer"),
+    ("train.batch_size", 2.5, "must be an integer"),
+    ("train.lr", 0, "must be > 0"),
+    ("train.lr", "fast", "must be a number"),
+    ("train.momentum", 1.5, "must be <= 1.0"),
+    ("train.weight_decay", -1e-4, "must be >= 0"),
+    ("train.optimizer", "adam", "not allowed; choose one of ['sgd', 'adamw']"),
+    ("train.schedule", "step", "choose one of"),
+    ("train.amp", "fp8", "choose one of"),
+    ("train.device", "tpu", "choose one of"),
+    ("train.deterministic", "maybe", "must be true or false"),
+    ("train.betas", [0.9], "must be [beta1, beta2]"),
+    ("train.betas", [0.9, 2.0], "must be <= 1.0"),
+    ("train.grad_clip", 0, "must be > 0"),
+    ("train.loss_weights", [1, 2], "must map task -> weight"),
+    ("train.loss_weights", {"bogus": 1.0}, "'bogus' is not allowed"),
+    ("train.loss_weights.semseg", {"semseg": -1.0}, "must be >= 0"),
+    ("train.checkpoint_every", -1, "must be >= 0"),
+    ("train.keep_checkpoints", 0, "must be >= 1"),
+    ("data.name", "imagenet", "choose one of"),
+    ("data.size", [64], "must be [H, W]"),
+    ("data.size", [64, 0], "must be >= 1"),
+    ("data.size", "big", "must be [H, W]"),
+    ("data.seed", -1, "must be >= 0"),
+    ("data.root", 5, "must be a path string or null"),
+    ("data.root", "/data/scenes", "the synthetic dataset is rendered"),
+    ("data.tasks", ["semseg", "bogus"], "'bogus' is not allowed"),
+    ("data.tasks", [], "must be a non-empty list"),
+    ("data.augment", "mixup", "choose one of"),
+    ("data.val_length", 0, "must be >= 1"),
+    ("data.val_split", 3, "must be a split name"),
+    ("eval.batch_size", 0, "must be >= 1"),
+    ("eval.edge_thresholds", 0, "must be >= 1"),
+    ("eval.edge_max_dist", 0.0, "must be > 0"),
+    ("eval.baselines", 3, "must be a path string or null"),
+    ("model.name", "resnet50", "choose one of"),
+    ("model.pretrained", 7, "must be a path string or null"),
+]
+
+
+@pytest.mark.parametrize("key, value, fragment", BAD_VALUES, ids=lambda v: str(v)[:30])
+def test_bad_value_names_the_dotted_key(key, value, fragment):
+    set_key = key if not key.startswith("train.loss_weights.") else "train.loss_weights"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, {**SMALL, set_key: value})
+    message = str(err.value)
+    assert message.startswith(f"{key}:"), message
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_loss_weights_must_cover_only_configured_tasks():
+    with pytest.raises(ConfigError, match=r"train.loss_weights: weights for task\(s\) \['depth'\] not in data.tasks"):
+        load_config(None, {**SMALL, "data.tasks": ["semseg"], "train.loss_weights": {"semseg": 1, "depth": 1}})
+    cfg = load_config(None, {**SMALL, "data.tasks": ["semseg", "depth"],
+                             "train.loss_weights": {"semseg": 1, "depth": 2}})
+    assert cfg.train.loss_weights == {"semseg": 1.0, "depth": 2.0}
+
+
+@pytest.mark.parametrize("steps, epochs, ok", [(10, None, True), (None, 2, True), (10, 2, False), (None, None, False)])
+def test_steps_and_epochs_are_exclusive(steps, epochs, ok):
+    overrides = {**SMALL, "train.steps": steps, "train.epochs": epochs}
+    if ok:
+        cfg = load_config(None, overrides)
+        assert (cfg.train.steps, cfg.train.epochs) == (steps, epochs)
+    else:
+        with pytest.raises(ConfigError, match=r"^train.steps: set exactly one of train.steps and train.epochs"):
+            load_config(None, overrides)
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_experts=st.integers(1, 8), top_k=st.integers(1, 10))
+def test_top_k_must_not_exceed_num_experts(num_experts, top_k):
+    overrides = {**SMALL, "model.num_experts": num_experts, "model.top_k": top_k}
+    if top_k <= num_experts:
+        assert load_config(None, overrides).model.options["top_k"] == top_k
+    else:
+        with pytest.raises(ConfigError, match=f"top_k={top_k} must be <= num_experts={num_experts}"):
+            load_config(None, overrides)
+
+
+@settings(max_examples=40, deadline=None)
+@given(h=st.integers(16, 96), w=st.integers(16, 96), patch=st.sampled_from([8, 16]))
+def test_size_must_be_divisible_by_the_patch(h, w, patch):
+    overrides = {**SMALL, "model.patch_size": patch, "data.size": [h, w]}
+    if h % patch == 0 and w % patch == 0:
+        assert load_config(None, overrides).data.size == (h, w)
+    else:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, overrides)
+        assert str(err.value).startswith(f"model (at data.size=[{h}, {w}])") and "not divisible" in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("model.embed_dim", 32, "divisible by num_heads"),  # m3vit_micro has 3 heads
+    ("model.router", "random", "router='random' is not allowed"),
+    ("model.moe_blocks", [0, 9], "moe_blocks=[0, 9] must be distinct block indices"),
+    ("model.noise_std", -1.0, "noise_std must be >= 0"),
+])
+def test_model_options_are_validated(key, value, fragment):
+    with pytest.raises(ConfigError, match=r"^model \(at data.size") as err:
+        load_config(None, {**SMALL, key: value})
+    assert fragment in str(err.value)
+
+
+def test_replace_returns_a_validated_copy():
+    cfg = load_config(None, SMALL)
+    changed = cfg.replace({"train.steps": 7, "data.seed": 3})
+    assert (changed.train.steps, changed.data.seed) == (7, 3)
+    assert (cfg.train.steps, cfg.data.seed) == (300, 0)
+    with pytest.raises(ConfigError, match="^train.steps"):
+        cfg.replace({"train.steps": -1})
+
+
+def test_apply_overrides_does_not_mutate_its_input():
+    data = {"train": {"steps": 3}}
+    out = apply_overrides(data, {"train.steps": 5, "data.seed": 1})
+    assert data == {"train": {"steps": 3}} and out == {"train": {"steps": 5}, "data": {"seed": 1}}
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        load_config(listing)
+    section = tmp_path / "section.yaml"
+    section.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="^train: must be a mapping of keys"):
+        load_config(section)

@@ -1,0 +1,185 @@
+"""Inference on image files: PNG per image x task at the image's size, raw arrays, corrupt files,
+name collisions, input sizes and unknown tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from m3vit.engine.builders import build_tasks
+from m3vit.engine.inference import (
+    ImageReadError,
+    decode_prediction,
+    infer_files,
+    output_stems,
+    predict,
+    read_image,
+)
+from m3vit.models import create_model
+
+TASKS = {"semseg": 8, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1, "depth": 1}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("m3vit_micro", TASKS, img_size=(32, 32), embed_dim=32, depth=2, num_heads=2,
+                        moe_blocks=[1], num_experts=4, top_k=2, head_channels=8).eval()
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Three readable images of different sizes and modes: RGB PNG, greyscale JPEG, RGBA PNG."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = {
+        "rgb": (folder / "room.png", Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))),
+        "grey": (folder / "grey.jpg", Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8))),
+        "rgba": (folder / "alpha.png", Image.fromarray(rng.integers(0, 256, (33, 17, 4), dtype=np.uint8), "RGBA")),
+    }
+    for path, img in paths.values():
+        img.save(path)
+    return {k: p for k, (p, _) in paths.items()}
+
+
+def _manual_prediction(model, image: torch.Tensor, task: str) -> torch.Tensor:
+    """Reference: bilinear resize to 32x32, ImageNet normalisation by hand, the task alone, back to size."""
+    x = F.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model(x, tasks=[task])[task]
+    return F.interpolate(out, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0]
+
+
+def test_read_image_gives_rgb_in_unit_range(images):
+    rgb = read_image(images["rgb"])
+    assert rgb.shape == (3, 50, 70) and rgb.dtype == torch.float32
+    expected = np.asarray(Image.open(images["rgb"]), dtype=np.float32) / 255
+    assert np.allclose(rgb.permute(1, 2, 0).numpy(), expected)
+    grey = read_image(images["grey"])
+    assert grey.shape == (3, 20, 30) and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert read_image(images["rgba"]).shape == (3, 33, 17)
+
+
+def test_predict_runs_only_the_requested_pathway_at_the_image_size(model, images):
+    image = read_image(images["rgb"])
+    preds = predict(model, image, ["semseg", "normals"])
+    assert set(preds) == {"semseg", "normals"}
+    assert preds["semseg"].shape == (8, 50, 70) and preds["normals"].shape == (3, 50, 70)
+    for task in preds:
+        torch.testing.assert_close(preds[task], _manual_prediction(model, image, task), atol=1e-5, rtol=1e-5)
+
+
+def test_infer_writes_a_png_per_image_and_task_at_the_original_size(model, images, tmp_path):
+    out = tmp_path / "out"
+    tasks = ["semseg", "sal", "depth"]
+    result = infer_files(model, list(images.values()), tasks, out)
+    assert result.failed == []
+    expected_sizes = {"room": (70, 50), "grey": (30, 20), "alpha": (17, 33)}  # PIL sizes are (W, H)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}_{t}.png" for s in expected_sizes for t in tasks)
+    assert sorted(result.written) == sorted(out.iterdir())
+    task_objs = build_tasks({t: TASKS[t] for t in tasks})
+    for stem, size in expected_sizes.items():
+        image = read_image(next(p for p in images.values() if p.stem == stem))
+        for task in tasks:
+            png = Image.open(out / f"{stem}_{task}.png")
+            assert png.size == size and png.mode == "RGB"
+            # the picture is the task's colouring of the upsampled prediction
+            reference = task_objs[task].colorize(_manual_prediction(model, image, task), kind="pred")
+            diff = np.abs(np.asarray(png, dtype=int) - reference.astype(int))
+            assert (diff > 1).mean() < 0.01  # identical up to argmax ties / rounding at a few pixels
+
+
+def test_npy_holds_the_documented_arrays(model, images, tmp_path):
+    out = tmp_path / "out"
+    infer_files(model, [images["rgb"]], list(TASKS), out, save_npy=True)
+    image = read_image(images["rgb"])
+    arrays = {t: np.load(out / f"room_{t}.npy") for t in TASKS}
+    ref = {t: _manual_prediction(model, image, t) for t in TASKS}
+    for task in ("semseg", "human_parts"):
+        assert arrays[task].dtype == np.uint8 and arrays[task].shape == (50, 70)
+        assert (arrays[task] == ref[task].argmax(0).numpy()).mean() > 0.99
+    for task in ("sal", "edge"):
+        assert arrays[task].dtype == np.float32 and arrays[task].shape == (50, 70)
+        assert np.allclose(arrays[task], torch.sigmoid(ref[task][0]).numpy(), atol=1e-5)
+        assert arrays[task].min() >= 0 and arrays[task].max() <= 1
+    assert arrays["normals"].shape == (3, 50, 70) and arrays["normals"].dtype == np.float32
+    assert np.allclose(np.linalg.norm(arrays["normals"], axis=0), 1, atol=1e-5)
+    assert np.allclose(arrays["normals"], (ref["normals"] / ref["normals"].norm(dim=0)).numpy(), atol=1e-4)
+    assert arrays["depth"].shape == (50, 70) and np.allclose(arrays["depth"], ref["depth"][0].numpy(), atol=1e-5)
+
+
+def test_decode_prediction_per_task_kind():
+    tasks = build_tasks(TASKS)
+    logits = torch.zeros(8, 2, 2)
+    logits[5, 0, 1] = 1.0
+    assert decode_prediction(tasks["semseg"], logits).tolist() == [[0, 5], [0, 0]]
+    assert decode_prediction(tasks["sal"], torch.zeros(1, 2, 2)).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    normals = decode_prediction(tasks["normals"], torch.tensor([3.0, 0.0, 4.0]).view(3, 1, 1).expand(3, 2, 2))
+    assert np.allclose(normals[:, 0, 0], [0.6, 0.0, 0.8])
+    assert decode_prediction(tasks["depth"], torch.full((1, 2, 3), 2.5)).shape == (2, 3)
+
+
+def test_a_corrupt_file_is_reported_and_the_others_are_written(model, images, tmp_path):
+    corrupt = tmp_path / "in" / "x.png"
+    corrupt.write_bytes(b"\x89PNG this is not really a png" + bytes(range(256)))
+    missing = tmp_path / "in" / "gone.png"
+    truncated = tmp_path / "in" / "cut.png"
+    truncated.write_bytes(images["rgb"].read_bytes()[:200])
+    out = tmp_path / "out"
+    paths = [images["rgb"], corrupt, missing, truncated, images["grey"]]
+    result = infer_files(model, paths, ["edge"], out)
+    assert [p for p, _ in result.failed] == [corrupt, missing, truncated]
+    assert result.processed == [images["rgb"], images["grey"]]
+    for path, reason in result.failed:
+        assert str(path) in reason and "\n" not in reason
+    assert sorted(p.name for p in out.iterdir()) == ["grey_edge.png", "room_edge.png"]
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+
+def test_read_image_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    for path in (bad, tmp_path / "missing.png", tmp_path):
+        with pytest.raises(ImageReadError) as err:
+            read_image(path)
+        assert str(err.value).startswith(str(path))
+
+
+def test_same_stem_in_two_folders_is_refused_before_writing(model, tmp_path, images):
+    other = tmp_path / "other"
+    other.mkdir()
+    clash = other / "room.jpg"
+    Image.new("RGB", (8, 8)).save(clash)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="would write the same output files"):
+        infer_files(model, [images["rgb"], clash], ["sal"], out)
+    assert not out.exists()
+    # the same file named twice (even by another spelling) is processed once
+    again = images["rgb"].parent / ".." / "in" / "room.png"
+    assert list(output_stems([images["rgb"], again]).values()) == ["room"]
+    result = infer_files(model, [images["rgb"], again], ["sal"], out)
+    assert [p.name for p in result.written] == ["room_sal.png"]
+
+
+def test_input_size(model, images, tmp_path):
+    out = tmp_path / "out"
+    result = infer_files(model, [images["rgb"]], ["depth"], out, size=(48, 64), save_npy=True)
+    assert not result.failed and np.load(out / "room_depth.npy").shape == (50, 70)
+    # another input size gives another prediction (the network really saw 48x64)
+    default = predict(model, read_image(images["rgb"]), ["depth"])["depth"][0].numpy()
+    assert not np.allclose(np.load(out / "room_depth.npy"), default)
+    for size in [(30, 32), (32, 0)]:
+        with pytest.raises(ValueError, match="multiples of the model's patch size 16"):
+            infer_files(model, [images["rgb"]], ["depth"], out, size=size)
+
+
+def test_unknown_task_lists_the_models_tasks(model, images, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['bogus'\]; this model's tasks are \['semseg'"):
+        infer_files(model, [images["rgb"]], ["bogus"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,124 @@
+"""Exact resume: a run SIGKILLed mid-way and resumed with --resume ends with the same weights (and log) as an
+uninterrupted run; resuming a finished run, extending one, and ignoring what a killed save left behind."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from m3vit.engine.trainer import latest_checkpoint, train
+
+
+def weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+def assert_same_weights(a_dir, b_dir):
+    a, b = weights(a_dir), weights(b_dir)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ in {different[:5]}"
+
+
+def train_lines(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def cli(out, overrides, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "m3vit", "train", "--out", str(out), *overrides, *extra], env
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, tiny_overrides):
+    # 24 steps over 6 epochs of 4 batches, a checkpoint every 3 steps: the kill lands mid-epoch
+    overrides = tiny_overrides(train__steps=24, train__checkpoint_every=3, train__keep_checkpoints=2)
+    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
+    args, env = cli(reference, overrides)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    args, env = cli(interrupted, overrides)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    try:
+        while latest_checkpoint(interrupted) is None:
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (interrupted / "final").exists(), "the run finished before the kill; the test proves nothing"
+    killed_at = int(latest_checkpoint(interrupted).name.split("-")[1])
+    assert killed_at < 24
+
+    args, env = cli(interrupted, overrides, "--resume")
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step" in resumed.stdout
+    assert_same_weights(reference / "final", interrupted / "final")
+    assert_same_weights(reference / "checkpoints" / "step-24", interrupted / "checkpoints" / "step-24")
+    # the log: each step once, and the same numbers as the uninterrupted run (timings aside)
+    ref, res = train_lines(reference), train_lines(interrupted)
+    assert [r["step"] for r in res] == list(range(1, 25))
+    drop = ("images_per_s", "time")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in ref] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in res]
+
+
+def test_resume_finished_and_extended_runs(tmp_path, tiny_config):
+    # constant schedule: an extended run follows the same learning rates as a run planned that long
+    cfg = tiny_config(train__steps=6, train__schedule="constant", train__checkpoint_every=2)
+    train(cfg, tmp_path / "full")
+
+    short = tmp_path / "short"
+    train(cfg.replace({"train.steps": 3}), short)
+    before = weights(short / "final")
+    again = train(cfg.replace({"train.steps": 3}), short, resume=True)  # finished: nothing left to do
+    assert again.steps == 3 and again.start_step == 3
+    after = weights(short / "final")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [r["step"] for r in train_lines(short)] == [1, 2, 3]
+    with pytest.raises(ValueError, match=r"past the run's length of 2 steps; set train.steps >= 3"):
+        train(cfg.replace({"train.steps": 2}), short, resume=True)
+    assert "steps: 3" in (short / "config.yaml").read_text()  # a refused resume changes nothing
+
+    # what an interrupted save and prune leave behind, a torn log line, a bare step directory
+    ckpts = short / "checkpoints"
+    (ckpts / ".step-9.tmp-abc").mkdir()
+    (ckpts / ".step-9.tmp-abc" / "model.safetensors").write_bytes(b"partial")
+    (ckpts / "step-8").mkdir()
+    (ckpts / "step-8" / "model.safetensors").write_bytes(b"no trainer state: incomplete")
+    with open(short / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "epoch": 0, "lo')
+    assert latest_checkpoint(short) == ckpts / "step-3"
+    result = train(cfg.replace({"train.checkpoint_every": 1, "train.keep_checkpoints": 3}), short, resume=True)
+    assert result.start_step == 3 and result.steps == 6
+    assert_same_weights(tmp_path / "full" / "final", short / "final")
+    assert [r["step"] for r in train_lines(short)] == list(range(1, 7))
+    assert not [p for p in short.rglob(".*")]
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path, tiny_config, caplog):
+    cfg = tiny_config(train__steps=2)
+    train(cfg, tmp_path / "a")
+    # a run killed before its first checkpoint: config.yaml and a log line, no checkpoint
+    killed = tmp_path / "b"
+    killed.mkdir()
+    (killed / "config.yaml").write_text((tmp_path / "a" / "config.yaml").read_text())
+    (killed / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    with caplog.at_level("WARNING"):
+        result = train(cfg, killed, resume=True)
+    assert "starting from scratch" in caplog.text and result.start_step == 0
+    assert_same_weights(tmp_path / "a" / "final", killed / "final")
+    assert [r["step"] for r in train_lines(killed)] == [1, 2]
+    # --resume on an empty or absent directory is a fresh run too
+    assert train(cfg, tmp_path / "c", resume=True).steps == 2
