@@ -182,15 +182,10 @@ def _device(name: str) -> str:
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    from .engine.inference import write_atomic
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
+    from .atomic import write_json
 
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_atomic(path, write)
+        write_json(path, data)
     except OSError as exc:
         raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -70,14 +70,6 @@ def render_grid(dataset, indices: Sequence[int], path: str | os.PathLike, *, cel
 
 def save_figure(fig, path: str | os.PathLike) -> str:
     """Write a matplotlib ``Figure`` as PNG to a temporary name, then rename it to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from ..atomic import write_atomic
+
+    return os.fspath(write_atomic(path, lambda tmp: fig.savefig(tmp, format="png")))

@@ -18,7 +18,6 @@ per layer (and one figure with every layer).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from .evaluator import prepare_images
-from .inference import write_atomic
+from ..atomic import write_atomic, write_json, write_text
 
 __all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
            "write_summary"]
@@ -313,20 +312,9 @@ def plot_heatmaps(usage: ExpertUsage, out_dir: str | os.PathLike, threshold: flo
 
 def write_summary(usage: ExpertUsage, path: str | os.PathLike, threshold: float = 0.9) -> Path:
     """Write ``usage.to_markdown()`` to ``path``, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = usage.to_markdown(threshold)
-    return write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_text(path, usage.to_markdown(threshold))
 
 
 def write_usage(usage: ExpertUsage, path: str | os.PathLike, threshold: float = 0.9, extra: dict | None = None) -> Path:
     """Write ``usage.to_dict()`` (plus ``extra``) as JSON, atomically."""
-    data = {**(extra or {}), **usage.to_dict(threshold)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-
-    return write_atomic(path, write)
+    return write_json(path, {**(extra or {}), **usage.to_dict(threshold)})

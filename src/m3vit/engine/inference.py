@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +36,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..atomic import write_atomic
 from ..tasks import Task
 from .builders import build_tasks
 from .evaluator import prepare_images
 
 __all__ = ["ImageReadError", "InferenceResult", "read_image", "check_input_size", "predict", "decode_prediction",
-           "output_stems", "infer_files", "write_atomic"]
+           "output_stems", "infer_files"]
 
 log = logging.getLogger(__name__)
 
@@ -156,21 +156,6 @@ def output_stems(paths: Sequence[str | os.PathLike]) -> dict[Path, str]:
         stems[stem] = path
         out[path] = stem
     return out
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(temp_path)`` then rename the temporary file to ``path``; nothing is left on error."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _save_png(rgb: np.ndarray, path: Path) -> Path:

@@ -55,6 +55,7 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
+from ..atomic import write_text
 from ..models.checkpoint import CONFIG, WEIGHTS, atomic_directory, save_checkpoint
 from ..models.config import ConfigError
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
@@ -166,12 +167,6 @@ def _clean_temporaries(root: Path) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps <= ``step`` (and drop a torn last line of a killed run)."""
     if not path.is_file():
@@ -184,7 +179,7 @@ def _truncate_log(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and int(record.get("step", 0)) <= step:
             kept.append(line)
-    _write_text_atomic(path, "".join(f"{line}\n" for line in kept))
+    write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def _check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
@@ -519,7 +514,7 @@ class _Trainer:
             out.mkdir(parents=True, exist_ok=True)
             _clean_temporaries(out / "checkpoints")
             _clean_temporaries(out)
-            _write_text_atomic(out / RUN_CONFIG, cfg.to_yaml())
+            write_text(out / RUN_CONFIG, cfg.to_yaml())
         barrier(info)
         start_step = self.step
         if info.is_main:

@@ -24,7 +24,8 @@ from ..engine.config import ConfigError, RunConfig, load_config
 from ..engine.evaluator import evaluate
 from ..models import load_checkpoint
 from ..tasks import delta_m
-from .report import metrics_table, plot_curves, plot_predictions, read_log, write_json, write_text
+from ..atomic import write_json, write_text
+from .report import metrics_table, plot_curves, plot_predictions, read_log
 
 __all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary", "find_config"]
 

@@ -170,18 +170,3 @@ def metrics_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], mark
                     row += [a - b, better]
             rows.append(row)
     return format_table(headers, rows, markdown=markdown)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: str | os.PathLike, data) -> Path:
-    """Write ``data`` as indented JSON to ``path`` atomically."""
-    return write_text(path, json.dumps(data, indent=2) + "\n")

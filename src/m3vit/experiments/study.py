@@ -20,7 +20,8 @@ from ..engine.evaluator import evaluate
 from ..models import load_checkpoint
 from ..tasks import delta_m
 from .demo import compare_configs, training_seconds
-from .report import format_table, metrics_table, write_json, write_text
+from ..atomic import write_json, write_text
+from .report import format_table, metrics_table
 
 __all__ = ["run_study", "single_task_config"]
 
