@@ -25,7 +25,7 @@ from ..engine.evaluator import evaluate
 from ..models import load_checkpoint
 from ..tasks import delta_m
 from ..atomic import write_json, write_text
-from .report import metrics_table, plot_curves, plot_predictions, read_log
+from .report import format_table, metrics_table, plot_curves, plot_predictions, read_log
 
 __all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary", "find_config"]
 
@@ -189,24 +189,21 @@ def _figures(out: Path, cfgs, models, results, samples: int, say) -> dict[str, A
     return figures
 
 
-def _summary(results: dict, names: list[str], cfg: RunConfig) -> str:
-    from .report import format_table
+def _cost_table(results: dict, names: list[str], markdown: bool = False) -> str:
+    """Active GFLOPs and CPU latency per setting (each task alone, then all), one column pair per run."""
+    rows = [[t] + [results[n][k].get(t) for n in names for k in ("gflops", "latency_ms")]
+            for t in results[names[0]]["gflops"]]
+    return format_table(["tasks run"] + [f"{n} {k}" for n in names for k in ("GFLOPs", "ms")], rows, markdown=markdown)
 
+
+def _summary(results: dict, names: list[str], cfg: RunConfig) -> str:
     lines = [metrics_table({n: results[n]["metrics"] for n in names})]
-    tasks = list(results[names[0]]["gflops"])
-    rows = []
-    for task in tasks:
-        row = [task]
-        for n in names:
-            row += [results[n]["gflops"].get(task), results[n]["latency_ms"].get(task)]
-        rows.append(row)
-    headers = ["tasks run"] + [f"{n} {k}" for n in names for k in ("GFLOPs", "ms")]
     h, w = cfg.data.size
     lines.append("")
     lines.append(f"Inference cost at {h}x{w}, batch 1, {results[names[0]]['threads']} CPU thread(s) "
                  f"(median of the timed runs); 'all' runs every task in one batched pass; GFLOPs are the "
                  f"active compute (routed tokens only, see results.json gflops_executed for padded dispatch):")
-    lines.append(format_table(headers, rows))
+    lines.append(_cost_table(results, names))
     if "delta_m" in results and results["delta_m"]["value"] is not None:
         d = results["delta_m"]
         lines.append(f"\nΔm of {d['of']} against {d['baseline']} as the baseline: {d['value']:+.2f}% "
@@ -215,8 +212,6 @@ def _summary(results: dict, names: list[str], cfg: RunConfig) -> str:
 
 
 def _report(results: dict, names: list[str], cfgs, paths, table: str, figures: dict) -> str:
-    from .report import format_table
-
     cfg = cfgs[names[0]]
     h, w = cfg.data.size
     out = [f"# m3vit demo: {' vs '.join(names)}", ""]
@@ -239,9 +234,7 @@ def _report(results: dict, names: list[str], cfgs, paths, table: str, figures: d
         out.append("")
     out.append("## Inference cost (batch 1, CPU)")
     out.append("")
-    tasks = list(results[names[0]]["gflops"])
-    rows = [[t] + [results[n][k].get(t) for n in names for k in ("gflops", "latency_ms")] for t in tasks]
-    out.append(format_table(["tasks run"] + [f"{n} {k}" for n in names for k in ("GFLOPs", "ms")], rows, markdown=True))
+    out.append(_cost_table(results, names, markdown=True))
     out.append("")
     out.append("A single task runs only its router, the experts it picks and its head; `all` runs every task "
                "in one task-batched pass. GFLOPs are the active compute (each routed token through its k experts); "
