@@ -18,16 +18,22 @@ _TITLES = {
 }
 
 
-def dataset_tasks(dataset) -> dict:
-    """``{task name: Task}`` configured for ``dataset`` (its class count and class names)."""
+def dataset_tasks(dataset=None, task_channels: dict[str, int] | None = None) -> dict:
+    """``{task name: Task}`` for ``task_channels`` (default: the dataset's), sized to those channels.
+
+    Class names come from ``dataset`` (``classes`` / ``part_names``) when it has them and their number
+    matches the channels.
+    """
+    if task_channels is None:
+        task_channels = dataset.task_channels
+    names = {"semseg": getattr(dataset, "classes", None), "human_parts": getattr(dataset, "part_names", None)}
     tasks = {}
-    for name in dataset.tasks:
-        opts = {}
-        if name in ("semseg", "human_parts"):
-            opts["num_classes"] = dataset.task_channels[name]
-        if name == "semseg" and getattr(dataset, "classes", None):
-            opts["class_names"] = list(dataset.classes)
-        tasks[name] = get_task(name, **opts)
+    for name, channels in task_channels.items():
+        if name in names:
+            known = names[name] if names[name] is not None and len(names[name]) == channels else None
+            tasks[name] = get_task(name, num_classes=channels, class_names=None if known is None else list(known))
+        else:
+            tasks[name] = get_task(name)
     return tasks
 
 

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 
 from ..data import Compose, Normalize, Resize, build_dataset, train_transforms
+from ..data.show import dataset_tasks
 from ..models import create_model
 from ..models.config import ConfigError
-from ..tasks import Task, default_loss_weights, get_task
+from ..tasks import Task, default_loss_weights
 from .config import RunConfig
 
 __all__ = ["build_train_dataset", "build_eval_dataset", "build_tasks", "loss_weights", "build_model", "collate"]
@@ -46,15 +47,7 @@ def build_tasks(task_channels: dict[str, int], dataset: Any = None) -> dict[str,
 
     Class names come from ``dataset`` (``classes`` / ``part_names``) when it has them and they match.
     """
-    names = {"semseg": getattr(dataset, "classes", None), "human_parts": getattr(dataset, "part_names", None)}
-    out = {}
-    for name, channels in task_channels.items():
-        if name in ("semseg", "human_parts"):
-            class_names = names[name] if names[name] is not None and len(names[name]) == channels else None
-            out[name] = get_task(name, num_classes=channels, class_names=class_names)
-        else:
-            out[name] = get_task(name)
-    return out
+    return dataset_tasks(dataset, task_channels)
 
 
 def loss_weights(cfg: RunConfig, tasks: list[str]) -> dict[str, float]:
