@@ -69,3 +69,12 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "ckpt" / "config.yaml").write_text("format: something-else\n")
     with pytest.raises(ConfigError, match="not an m3vit checkpoint config"):
         m3vit.load_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_run_folder_points_at_its_final_checkpoint(tmp_path):
+    m3vit.save_checkpoint(_model(), tmp_path / "run" / "final")
+    with pytest.raises(FileNotFoundError, match="for a training run folder use .*final"):
+        m3vit.load_checkpoint(tmp_path / "run")
+    with pytest.raises(FileNotFoundError) as plain:
+        m3vit.load_checkpoint(tmp_path / "run" / "final" / ".." / "..")
+    assert "run folder" not in str(plain.value)

@@ -72,9 +72,10 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     for name in (WEIGHTS, CONFIG):
         if not (directory / name).is_file():
+            hint = f"; for a training run folder use {str(directory / 'final')!r}" if (directory / "final").is_dir() else ""
             raise FileNotFoundError(
                 f"{str(directory)!r} is not an m3vit checkpoint: {name} is missing "
-                f"(expected {WEIGHTS} and {CONFIG})"
+                f"(expected {WEIGHTS} and {CONFIG}){hint}"
             )
     try:
         meta = yaml.safe_load((directory / CONFIG).read_text())
