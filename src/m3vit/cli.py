@@ -22,18 +22,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parse_overrides(items: list[str]) -> dict:
-    import yaml
+    """Flat ``--set key=value`` model-config overrides (values parsed as YAML)."""
+    from .engine.config import parse_overrides
 
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--set expects key=value, got {item!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise CLIError(f"--set {key}: cannot parse value {value!r} as YAML") from None
-    return out
+    return parse_overrides(items, key_form="key")
 
 
 def _num(value: float) -> str:

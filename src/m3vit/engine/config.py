@@ -336,15 +336,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+def parse_overrides(items: list[str] | None, key_form: str = "section.key") -> dict[str, Any]:
     """``["train.steps=10", "data.size=[64,64]"]`` -> ``{"train.steps": 10, "data.size": [64, 64]}``
-    (values parsed as YAML)."""
+    (values parsed as YAML); ``key_form`` names the expected key in the error for a malformed item."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+            raise ConfigError(f"--set expects {key_form}=value, got {item!r}")
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
