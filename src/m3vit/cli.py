@@ -1,4 +1,6 @@
-"""Command-line interface: ``m3vit train | eval | infer | experts | demo | study | models | flops | data``. Errors become one line and exit code 2."""
+"""Command-line interface: ``m3vit train | eval | infer | experts | export | hw | demo | study | models | flops | data``.
+
+Errors become one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -85,6 +87,104 @@ def cmd_flops(args) -> int:
           f"FLOPs = 2 x MACs; attention includes {report.attention_matmul_gflops:.2f} GFLOPs of QK^T/AV matmuls)")
     print(_flops_table(report))
     return 0
+
+
+def _hw_inputs(args, need_model: bool = False):
+    """(model config, traced routing or None, model or None) of ``hw simulate`` / ``hw compare``."""
+    from .models import load_checkpoint, model_config
+    from .models.checkpoint import read_checkpoint_config
+    from .models.config import ModelConfig
+
+    overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k)) if v is not None}
+    size = tuple(args.img_size) if args.img_size else None
+    if args.image and not args.checkpoint:
+        raise CLIError("--image needs --checkpoint: the routing is traced through that model")
+    if args.checkpoint:
+        if args.tasks:
+            raise CLIError("--tasks applies to --model; a checkpoint brings its own tasks (pick one with --task)")
+        if args.image and overrides:
+            raise CLIError("--experts/--top-k cannot change the routing traced from a checkpoint; drop --image "
+                           "to simulate a changed config with synthetic routing")
+        cfg = ModelConfig.from_dict(read_checkpoint_config(args.checkpoint)["model"])
+        cfg = cfg.replace(**overrides, **({"img_size": size} if size else {}))
+    else:
+        cfg = model_config(args.model, args.tasks or PASCAL_TASKS, size or (512, 512), **overrides)
+    task = args.task or next(iter(cfg.tasks))
+    if task not in cfg.tasks:
+        raise CLIError(f"--task {task!r} is not one of the model's tasks {list(cfg.tasks)}")
+    model = routing = None
+    if args.image or need_model:
+        from .models import MultiTaskModel
+
+        model = load_checkpoint(args.checkpoint) if args.checkpoint and not overrides else MultiTaskModel(cfg)
+    if args.image:
+        from .engine.inference import read_image
+        from .hardware import trace_routing
+
+        routing = trace_routing(model, read_image(args.image), task, size=cfg.img_size)
+    return cfg, task, routing, model
+
+
+def _hw_simulate(args, cfg, task, routing) -> dict:
+    from .hardware import load_platform, simulate, sweep_experts
+
+    if args.routing_alpha is not None and routing is not None:
+        raise CLIError("--routing-alpha shapes synthetic routing; it cannot apply to a traced --image")
+    if args.cache_experts is not None and args.cache_experts < 1:
+        raise CLIError(f"--cache-experts must be >= 1, got {args.cache_experts}")
+    platform = load_platform(args.platform)
+    designs = args.designs or ["dense", "moe_no_reorder", "moe_reorder", "moe_all_on_chip"]
+    if not cfg.moe_blocks and not args.designs:
+        designs = ["dense"]
+    options = dict(task=task, designs=designs, include_heads=args.heads, cache_experts=args.cache_experts,
+                   seed=args.seed, routing_alpha=args.routing_alpha)
+    sim = simulate(cfg, platform, routing=routing, **options)
+    if args.sweep_experts:
+        if any(e < cfg.top_k for e in args.sweep_experts):
+            raise CLIError(f"--sweep-experts values must be >= top_k={cfg.top_k}")
+        sim.expert_sweep = sweep_experts(cfg, platform, args.sweep_experts, **options)
+    return sim.to_dict(layers=True)
+
+
+def _hw_finish(args, report: dict, measured: dict | None = None) -> int:
+    from .hardware.report import simulation_text
+
+    if args.out:
+        _write_json_atomic(args.out, report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(simulation_text(report, measured))
+        if args.out:
+            print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_hw_simulate(args) -> int:
+    cfg, task, routing, _ = _hw_inputs(args)
+    return _hw_finish(args, _hw_simulate(args, cfg, task, routing))
+
+
+def cmd_hw_compare(args) -> int:
+    import torch
+
+    from .hardware.measure import measure_pathway_latency
+
+    if args.cpu_power <= 0 or (args.gpu_power is not None and args.gpu_power <= 0):
+        raise CLIError("--cpu-power and --gpu-power must be > 0 watts")
+    cfg, task, routing, model = _hw_inputs(args, need_model=True)
+    report = _hw_simulate(args, cfg, task, routing)
+    devices = [("cpu", args.cpu_power)]
+    if torch.cuda.is_available():
+        devices.append(("cuda", args.gpu_power))
+    measured = {}
+    for device, power in devices:
+        run = measure_pathway_latency(model, cfg.img_size, task, include_heads=args.heads, device=device,
+                                      repeats=args.repeats)
+        measured[device] = {**run, "latency_ms": run["median_ms"], "power_w": power,
+                            "energy_j": None if power is None else power * run["median_ms"] / 1e3}
+    report["measured"] = measured
+    return _hw_finish(args, report, measured)
 
 
 def _say(line: str) -> None:
@@ -208,12 +308,76 @@ def _eval_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+_FIXED_POINT_OPTIONS = ("weight_bits", "weight_int_bits", "bias_bits", "bias_int_bits", "act_bits", "act_int_bits",
+                        "rounding", "overflow")
+
+
+def _fixed_point_formats(args) -> dict | None:
+    """The ``--fixed-point`` formats (weight, bias, activation), or None without the flag; bad bits: CLIError."""
+    from .efficiency.fixed_point import DEFAULT_ACTIVATION, DEFAULT_BIAS, DEFAULT_WEIGHT, FixedPoint
+
+    given = [f"--{o.replace('_', '-')}" for o in _FIXED_POINT_OPTIONS if getattr(args, o) is not None]
+    if not args.fixed_point:
+        if given:
+            raise CLIError(f"{given[0]} sets a fixed-point format; add --fixed-point to evaluate in fixed point")
+        return None
+    modes = {"rounding": args.rounding or "nearest", "overflow": args.overflow or "saturate"}
+    formats = {}
+    for kind, default, flag in (("weight", DEFAULT_WEIGHT, "weight"), ("bias", DEFAULT_BIAS, "bias"),
+                                ("activation", DEFAULT_ACTIVATION, "act")):
+        total = getattr(args, f"{flag}_bits")
+        integer = getattr(args, f"{flag}_int_bits")
+        total = default.total_bits if total is None else total
+        integer = default.integer_bits if integer is None else integer
+        try:
+            formats[kind] = FixedPoint(total, integer, **modes)
+        except ValueError as exc:
+            raise CLIError(f"--{flag}-bits {total} --{flag}-int-bits {integer}: {exc}") from None
+    return formats
+
+
+def _fixed_point_eval(model, formats: dict, float_metrics: dict, run_eval) -> dict:
+    """Evaluate the fixed-point emulation of ``model``; the JSON block of ``eval --fixed-point``."""
+    from .efficiency.fixed_point import metric_delta, quantize_model
+
+    fixed = quantize_model(model, formats["weight"], formats["activation"], bias_format=formats["bias"])
+    metrics = run_eval(fixed)
+    summary = fixed.summary()
+    return {"formats": summary.pop("formats"), "metrics": metrics, "delta": metric_delta(float_metrics, metrics),
+            "saturation": summary}
+
+
+def _fixed_point_text(block: dict) -> str:
+    """Table of the headline metrics, float vs fixed point, then one line of saturation counts."""
+    from .tasks.registry import task_class
+
+    f = block["formats"]
+    lines = [f"fixed point: weights {f['weight']['format']}, biases and norms {f['bias']['format']}, activations "
+             f"{f['activation']['format']} (round {f['weight']['rounding']}, {f['weight']['overflow']} on overflow):"]
+    rows = []
+    for task, deltas in block["delta"].items():
+        cls = task_class(task)
+        for metric in sorted((m for m in deltas if "/" not in m), key=lambda m: m != cls.primary_metric):
+            fixed = block["metrics"][task][metric]
+            arrow = "↑" if cls.metric_higher_is_better(metric) else "↓"
+            rows.append([task, metric + arrow, f"{fixed - deltas[metric]:.4f}", f"{fixed:.4f}", f"{deltas[metric]:+.4f}"])
+    lines.append(_table(["task", "metric", "float", "fixed", "change"], rows))
+    sat = block["saturation"]
+    worst = max(sat["activations"]["saturated_modules"].items(), key=lambda kv: kv[1]["saturated"], default=None)
+    lines.append(f"saturated: {sat['weights']['saturated']} of {sat['weights']['values']} weights, "
+                 f"{sat['activations']['saturated']} of {sat['activations']['values']} activation values"
+                 + (f" (most in {worst[0]}: {worst[1]['saturated']})" if worst else "")
+                 + f"; largest activation magnitude {sat['activations']['max_abs']:.4g}")
+    return "\n".join(lines)
+
+
 def cmd_eval(args) -> int:
     from .engine.builders import build_eval_dataset
     from .engine.checkpoints import checkpoint_step, load_run
     from .engine.evaluator import evaluate
     from .tasks import delta_m, load_baselines
 
+    formats = _fixed_point_formats(args)
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
     tasks = model.resolve_tasks(args.tasks)
     baselines_path = args.baselines or cfg.eval.baselines
@@ -226,9 +390,11 @@ def cmd_eval(args) -> int:
     split = args.split or cfg.data.val_split
     dataset = build_eval_dataset(cfg, split=split)
     batch_size = cfg.eval.batch_size if args.eval_batch_size is None else args.eval_batch_size
-    metrics = evaluate(model, dataset, tasks, batch_size=batch_size,
-                       eval_cfg=cfg.eval, pathway=args.pathway, limit=args.limit,
-                       progress=not args.json and sys.stderr.isatty())
+    def run_eval(net):
+        return evaluate(net, dataset, tasks, batch_size=batch_size, eval_cfg=cfg.eval, pathway=args.pathway,
+                        limit=args.limit, progress=not args.json and sys.stderr.isatty())
+
+    metrics = run_eval(model)
     dm = delta_m(metrics, baselines) if baselines is not None else None
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     report = {
@@ -240,6 +406,8 @@ def cmd_eval(args) -> int:
         "delta_m": dm,
         "baselines": str(baselines_path) if baselines_path else None,
     }
+    if formats is not None:
+        report["fixed_point"] = _fixed_point_eval(model, formats, metrics, run_eval)
     if args.out:
         _write_json_atomic(args.out, report)
     if args.json:
@@ -251,6 +419,9 @@ def cmd_eval(args) -> int:
     print(_eval_table(metrics))
     if dm is not None:
         print(f"Δm vs {baselines_path}: {dm:+.2f}% (mean relative gain of each task's main metric)")
+    if formats is not None:
+        print()
+        print(_fixed_point_text(report["fixed_point"]))
     if args.out:
         print(f"wrote {args.out}")
     return 0
@@ -260,7 +431,12 @@ def cmd_infer(args) -> int:
     from .engine.inference import infer_files
     from .models import load_checkpoint
 
-    model = load_checkpoint(args.checkpoint, map_location=_device(args.device))
+    if args.stream_experts:
+        from .efficiency import load_streaming_model
+
+        model = load_streaming_model(args.checkpoint, map_location=_device(args.device))
+    else:
+        model = load_checkpoint(args.checkpoint, map_location=_device(args.device))
     tasks = model.resolve_tasks(args.task)
     try:
         result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy)
@@ -315,6 +491,58 @@ def cmd_experts(args) -> int:
     return 0
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def cmd_export(args) -> int:
+    from .efficiency.export import OnnxError, export_checkpoint
+
+    if not 0 <= args.min_usage < 1:
+        raise CLIError(f"--min-usage must be in [0, 1) (a share of the task's expert assignments), got {args.min_usage}")
+    if args.calibration is not None and args.calibration < 1:
+        raise CLIError(f"--calibration must be >= 1 images, got {args.calibration}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.eval_batch_size}")
+    try:
+        report = export_checkpoint(args.checkpoint, args.task, args.out, calibration=args.calibration,
+                                   min_usage=args.min_usage, gate_softmax=args.gate_softmax, onnx=args.onnx,
+                                   batch_size=args.eval_batch_size, device=_device(args.device),
+                                   overrides=args.set or [])
+    except OnnxError as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    data = report.extra.get("data", {})
+    softmax = "every expert (exact)" if report.gate_softmax == "all" else "the kept experts (renormalised)"
+    print(f"{args.checkpoint} -> {args.out}: task {report.task}, {report.num_images} calibration images "
+          f"({data.get('name')} {data.get('split')}), experts kept above {report.min_usage:g} of the task's "
+          f"assignments, gate softmax over {softmax}")
+    for layer in report.layers:
+        total = len(layer.kept) + len(layer.removed)
+        removed = ("none removed" if not layer.removed else
+                   f"removed {' '.join(f'e{e}' for e in layer.removed)}; {layer.rerouted_share:.1%} of assignments rerouted")
+        print(f"  block {layer.block}: kept {len(layer.kept)}/{total} experts, top-{layer.top_k} ({removed})")
+    d = report.to_dict()
+    print(f"parameters: {report.params_before / 1e6:.3f} M -> {report.params_after / 1e6:.3f} M "
+          f"({-d['param_reduction']:+.1%}; the task's pathway with every expert: {report.params_pathway / 1e6:.3f} M, "
+          f"{-d['param_reduction_vs_pathway']:+.1%})")
+    print(f"file size: {_megabytes(report.file_bytes_before)} -> {_megabytes(report.file_bytes_after)} "
+          f"({-d['file_bytes_reduction']:+.1%})")
+    if report.metrics_before is not None:
+        change = ", ".join(f"{m} {report.metrics_before[m]:.3f} -> {report.metrics_after[m]:.3f} ({v:+.3f})"
+                           for m, v in report.metric_change.items())
+        print(f"{report.task} on the calibration set: {change}")
+    same = " (identical)" if report.max_abs_diff == 0 else ""
+    print(f"max abs prediction difference vs the original pathway: {report.max_abs_diff:.3g}{same}")
+    if report.onnx is not None:
+        checked = (f"onnxruntime max abs diff {report.onnx['max_abs_diff']:.3g} (<= {report.onnx['tolerance']:g})"
+                   if report.onnx["checked"] else "not checked: onnxruntime is not installed")
+        print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}), {checked}")
+    print(f"wrote {args.out} (model.safetensors, config.yaml, export.json{', model.onnx' if args.onnx else ''})")
+    return 0
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m3vit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -334,6 +562,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config override, e.g. --set num_experts=32 --set router=task_conditioned")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("hw", help="model of the M³ViT FPGA accelerator: simulate designs, compare with this machine")
+    hw = p.add_subparsers(dest="hw_command", required=True, parser_class=_Parser)
+    for name, helptext, func in (
+        ("simulate", "latency, DRAM traffic, on-chip memory and energy of the dense / token-by-token / "
+                     "reordered / all-on-chip dataflows", cmd_hw_simulate),
+        ("compare", "the simulated FPGA designs beside measured latency on this machine's CPU (and GPU)",
+         cmd_hw_compare),
+    ):
+        p = hw.add_parser(name, help=helptext)
+        p.add_argument("--platform", default="zcu104", help="packaged platform (zcu104, zcu102) or a platform YAML")
+        src = p.add_mutually_exclusive_group()
+        src.add_argument("--model", default="m3vit_small", help="registered model name (see 'm3vit models')")
+        src.add_argument("--checkpoint", help="checkpoint directory instead of --model")
+        p.add_argument("--tasks", nargs="+", help=f"tasks of --model (default: {' '.join(PASCAL_TASKS)})")
+        p.add_argument("--task", help="the task whose pathway runs (default: the model's first task)")
+        p.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
+                       help="input size (default 512 512, or the checkpoint's img_size)")
+        p.add_argument("--experts", type=int, help="override the number of experts per MoE layer")
+        p.add_argument("--top-k", type=int, help="override the experts per token")
+        p.add_argument("--image", help="trace the routing of this image through --checkpoint (default: synthetic)")
+        p.add_argument("--routing-alpha", type=float,
+                       help="synthetic routing skew: expert popularity ~ Dirichlet(alpha) (default: uniform)")
+        p.add_argument("--seed", type=int, default=0, help="seed of the synthetic routing")
+        p.add_argument("--cache-experts", type=int, help="expert cache of the token-by-token design (default: top-k)")
+        p.add_argument("--designs", nargs="+", choices=["dense", "moe_no_reorder", "moe_reorder", "moe_all_on_chip"])
+        p.add_argument("--heads", action="store_true",
+                       help="include the task's decoder (default: backbone only, as the paper's FPGA figures)")
+        p.add_argument("--sweep-experts", nargs="+", type=int, metavar="N",
+                       help="also report on-chip memory and latency for these expert counts, e.g. 8 16 32 64")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+        p.add_argument("--out", help="also write the JSON report to this file")
+        if name == "compare":
+            p.add_argument("--cpu-power", type=float, required=True, metavar="W",
+                           help="power drawn by this machine's CPU while it runs the model (energy = W x latency)")
+            p.add_argument("--gpu-power", type=float, metavar="W", help="power of the GPU, when one is present")
+            p.add_argument("--repeats", type=int, default=3, help="timed runs per device (median reported)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="train M³ViT and dense M-ViT on synthetic scenes, evaluate, compare, report")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
@@ -379,6 +645,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="also write the JSON results to this file")
+    fx = p.add_argument_group("fixed point", "emulate the accelerator's number formats ap_fixed<BITS,INT_BITS> "
+                              "(integer bits include the sign) and report the metric change per task")
+    fx.add_argument("--fixed-point", action="store_true",
+                    help="also evaluate the model with fixed-point weights and activations")
+    fx.add_argument("--weight-bits", type=int, metavar="N", help="bits of a weight matrix value (default 16)")
+    fx.add_argument("--weight-int-bits", type=int, metavar="N", help="integer bits of a weight, sign included (default 2)")
+    fx.add_argument("--bias-bits", type=int, metavar="N", help="bits of biases, embeddings and norm parameters (default 16)")
+    fx.add_argument("--bias-int-bits", type=int, metavar="N", help="their integer bits, sign included (default 5)")
+    fx.add_argument("--act-bits", type=int, metavar="N", help="bits of every activation (default 32)")
+    fx.add_argument("--act-int-bits", type=int, metavar="N", help="integer bits of an activation, sign included (default 10)")
+    fx.add_argument("--rounding", choices=["nearest", "floor"],
+                    help="nearest: ties to even (default); floor: truncate towards -inf (HLS ap_fixed default)")
+    fx.add_argument("--overflow", choices=["saturate", "wrap"],
+                    help="saturate: clip to the range (default); wrap: two's complement (HLS ap_fixed default)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("infer", help="predict tasks for image files; write coloured PNGs (and raw .npy)")
@@ -391,6 +671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="network input size (default: the model's img_size; multiples of the patch size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--stream-experts", action="store_true",
+                   help="keep expert weights in the checkpoint file and read them two at a time per MoE layer "
+                        "(less memory, same predictions; see m3vit.efficiency.streaming)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; PNG, JPEG, ...)")
     p.set_defaults(func=cmd_infer)
 
@@ -407,6 +690,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print usage.json's content")
     p.set_defaults(func=cmd_experts)
+
+    p = sub.add_parser("export", help="extract one task into a standalone checkpoint with only the experts it uses")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/final)")
+    p.add_argument("--task", required=True, help="the task to extract")
+    p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
+    p.add_argument("--calibration", type=int, default=64, metavar="N",
+                   help="calibration images: the first N of the run's validation split (default 64)")
+    p.add_argument("--min-usage", type=float, default=0.0, metavar="F",
+                   help="keep experts taking more than this share of the task's assignments (default 0: every "
+                        "expert the task used; predictions on the calibration images are unchanged)")
+    p.add_argument("--gate-softmax", choices=["all", "kept"], default="all",
+                   help="all: softmax over every expert's gate logit, weights unchanged (exact); kept: only the "
+                        "kept experts' gate rows, routing renormalised over them")
+    p.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx (checked against PyTorch with onnxruntime when installed)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the report (export.json) as JSON")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="look at a dataset")
     data = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser)

@@ -213,3 +213,20 @@ def test_heatmaps_and_json_are_written(scenes, tmp_path):
         assert np.allclose(layer["jaccard"], usage.overlap().jaccard[l_idx])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         ["experts_block0.png", "experts_block2.png", "experts_all.png", "usage.json"])
+
+
+def test_a_layer_holding_a_subset_reports_original_expert_ids(scenes):
+    """An extracted model (``m3vit export``) holds experts [0, 2, 3] in block 2: usage stays over all 4
+    router experts, the removed one gets nothing, and every assignment is counted once."""
+    torch.manual_seed(0)
+    model = create_model("m3vit_micro", TASKS, img_size=(32, 32), moe_blocks=[0, 2], top_k=2,
+                         expert_subsets={2: [0, 2, 3]}, **MICRO).eval()
+    usage = expert_usage(model, scenes, ["sal"])
+    assert usage.num_experts == 4 and usage.counts.shape == (2, 1, 4)
+    assert usage.counts[1, 0, 1] == 0
+    tokens = (32 // 16) ** 2 + 1
+    assert (usage.counts.sum(-1) == len(scenes) * tokens * 2).all()
+    # the held experts' counts equal the held-local indices the layer itself reports
+    model(torch.zeros(1, 3, 32, 32), tasks=["sal"])
+    local = model.moe_layers[1].last_routing["indices"]
+    assert int(local.max()) <= 2

@@ -1,6 +1,12 @@
-"""Efficiency tools: FLOPs counting of what actually executes (and, later, latency and export)."""
+"""Efficiency tools: FLOPs of what executes, latency, per-task extraction and export, expert streaming, fixed-point emulation."""
 
 from .flops import COMPONENTS, FlopReport, count_flops
 from .latency import measure_latency
+from .export import ExtractionReport, export_checkpoint, export_onnx, extract_task
+from .streaming import ExpertStreamer, StreamingMoE, StreamStats, load_streaming_model
+from .fixed_point import FixedPoint, FixedPointModel, quantize_model
 
-__all__ = ["COMPONENTS", "FlopReport", "count_flops", "measure_latency"]
+__all__ = ["COMPONENTS", "FlopReport", "count_flops", "measure_latency",
+           "extract_task", "export_checkpoint", "export_onnx", "ExtractionReport",
+           "load_streaming_model", "StreamingMoE", "ExpertStreamer", "StreamStats",
+           "FixedPoint", "FixedPointModel", "quantize_model"]

@@ -221,7 +221,10 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     size = tuple(model.config.img_size if size is None else size)
-    num_experts = layers[0].num_experts
+    # Usage is reported over the router's experts: a layer holding a subset (an extracted task,
+    # ``m3vit export``) has its held experts' indices mapped back to their original ids.
+    num_experts = layers[0].router_experts
+    original_ids = [None if layer.expert_ids is None else torch.tensor(layer.expert_ids) for layer in layers]
     counts = np.zeros((len(layers), len(tasks), num_experts), dtype=np.int64)
     weight_sums = np.zeros((len(layers), len(tasks), num_experts), dtype=np.float64)
     device = next(model.parameters()).device
@@ -244,6 +247,8 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
                 for l_idx, layer in enumerate(layers):
                     routing = layer.last_routing
                     indices = routing["indices"].reshape(-1).cpu()
+                    if original_ids[l_idx] is not None:
+                        indices = original_ids[l_idx][indices]
                     weights = routing["weights"].reshape(-1).double().cpu()
                     counts[l_idx, t_idx] += torch.bincount(indices, minlength=num_experts).numpy()
                     weight_sums[l_idx, t_idx] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
@@ -251,7 +256,8 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
     finally:
         model.train(was_training)
     return ExpertUsage(tasks=list(tasks), layers=moe_block_indices(model), num_experts=num_experts,
-                       top_k=layers[0].top_k, num_images=count, counts=counts, weight_sums=weight_sums)
+                       top_k=max(layer.top_k for layer in layers), num_images=count, counts=counts,
+                       weight_sums=weight_sums)
 
 
 def _heatmap(ax, values: np.ndarray, tasks: list[str], title: str, annotate: bool) -> Any:

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field, fields
 from ..nn.dispatch import STRATEGIES
 from ..nn.routers import ROUTERS
 
-__all__ = ["ModelConfig", "ConfigError"]
+__all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX"]
+
+GATE_SOFTMAX = ("all", "kept")
 
 
 class ConfigError(ValueError):
@@ -22,6 +24,13 @@ class ModelConfig:
     ``moe_blocks`` lists the block indices whose MLP is a mixture of experts (empty: dense M-ViT).
     Each expert has ``expert_hidden = round(expert_ratio * embed_dim)`` hidden units; with
     ``expert_ratio=1`` and ``top_k=4`` a token's active MLP compute equals a dense ``mlp_ratio=4`` MLP.
+
+    ``expert_subsets`` (written by per-task extraction, ``m3vit export``) maps an MoE block to the
+    ids of the ``num_experts`` experts it holds; other MoE blocks hold all of them. Such a block picks
+    ``min(top_k, held)`` experts among the held ones. ``gate_softmax`` says over which experts its gate
+    softmax runs: ``"all"`` keeps every expert's gate row so a held expert's combine weight is
+    unchanged (exact extraction), ``"kept"`` keeps only the held experts' rows (the routing is
+    renormalised over them).
     """
 
     name: str = "custom"
@@ -47,6 +56,8 @@ class ModelConfig:
     dispatch: str = "auto"
     head_channels: int = 256
     head_stages: int = 4
+    expert_subsets: dict[int, list[int]] = field(default_factory=dict)
+    gate_softmax: str = "all"
 
     @property
     def expert_hidden(self) -> int:
@@ -59,6 +70,10 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return len(self.moe_blocks) > 0
+
+    def experts_in_block(self, block: int) -> int:
+        """How many experts MoE block ``block`` holds (``num_experts`` unless it holds a subset)."""
+        return len(self.expert_subsets[block]) if block in self.expert_subsets else self.num_experts
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -108,12 +123,37 @@ class ModelConfig:
         for task, channels in self.tasks.items():
             if channels < 1:
                 raise ConfigError(f"task {task!r} needs >= 1 output channel, got {channels}")
+        self._validate_expert_subsets()
         return self
+
+    def _validate_expert_subsets(self) -> None:
+        if self.gate_softmax not in GATE_SOFTMAX:
+            raise ConfigError(f"gate_softmax={self.gate_softmax!r} is not allowed; "
+                              f"choose one of {list(GATE_SOFTMAX)}")
+        if not isinstance(self.expert_subsets, dict):
+            raise ConfigError(f"expert_subsets must map MoE block indices to lists of expert ids, "
+                              f"got {self.expert_subsets!r}")
+        subsets = {}
+        for block, ids in self.expert_subsets.items():
+            try:
+                block, ids = int(block), [int(e) for e in ids]
+            except (TypeError, ValueError):
+                raise ConfigError(f"expert_subsets: {block!r}: {ids!r} must be a block index and a list of "
+                                  f"expert ids") from None
+            if block not in self.moe_blocks:
+                raise ConfigError(f"expert_subsets: block {block} is not an MoE block "
+                                  f"(moe_blocks={list(self.moe_blocks)})")
+            if not ids or ids != sorted(set(ids)) or not 0 <= ids[0] <= ids[-1] < self.num_experts:
+                raise ConfigError(f"expert_subsets: block {block} must list distinct increasing expert ids in "
+                                  f"[0, {self.num_experts}), got {ids}")
+            subsets[block] = ids
+        self.expert_subsets = dict(sorted(subsets.items()))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["img_size"] = list(self.img_size)
         out["moe_blocks"] = list(self.moe_blocks)
+        out["expert_subsets"] = {int(b): list(ids) for b, ids in self.expert_subsets.items()}
         return out
 
     @classmethod

@@ -78,10 +78,15 @@ class VisionTransformer(nn.Module):
         blocks = []
         for i in range(cfg.depth):
             if i in cfg.moe_blocks:
-                mlp = MoE(dim, cfg.expert_hidden, cfg.num_experts, cfg.top_k, num_tasks=num_tasks,
+                # A block holding a subset of the experts (an extracted task): its gate scores all
+                # experts ("all") or only the held ones ("kept"); see ModelConfig.
+                held = cfg.expert_subsets.get(i)
+                kept_gate = held is not None and cfg.gate_softmax == "kept"
+                mlp = MoE(dim, cfg.expert_hidden, len(held) if kept_gate else cfg.num_experts,
+                          min(cfg.top_k, cfg.experts_in_block(i)), num_tasks=num_tasks,
                           router=cfg.router, noise_std=cfg.noise_std, task_embed_dim=cfg.task_embed_dim,
                           renormalize=cfg.renormalize, capacity_factor=cfg.capacity_factor,
-                          dispatch=cfg.dispatch)
+                          dispatch=cfg.dispatch, expert_ids=None if kept_gate else held)
             else:
                 mlp = Mlp(dim, cfg.mlp_hidden)
             blocks.append(Block(dim, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop_path=drop_path[i]))

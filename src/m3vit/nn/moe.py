@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -22,13 +24,18 @@ def cv_squared(v: Tensor) -> Tensor:
     return v.var(unbiased=False) / (v.mean() ** 2 + 1e-10)
 
 
-def top_k_gate(logits: Tensor, top_k: int, renormalize: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+def top_k_gate(logits: Tensor, top_k: int, renormalize: bool = False,
+               selectable: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax over all experts, then keep the ``top_k`` largest: returns ``probs, weights, indices``.
 
     The combine weights are the picked probabilities themselves (V-MoE); ``renormalize`` rescales
-    them to sum to one per token.
+    them to sum to one per token. ``selectable`` (``LongTensor[E']``, optional) restricts the pick to
+    those logit columns after the softmax over all of them: ``probs`` is then ``[S, E']`` and
+    ``indices`` index into ``selectable``.
     """
     probs = torch.softmax(_at_least_float32(logits), dim=-1)
+    if selectable is not None:
+        probs = probs.index_select(-1, selectable)
     weights, indices = probs.topk(top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
@@ -77,6 +84,13 @@ class MoE(nn.Module):
     The balance loss (``aux_loss()``, training only) is computed per task present in the batch and
     summed, so a task-batched forward gives the sum of the per-task forwards' losses; a shared
     router treats the whole batch as one group.
+
+    ``expert_ids`` (default: all) makes a layer that holds only those of the router's
+    ``num_experts`` experts (an extracted single-task layer, ``m3vit.efficiency.export``): the router
+    still scores every expert and the softmax runs over all of them, so a held expert's combine
+    weight is what it was in the full layer, but top-k picks among the held ones only. Then
+    ``num_experts`` is the number held (``w1.shape[0]``), ``router_experts`` the router's width, and
+    ``last_routing`` indices and probs refer to the held experts.
     """
 
     def __init__(
@@ -92,10 +106,19 @@ class MoE(nn.Module):
         renormalize: bool = False,
         capacity_factor: float | None = None,
         dispatch: str = "auto",
+        expert_ids: Sequence[int] | None = None,
     ):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        router_experts = num_experts
+        if expert_ids is not None:
+            expert_ids = tuple(int(e) for e in expert_ids)
+            increasing = list(expert_ids) == sorted(set(expert_ids))
+            if not expert_ids or not increasing or not 0 <= expert_ids[0] <= expert_ids[-1] < num_experts:
+                raise ValueError(f"expert_ids must be distinct increasing ids in [0, {num_experts}), "
+                                 f"got {list(expert_ids)}")
+            num_experts = len(expert_ids)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got top_k={top_k}")
         if num_tasks < 1:
@@ -113,7 +136,10 @@ class MoE(nn.Module):
         self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
         self.noise_std, self.renormalize, self.capacity_factor = noise_std, renormalize, capacity_factor
         self.router_kind = router
-        self.router = build_router(router, dim, num_experts, num_tasks, task_embed_dim)
+        self.router_experts, self.expert_ids = router_experts, expert_ids
+        self.router = build_router(router, dim, router_experts, num_tasks, task_embed_dim)
+        # Non-persistent: rebuilt from the config, so the state dict of a full layer is unchanged.
+        self.register_buffer("_selectable", None if expert_ids is None else torch.tensor(expert_ids), persistent=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
@@ -132,6 +158,7 @@ class MoE(nn.Module):
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, num_tasks={self.num_tasks}, router={self.router_kind!r}, "
             f"noise_std={self.noise_std}"
+            + ("" if self.expert_ids is None else f", expert_ids={list(self.expert_ids)} of {self.router_experts}")
         )
 
     def _task_ids(self, task_ids: int | Tensor, batch: int, device: torch.device) -> Tensor:
@@ -153,12 +180,12 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expects x of shape [B, N, {self.dim}], got {list(x.shape)}")
         batch, num_tokens, _ = x.shape
         task_ids = self._task_ids(task_ids, batch, x.device)
-        logits = _at_least_float32(self.router(x, task_ids).reshape(batch * num_tokens, self.num_experts))
+        logits = _at_least_float32(self.router(x, task_ids).reshape(batch * num_tokens, self.router_experts))
 
         noisy = self.training and self.noise_std > 0
-        noise_scale = self.noise_std / self.num_experts
+        noise_scale = self.noise_std / self.router_experts
         gate_logits = logits + torch.randn_like(logits) * noise_scale if noisy else logits
-        probs, weights, indices = top_k_gate(gate_logits, self.top_k, self.renormalize)
+        probs, weights, indices = top_k_gate(gate_logits, self.top_k, self.renormalize, self._selectable)
 
         capacity = None
         if self.capacity_factor is not None:
@@ -169,7 +196,10 @@ class MoE(nn.Module):
 
         token_tasks = task_ids.repeat_interleave(num_tokens)
         if self.training:
-            load = _prob_in_top_k(logits, gate_logits, self.top_k, noise_scale) if noisy else None
+            load = None
+            if noisy:
+                held = (lambda t: t) if self._selectable is None else (lambda t: t.index_select(-1, self._selectable))
+                load = _prob_in_top_k(held(logits), held(gate_logits), self.top_k, noise_scale)
             self._aux_loss = self._grouped_balance_loss(probs, indices, load, token_tasks)
         else:
             self._aux_loss = None

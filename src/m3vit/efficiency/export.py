@@ -1,0 +1,481 @@
+"""Per-task extraction: a standalone single-task model holding only one task's router, head and the
+experts that task uses on a calibration set, saved as a normal checkpoint and optionally as ONNX.
+
+``extract_task(model, task, calibration_dataset)`` measures which experts the task's router picks on
+the calibration images (``engine.experts.expert_usage``), keeps per MoE layer the experts whose share
+of the task's token -> expert assignments exceeds ``min_usage``, and builds a one-task
+``MultiTaskModel`` whose ``ModelConfig`` records the kept experts (``expert_subsets``), so
+``load_checkpoint`` rebuilds it. What the extracted model holds:
+
+* the shared backbone (patch embedding, attention, dense MLPs) and task T's head;
+* per MoE layer, the kept experts' ``w1/b1/w2/b2`` rows, and top-k over them (``k = min(top_k, kept)``);
+* task T's router: for ``multi_gate`` its own gate; for ``task_conditioned`` the shared gate and the
+  task-embedding MLP with its one-hot input reduced to T's column (so T's embedding, and its logit
+  offset, are those of the original); for ``shared`` the shared gate.
+
+How the gate normalises over fewer experts (``gate_softmax``):
+
+* ``"all"`` (default, exact): the gate keeps every expert's row (a few kilobytes) so the softmax
+  still runs over all of them and a kept expert's combine weight is the original probability; top-k
+  picks among the kept experts only. With ``min_usage=0`` every expert the task picked on the
+  calibration set is kept, so every calibration token picks the same experts with the same weights:
+  predictions are identical (bit for bit for multi-gate and shared routers; the task-conditioned
+  embedding MLP runs on 1 row instead of T, which may change float rounding, ~1e-7).
+* ``"kept"``: the gate keeps only the kept experts' rows: softmax and top-k renormalised over them.
+  Smaller, but with V-MoE combine weights (``renormalize=False``) the weights grow when experts are
+  removed, so even ``min_usage=0`` changes predictions (not when the model renormalises its top-k
+  weights, where the softmax denominator cancels).
+
+A token whose original choice was removed picks its next-best kept expert instead; the report gives
+the share of the task's calibration assignments that were rerouted and the metric change.
+
+ONNX (``export_onnx``): the routed dispatch loops over non-empty expert queues with data-dependent
+lengths, which an ONNX graph cannot express, so the exported graph uses a dense-equivalent MoE: every
+kept expert runs on every token and the outputs are combined with the top-k weights scattered into a
+``[tokens, experts]`` matrix (zero for unpicked experts). That is the same function (top-k routing
+included), computing ``kept / top_k`` times the expert FLOPs; it is checked against PyTorch with
+onnxruntime when installed. Needs the optional packages ``onnx`` and ``onnxscript`` (exporter) and
+``onnxruntime`` (check).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..atomic import write_json
+from ..engine.evaluator import evaluate, prepare_images
+from ..engine.experts import expert_usage, moe_block_indices
+from ..models import MultiTaskModel, save_checkpoint
+from ..models.checkpoint import WEIGHTS, atomic_directory
+from ..models.config import GATE_SOFTMAX
+from ..nn.moe import MoE, top_k_gate
+from ..nn.routers import MultiGateRouter, SharedRouter, TaskConditionedRouter
+
+__all__ = ["LayerExtraction", "ExtractionReport", "extract_task", "export_checkpoint", "export_onnx",
+           "check_onnx", "DenseEquivalentMoE", "OnnxError", "OnnxUnavailable"]
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+REPORT_FILE = "export.json"
+ONNX_TOLERANCE = 1e-4
+
+
+class OnnxError(RuntimeError):
+    """ONNX export failed; the message says why in one line."""
+
+
+class OnnxUnavailable(OnnxError):
+    """An optional ONNX package (onnx, onnxscript, onnxruntime) is not installed."""
+
+
+@dataclass
+class LayerExtraction:
+    """One MoE layer of an extraction: the original expert ids kept and removed, the task's share of
+    assignments per original expert on the calibration set (None without one), the layer's top-k after
+    extraction and the share of the task's assignments that went to removed experts (now rerouted)."""
+
+    block: int
+    kept: list[int]
+    removed: list[int]
+    usage: list[float] | None
+    top_k: int
+    rerouted_share: float
+
+
+@dataclass
+class ExtractionReport:
+    """What an extraction kept and what it cost. ``params_*`` count parameters: ``before`` the whole
+    multi-task model, ``pathway`` task T's pathway in it with every expert (router, backbone, head),
+    ``after`` the extracted model. ``weight_bytes_*`` are the safetensors tensor payloads; the
+    ``file_bytes_*`` are the checkpoint files' sizes when written (``export_checkpoint``). Metrics are
+    the task's on the calibration set (None when it has no labels for the task); ``max_abs_diff`` is the
+    largest difference between the original task-T pathway's predictions and the extracted model's."""
+
+    task: str
+    model: str
+    router: str | None
+    gate_softmax: str
+    min_usage: float
+    num_images: int
+    layers: list[LayerExtraction]
+    params_before: int
+    params_pathway: int
+    params_after: int
+    weight_bytes_before: int
+    weight_bytes_after: int
+    metrics_before: dict[str, float] | None = None
+    metrics_after: dict[str, float] | None = None
+    max_abs_diff: float | None = None
+    file_bytes_before: int | None = None
+    file_bytes_after: int | None = None
+    onnx: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric_change(self) -> dict[str, float] | None:
+        """``after - before`` per metric (None without metrics)."""
+        if self.metrics_before is None or self.metrics_after is None:
+            return None
+        return {k: self.metrics_after[k] - self.metrics_before[k] for k in self.metrics_before}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["metric_change"] = self.metric_change
+        out["param_reduction"] = _reduction(self.params_before, self.params_after)
+        out["param_reduction_vs_pathway"] = _reduction(self.params_pathway, self.params_after)
+        out["weight_bytes_reduction"] = _reduction(self.weight_bytes_before, self.weight_bytes_after)
+        if self.file_bytes_before is not None and self.file_bytes_after is not None:
+            out["file_bytes_reduction"] = _reduction(self.file_bytes_before, self.file_bytes_after)
+        return out
+
+
+def _reduction(before: int, after: int) -> float:
+    """Fraction removed: ``1 - after / before``."""
+    return 1.0 - after / before if before else 0.0
+
+
+def _weight_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extraction
+# ----------------------------------------------------------------------------------------------
+
+
+def _extracted_layer(layer: MoE, task_index: int, kept: list[int] | None, gate_softmax: str) -> dict[str, Tensor]:
+    """State dict entries (relative to the layer) of an MoE layer reduced to one task and ``kept`` experts."""
+    idx = None if kept is None else torch.tensor(kept, dtype=torch.long, device=layer.w1.device)
+    state = {}
+    for name in ("w1", "b1", "w2", "b2"):
+        weight = getattr(layer, name).detach()
+        state[name] = weight if idx is None else weight.index_select(0, idx)
+    rows = idx if gate_softmax == "kept" else None  # gate rows of the removed experts dropped
+    router = layer.router
+    if isinstance(router, MultiGateRouter):
+        gate = router.weight.detach()[task_index:task_index + 1]
+        state["router.weight"] = gate if rows is None else gate.index_select(1, rows)
+    elif isinstance(router, TaskConditionedRouter):
+        state.update({f"router.{k}": v.detach() for k, v in router.state_dict().items()})
+        # The one-hot of a 1-task model is [1]: keep task T's column of the first embedding layer.
+        state["router.task_embed.0.weight"] = router.task_embed[0].weight.detach()[:, task_index:task_index + 1]
+        gate = router.gate.weight.detach()
+        state["router.gate.weight"] = gate if rows is None else gate.index_select(0, rows)
+    elif isinstance(router, SharedRouter):
+        gate = router.gate.weight.detach()
+        state["router.gate.weight"] = gate if rows is None else gate.index_select(0, rows)
+    else:
+        raise TypeError(f"cannot extract a task from a router of type {type(router).__name__}")
+    return state
+
+
+def _extracted_state(model: MultiTaskModel, task: str, subsets: dict[int, list[int]],
+                     gate_softmax: str) -> dict[str, Tensor]:
+    """The state dict of the one-task model: shared backbone, task T's head, its router and kept experts."""
+    task_index = model.tasks.index(task)
+    source = model.state_dict()
+    moe_prefixes = {f"backbone.blocks.{b}.mlp." for b in moe_block_indices(model)}
+    state = {k: v for k, v in source.items()
+             if not k.startswith("heads.") and not any(k.startswith(p) for p in moe_prefixes)}
+    state.update({k: v for k, v in source.items() if k.startswith(f"heads.{task}.")})
+    for block, layer in zip(moe_block_indices(model), model.moe_layers):
+        layer_state = _extracted_layer(layer, task_index, subsets.get(block), gate_softmax)
+        state.update({f"backbone.blocks.{block}.mlp.{k}": v for k, v in layer_state.items()})
+    return state
+
+
+def _calibration_count(dataset, num_images: int | None) -> int:
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"the number of calibration images must be >= 1, got {num_images}")
+    count = len(dataset) if num_images is None else min(num_images, len(dataset))
+    if count == 0:
+        raise ValueError("the calibration dataset is empty")
+    return count
+
+
+@torch.no_grad()
+def _max_abs_diff(original: MultiTaskModel, extracted: MultiTaskModel, task: str, dataset, count: int,
+                  batch_size: int, size) -> float:
+    """Largest |original task-T prediction - extracted prediction| over the calibration images."""
+    device = next(original.parameters()).device
+    worst = 0.0
+    for start in range(0, count, batch_size):
+        images = prepare_images([dataset[i]["image"] for i in range(start, min(start + batch_size, count))],
+                                size).to(device)
+        a = original(images, tasks=[task])[task].float()
+        b = extracted(images)[task].float()
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+def extract_task(model: MultiTaskModel, task: str, calibration_dataset=None, *, min_usage: float = 0.0,
+                 num_images: int | None = None, batch_size: int = 8, gate_softmax: str = "all",
+                 eval_cfg: Any = None, size=None) -> tuple[MultiTaskModel, ExtractionReport]:
+    """A standalone one-task model for ``task`` and a report of what it kept (see the module docstring).
+
+    ``calibration_dataset`` (samples with an ``"image"`` in ``[0, 1]`` and, for the metric change, the
+    task's label) decides which experts are kept: per MoE layer those whose share of the task's
+    assignments on the first ``num_images`` images (default all) is ``> min_usage``. Without one every
+    expert is kept (and ``min_usage`` must be 0). ``size`` is the network input size (default the model's
+    ``img_size``); ``eval_cfg`` an ``EvalSection`` for the metric. The extracted model is in eval mode
+    on the original's device.
+    """
+    if not isinstance(model, MultiTaskModel):
+        raise TypeError(f"extract_task needs a MultiTaskModel, got {type(model).__name__}")
+    cfg = model.config
+    if task not in model.tasks:
+        raise ValueError(f"unknown task {task!r}; this model's tasks are {model.tasks}")
+    if not 0.0 <= min_usage < 1.0:
+        raise ValueError(f"min_usage must be in [0, 1) (a share of the task's expert assignments), got {min_usage}")
+    if gate_softmax not in GATE_SOFTMAX:
+        raise ValueError(f"gate_softmax={gate_softmax!r} is not allowed; choose one of {list(GATE_SOFTMAX)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if cfg.expert_subsets:
+        raise ValueError("this model already holds a subset of the experts (it was extracted); "
+                         "extract from the original multi-task checkpoint instead")
+    layers = model.moe_layers
+    size = tuple(cfg.img_size if size is None else size)
+    count = 0 if calibration_dataset is None else _calibration_count(calibration_dataset, num_images)
+    usage = None
+    if layers and calibration_dataset is not None:
+        usage = expert_usage(model, calibration_dataset, [task], limit=count, batch_size=batch_size,
+                             size=size).fractions[:, 0, :]
+    elif layers and min_usage > 0:
+        raise ValueError("min_usage > 0 needs a calibration dataset to measure which experts the task uses")
+
+    subsets: dict[int, list[int]] = {}
+    layer_reports = []
+    for l_idx, (block, layer) in enumerate(zip(moe_block_indices(model), layers)):
+        experts = range(layer.num_experts)
+        row = None if usage is None else [float(u) for u in usage[l_idx]]
+        kept = list(experts) if row is None else [e for e in experts if row[e] > min_usage]
+        if not kept:
+            raise ValueError(f"min_usage={min_usage} removes every expert of block {block} (its most used expert "
+                             f"takes {max(row):.3f} of task {task!r}'s assignments); use a smaller threshold")
+        removed = [e for e in experts if e not in kept]
+        if removed:
+            subsets[block] = kept
+        layer_reports.append(LayerExtraction(
+            block=block, kept=kept, removed=removed, usage=row, top_k=min(layer.top_k, len(kept)),
+            rerouted_share=0.0 if row is None else float(sum(row[e] for e in removed))))
+
+    new_cfg = cfg.replace(tasks={task: cfg.tasks[task]}, expert_subsets=subsets, gate_softmax=gate_softmax)
+    extracted = MultiTaskModel(new_cfg)
+    extracted.load_state_dict(_extracted_state(model, task, subsets, gate_softmax), strict=True)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    extracted = extracted.to(device=device, dtype=dtype).eval()
+
+    pathway_state = _extracted_state(model, task, {}, gate_softmax)
+    report = ExtractionReport(
+        task=task, model=cfg.name, router=cfg.router if layers else None, gate_softmax=gate_softmax,
+        min_usage=float(min_usage), num_images=count, layers=layer_reports,
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_pathway=sum(pathway_state[k].numel() for k, _ in extracted.named_parameters()),
+        params_after=sum(p.numel() for p in extracted.parameters()),
+        weight_bytes_before=_weight_bytes(model.state_dict().values()),
+        weight_bytes_after=_weight_bytes(extracted.state_dict().values()),
+    )
+    if calibration_dataset is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            if task in getattr(calibration_dataset, "tasks", ()):
+                options = dict(batch_size=batch_size, size=size, eval_cfg=eval_cfg, limit=count)
+                report.metrics_before = evaluate(model, calibration_dataset, [task], **options)[task]
+                report.metrics_after = evaluate(extracted, calibration_dataset, [task], **options)[task]
+            report.max_abs_diff = _max_abs_diff(model, extracted, task, calibration_dataset, count, batch_size, size)
+        finally:
+            model.train(was_training)
+    return extracted, report
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+# ----------------------------------------------------------------------------------------------
+
+
+class DenseEquivalentMoE(nn.Module):
+    """Export stand-in for a (one-task) ``MoE``: same routing and output, static shapes.
+
+    Every held expert runs on every token; the top-k combine weights are scattered into a
+    ``[tokens, experts]`` matrix (zero where an expert was not picked) that mixes the expert outputs.
+    Equal to the routed layer up to float summation order.
+    """
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        if moe.capacity_factor is not None:
+            raise ValueError("ONNX export supports dropless MoE layers only (capacity_factor=null); this model "
+                             f"drops tokens over capacity_factor={moe.capacity_factor}")
+        self.moe = moe
+
+    def forward(self, x: Tensor) -> Tensor:
+        moe = self.moe
+        batch, num_tokens, dim = x.shape
+        if isinstance(moe.router, MultiGateRouter):  # the one task's gate, without the router's data-dependent branch
+            logits = x @ moe.router.weight[0].t()
+        else:
+            logits = moe.router(x, torch.zeros(batch, dtype=torch.long, device=x.device))
+        logits = logits.reshape(batch * num_tokens, moe.router_experts).float()
+        _, weights, indices = top_k_gate(logits, moe.top_k, moe.renormalize, moe._selectable)
+        combine = torch.zeros(batch * num_tokens, moe.num_experts, dtype=weights.dtype, device=x.device)
+        combine = combine.scatter(1, indices, weights).to(x.dtype)
+        tokens = x.reshape(batch * num_tokens, dim)
+        hidden = F.gelu(torch.einsum("sd,edh->esh", tokens, moe.w1) + moe.b1.unsqueeze(1))
+        outputs = torch.einsum("esh,ehd->esd", hidden, moe.w2) + moe.b2.unsqueeze(1)
+        return torch.einsum("se,esd->sd", combine, outputs).reshape(batch, num_tokens, dim)
+
+
+class _TaskGraph(nn.Module):
+    """``images -> prediction`` of a one-task model, its MoE layers replaced by ``DenseEquivalentMoE``."""
+
+    def __init__(self, model: MultiTaskModel):
+        super().__init__()
+        if len(model.tasks) != 1:
+            raise ValueError(f"ONNX export needs a one-task model (use extract_task first), got tasks {model.tasks}")
+        self.model = copy.deepcopy(model).eval()
+        for block in self.model.backbone.blocks:
+            if block.is_moe:
+                block.mlp = DenseEquivalentMoE(block.mlp)
+        self.task = model.tasks[0]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)[self.task]
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OnnxUnavailable(f"ONNX export needs the optional package {module!r} "
+                              f"(pip install onnx onnxscript onnxruntime)") from None
+
+
+def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, batch_size: int = 1) -> Path:
+    """Write the one-task ``model`` as ONNX to ``path`` (atomically): input ``images [B, 3, H, W]``
+    (ImageNet-normalised, ``H, W`` the model's ``img_size``, ``B`` dynamic), output the task's
+    prediction ``[B, C, H, W]``. MoE layers are exported dense-equivalent (see the module docstring)."""
+    _require("onnx")
+    _require("onnxscript")
+    from ..atomic import write_atomic
+
+    graph = _TaskGraph(model).cpu().float().eval()
+    h, w = model.config.img_size
+    example = torch.randn(max(2, batch_size), model.config.in_chans, h, w)
+    batch = torch.export.Dim("batch", min=1)
+
+    def write(tmp: str) -> None:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the exporter's own deprecation notices
+                program = torch.onnx.export(graph, (example,), dynamo=True, input_names=["images"],
+                                            output_names=[graph.task], dynamic_shapes=({0: batch},),
+                                            external_data=False, verbose=False)
+        except Exception as exc:  # the exporter raises many types, with pages of diagnostics
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxError(f"torch.onnx could not export the {graph.task!r} pathway: {first}") from exc
+        program.save(tmp)
+
+    return write_atomic(path, write)
+
+
+@torch.no_grad()
+def check_onnx(model: MultiTaskModel, path: str | os.PathLike, images: Tensor) -> float:
+    """Max abs difference between onnxruntime on the ONNX file and the PyTorch ``model`` on ``images``
+    (ImageNet-normalised ``[B, 3, H, W]``)."""
+    ort = _require("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    task = model.tasks[0]
+    expected = model(images.to(next(model.parameters()).device), tasks=[task])[task].float().cpu()
+    (got,) = session.run(None, {session.get_inputs()[0].name: images.float().cpu().numpy()})
+    return float((torch.from_numpy(got) - expected).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint to checkpoint
+# ----------------------------------------------------------------------------------------------
+
+
+def _exported_run(run: dict[str, Any], extracted: MultiTaskModel) -> dict[str, Any]:
+    """The source run config adapted to the extracted model: its data restricted to the task, its model
+    section describing the extracted architecture."""
+    from ..engine.checkpoints import default_run_dict
+
+    out = copy.deepcopy(run)
+    out["model"] = default_run_dict(extracted)["model"]
+    out["model"]["name"] = run.get("model", {}).get("name", out["model"]["name"])
+    out.setdefault("data", {})["tasks"] = list(extracted.tasks)
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.PathLike, *,
+                      calibration: int | None = 64, min_usage: float = 0.0, gate_softmax: str = "all",
+                      onnx: bool = False, batch_size: int | None = None, device: str = "cpu",
+                      overrides: list[str] | dict | None = None) -> ExtractionReport:
+    """Extract ``task`` from a checkpoint directory into ``out`` (a normal checkpoint directory, written
+    atomically, with ``export.json`` and, with ``onnx``, ``model.onnx``).
+
+    The calibration set is the first ``calibration`` images of the checkpoint's run data, validation
+    split (``engine.checkpoints.load_run``; ``overrides`` are its ``--set`` keys); ``calibration=None``
+    uses the whole split. ``batch_size`` defaults to the run's ``eval.batch_size``. With ``onnx`` the
+    graph is checked against PyTorch with onnxruntime when that is installed (max abs diff recorded;
+    more than 1e-4 raises).
+    """
+    from ..engine.builders import build_eval_dataset
+    from ..engine.checkpoints import checkpoint_step, load_run
+    from ..models.checkpoint import read_checkpoint_config
+
+    source = Path(checkpoint)
+    model, run_cfg = load_run(source, overrides, map_location=device)
+    if task not in model.tasks:
+        raise ValueError(f"unknown task {task!r}; the checkpoint's tasks are {model.tasks}")
+    dataset = build_eval_dataset(run_cfg, split=run_cfg.data.val_split)
+    if task not in dataset.tasks:
+        raise ValueError(f"the calibration data ({run_cfg.data.name} {run_cfg.data.val_split}) has no labels for "
+                         f"task {task!r}; it provides {list(dataset.tasks)}")
+    batch_size = run_cfg.eval.batch_size if batch_size is None else batch_size
+    extracted, report = extract_task(model, task, dataset, min_usage=min_usage, num_images=calibration,
+                                     batch_size=batch_size, gate_softmax=gate_softmax, eval_cfg=run_cfg.eval)
+    report.file_bytes_before = (source / WEIGHTS).stat().st_size
+    report.extra = {"source": str(source), "source_step": checkpoint_step(source),
+                    "data": {"name": run_cfg.data.name, "split": run_cfg.data.val_split}}
+    run = _exported_run(read_checkpoint_config(source).get("run") or run_cfg.to_dict(), extracted)
+    out = Path(out)
+    with atomic_directory(out) as staging:
+        save_checkpoint(extracted, staging, extra={"run": run, "step": checkpoint_step(source),
+                                                   "export": {"task": task, "source": str(source),
+                                                              "min_usage": float(min_usage),
+                                                              "gate_softmax": gate_softmax}})
+        report.file_bytes_after = (staging / WEIGHTS).stat().st_size
+        if onnx:
+            onnx_path = export_onnx(extracted, staging / ONNX_FILE)
+            report.onnx = {"file": ONNX_FILE, "bytes": onnx_path.stat().st_size, "checked": False,
+                           "max_abs_diff": None, "tolerance": ONNX_TOLERANCE}
+            try:
+                images = prepare_images([dataset[i]["image"] for i in range(min(4, len(dataset)))],
+                                        extracted.config.img_size)
+                diff = check_onnx(extracted, onnx_path, images)
+            except OnnxUnavailable:
+                log.warning("onnxruntime is not installed: %s was not checked against PyTorch", ONNX_FILE)
+            else:
+                report.onnx.update(checked=True, max_abs_diff=diff)
+                if not diff <= ONNX_TOLERANCE:
+                    raise ValueError(f"the ONNX graph differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}); "
+                                     f"nothing was written to {out}")
+        write_json(staging / REPORT_FILE, report.to_dict())
+    return report

@@ -1,0 +1,613 @@
+"""Expert streaming: run a checkpoint's MoE model with its expert weights left in the file, two experts in memory.
+
+This is the paper's computation reordering used as software for a memory-starved device.
+``load_streaming_model(checkpoint_dir)`` returns a model with the usual forward API
+(``model(images, tasks=[...])``, ``model.resolve_tasks``, ``model.config``) whose every MoE layer is a
+``StreamingMoE``. Such a layer routes all its tokens first (the same router and top-k gate as
+``MoE.forward`` in eval mode), sorts them into one queue per expert, then walks the experts with a
+non-empty queue in index order. While expert ``e`` computes on its queue, a background thread reads
+the next busy expert's ``w1 [D, H]``, ``b1 [H]``, ``w2 [H, D]``, ``b2 [D]`` rows straight from
+``model.safetensors`` into the other of two preallocated buffers (double buffering). An expert that no
+token picked is never read. The combine runs exactly the ops of the resident ``"per_expert"`` dispatch
+(``addmm -> gelu_ -> addmm -> scale -> index_add_``, experts in the same order), so predictions equal
+a resident model's bit for bit when that model dispatches per expert; a model whose ``dispatch`` is
+``"batched"`` (or ``"auto"`` choosing it for short queues) computes the same sums with batched GEMMs
+whose rounding differs in the last bits (~1e-7 relative in float32).
+
+Memory behaviour:
+
+* Resident in memory: every non-expert weight (patch embedding, attention, dense MLPs, norms, routers,
+  heads) and two expert buffers shared by all MoE layers (``2 * (2*D*H + D + H)`` values), plus the
+  activations. Nothing else of the experts: they are read with ``os.preadv`` at the byte offsets that
+  the safetensors header gives, so no memory map of the file grows the process's resident set (the
+  page cache is the kernel's, reclaimable, and not counted in the process RSS). ``safe_open(...)
+  .get_slice(name)[e]`` is not used for the experts because in safetensors 0.8 it returns a view into a
+  memory map of the whole file: the pages of every expert touched stay in the process's RSS while the
+  view lives.
+* The model is built on the ``meta`` device, so the stacked expert tensors are never allocated, not
+  even transiently; only the non-expert weights are materialised and read from the file.
+* Cost: each forward reads every busy expert of every MoE layer from the file (page cache or disk);
+  the read of the first busy expert of each layer is not overlapped with compute.
+* On CUDA the non-expert weights and the two expert buffers live on the GPU; the reader thread fills
+  one of two pinned host buffers, then copies it to the device buffer on a side stream with
+  ``non_blocking=True``; the compute stream waits for that copy's event, and a buffer is only
+  overwritten after the compute that used it has finished (events both ways).
+
+Eval only: a ``StreamingMoE`` raises in training mode and computes without autograd (its buffers are
+overwritten by the next expert). One forward at a time per model: the MoE layers share the two buffers.
+``model.expert_streamer.stats`` counts expert reads, bytes read and the
+number of expert buffers live (being filled or computed on) at once: never more than two.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ..models.checkpoint import WEIGHTS, read_checkpoint_config
+from ..models.config import ConfigError, ModelConfig
+from ..models.m3vit import MultiTaskModel
+from ..nn.dispatch import expert_capacity, plan_dispatch
+from ..nn.moe import MoE, top_k_gate
+
+__all__ = [
+    "EXPERT_PARAMS",
+    "TensorEntry",
+    "read_safetensors_layout",
+    "ExpertTensors",
+    "ExpertWeights",
+    "StreamStats",
+    "ExpertStreamer",
+    "StreamingMoE",
+    "load_streaming_model",
+    "expert_weight_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+# safetensors dtype names (the format's header) -> torch dtypes
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading single rows of a safetensors file without mapping it
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: dtype, shape and its absolute byte range ``[begin, end)``."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_layout(path: str | os.PathLike) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file by name, from its header alone (no tensor data is read).
+
+    The format: an unsigned little-endian 64-bit header length N, N bytes of JSON mapping each name to
+    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end of the header),
+    then the data.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8:
+                raise ValueError
+            header = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not a safetensors file (bad header)") from None
+    data_start = 8 + header_len
+    layout = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+            shape = tuple(int(s) for s in info["shape"])
+        except KeyError as exc:
+            raise ValueError(f"{path}: tensor {name!r} has an unsupported or missing header field {exc}") from None
+        expected = dtype.itemsize * _numel(shape)
+        if end - begin != expected or data_start + end > size:
+            raise ValueError(f"{path}: tensor {name!r} has a byte range that does not fit its shape (truncated file?)")
+        layout[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
+    return layout
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _byte_view(t: Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's memory (any dtype)."""
+    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` (short reads continued; EOF is an error)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (truncated checkpoint?)")
+        done += n
+
+
+# ----------------------------------------------------------------------------------------------
+# The streamer: two buffers, one reader thread
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExpertTensors:
+    """Where one MoE layer's stacked ``w1 [E, D, H]``, ``b1 [E, H]``, ``w2 [E, H, D]``, ``b2 [E, D]`` lie in
+    the file."""
+
+    layer: str
+    w1: TensorEntry
+    b1: TensorEntry
+    w2: TensorEntry
+    b2: TensorEntry
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def row(self, param: str, expert: int) -> tuple[int, int]:
+        """Absolute byte offset and length of expert ``expert``'s rows of ``param``."""
+        entry: TensorEntry = getattr(self, param)
+        row_bytes = entry.nbytes // entry.shape[0]
+        return entry.begin + expert * row_bytes, row_bytes
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One expert's weights in a streaming buffer: ``w1 [D, H]``, ``b1 [H]``, ``w2 [H, D]``, ``b2 [D]``."""
+
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+
+
+@dataclass
+class StreamStats:
+    """What the streamer did: expert reads, bytes read, and how many expert buffers were live at once.
+
+    A buffer is live from the moment its read is submitted until the compute that uses it is done.
+    """
+
+    buffers: int = 2
+    loads: int = 0
+    bytes_read: int = 0
+    live: int = 0
+    peak_live: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.loads = self.bytes_read = 0
+            self.peak_live = self.live
+
+
+class ExpertStreamer:
+    """Reads single experts of a checkpoint's MoE layers into two preallocated buffers, one ahead of compute.
+
+    ``stream(tensors, experts)`` yields ``(expert, ExpertWeights)`` for each expert in ``experts`` in
+    order; the next expert is read by a background thread while the caller computes on the current one.
+    The yielded weights are only valid until the generator is resumed. ``prefetch=False`` reads each
+    expert when it is needed (no overlap; for measuring what the overlap gains).
+    """
+
+    def __init__(self, path: str | os.PathLike, dim: int, hidden_dim: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu", prefetch: bool = True):
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.prefetch = prefetch
+        self.stats = StreamStats()
+        self._cuda = self.device.type == "cuda"
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"expert streaming runs on 'cpu' or 'cuda', got device {str(self.device)!r}")
+        shapes = {"w1": (dim, hidden_dim), "b1": (hidden_dim,), "w2": (hidden_dim, dim), "b2": (dim,)}
+        # Host buffers are what the reader writes into (pinned on CUDA); on CPU they are the compute buffers.
+        self._host = [{k: torch.empty(s, dtype=dtype, pin_memory=self._cuda) for k, s in shapes.items()}
+                      for _ in range(2)]
+        self._host_views = [{k: _byte_view(t) for k, t in slot.items()} for slot in self._host]
+        if self._cuda:
+            self._device_buffers = [{k: torch.empty(s, dtype=dtype, device=self.device) for k, s in shapes.items()}
+                                    for _ in range(2)]
+            self._copy_stream = torch.cuda.Stream(self.device)
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._computed = [torch.cuda.Event() for _ in range(2)]
+        else:
+            self._device_buffers = self._host
+        self._busy = [False, False]
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3vit-expert-reader")
+        self._finalizer = weakref.finalize(self, _close, self._fd, self._executor)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes of the two compute buffers (on CUDA, as many pinned host bytes again hold the reads)."""
+        return sum(t.numel() * t.element_size() for slot in self._device_buffers for t in slot.values())
+
+    def buffer_pointers(self) -> set[int]:
+        """Data pointers of every tensor of the two compute buffers (to check nothing else is used)."""
+        return {t.data_ptr() for slot in self._device_buffers for t in slot.values()}
+
+    def close(self) -> None:
+        """Close the checkpoint file and stop the reader thread (the model cannot run afterwards)."""
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    # -- buffer bookkeeping (caller thread) --
+    def _acquire(self, slot: int) -> None:
+        with self.stats._lock:
+            if self._busy[slot]:
+                raise RuntimeError(f"expert buffer {slot} is still in use (internal error: double-buffer order broken)")
+            self._busy[slot] = True
+            self.stats.live += 1
+            self.stats.peak_live = max(self.stats.peak_live, self.stats.live)
+
+    def _release(self, slot: int) -> None:
+        if self._cuda:
+            self._computed[slot].record(torch.cuda.current_stream(self.device))
+        with self.stats._lock:
+            if self._busy[slot]:
+                self._busy[slot] = False
+                self.stats.live -= 1
+
+    # -- reading (reader thread, or caller thread without prefetch) --
+    def _read(self, tensors: ExpertTensors, expert: int, slot: int) -> None:
+        if self._cuda:
+            self._copied[slot].synchronize()  # the host buffer's previous copy to the device is done
+        nbytes = 0
+        for name in EXPERT_PARAMS:
+            offset, length = tensors.row(name, expert)
+            view = self._host_views[slot][name]
+            if length != len(view):
+                raise ValueError(f"{tensors.layer}.{name}: expert rows of {length} bytes do not fit the "
+                                 f"{len(view)}-byte buffer (dtype or shape differs between layers)")
+            _pread_into(self._fd, view, offset, self.path)
+            nbytes += length
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(self._computed[slot])  # the compute on the old contents is done
+                for name in EXPERT_PARAMS:
+                    self._device_buffers[slot][name].copy_(self._host[slot][name], non_blocking=True)
+                self._copied[slot].record(self._copy_stream)
+        with self.stats._lock:
+            self.stats.loads += 1
+            self.stats.bytes_read += nbytes
+
+    def _start(self, tensors: ExpertTensors, expert: int, slot: int) -> Future:
+        self._acquire(slot)
+        if self.prefetch:
+            return self._executor.submit(self._read, tensors, expert, slot)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _ready(self, future: Future, tensors: ExpertTensors, expert: int, slot: int) -> ExpertWeights:
+        if self.prefetch:
+            future.result()
+        else:
+            self._read(tensors, expert, slot)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[slot])
+        return ExpertWeights(**self._device_buffers[slot])
+
+    def stream(self, tensors: ExpertTensors, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield ``(expert, weights)`` for ``experts`` in order, reading the next one while the caller computes."""
+        if self.closed:
+            raise RuntimeError(f"the expert streamer of {self.path} is closed")
+        experts = list(experts)
+        if not experts:
+            return
+        pending = self._start(tensors, experts[0], 0)
+        held: list[int] = [0]
+        try:
+            for i, expert in enumerate(experts):
+                slot = i % 2
+                weights = self._ready(pending, tensors, expert, slot)
+                pending = None
+                if i + 1 < len(experts):
+                    pending = self._start(tensors, experts[i + 1], 1 - slot)
+                    held.append(1 - slot)
+                yield expert, weights
+                self._release(slot)
+                held.remove(slot)
+        finally:  # stopped early (an error in the caller's compute): let a read in flight finish first
+            if pending is not None and self.prefetch:
+                try:
+                    pending.result()
+                except Exception:  # noqa: BLE001 - the caller's error is the one to report
+                    pass
+            for slot in held:
+                self._release(slot)
+
+
+def _close(fd: int, executor: ThreadPoolExecutor) -> None:
+    executor.shutdown(wait=True)
+    os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# The streaming MoE layer
+# ----------------------------------------------------------------------------------------------
+class _TensorsOnMeta(TorchFunctionMode):
+    """Tensor factories called without a device create ``meta`` tensors: modules get built without memory.
+
+    ``torch.device("meta")`` alone would also put ``torch.linspace`` on meta, and the backbone turns one
+    into Python floats (its drop-path rates), which a meta tensor cannot give; so only the factories
+    that module constructors use for parameters and buffers are redirected. In-place initialisers
+    (``normal_``, ``trunc_normal_``, ``zero_``, ...) on meta tensors are skipped: there is nothing to
+    fill, and some of them would otherwise pull in torch's Python meta kernels (~70 MB of modules).
+    """
+
+    _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+        if name.endswith("_") and not name.endswith("__") and isinstance(target, Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
+
+
+class StreamingMoE(MoE):
+    """An eval-only ``MoE`` whose experts stay in the checkpoint file and are streamed two at a time.
+
+    Built from a ``MoE`` (its router is taken over; its expert tensors are dropped) and the location of
+    that layer's expert tensors in the file. ``forward`` routes exactly as ``MoE.forward`` in eval mode
+    and sets ``last_routing`` the same way; ``last_loaded`` lists the experts read in the last forward.
+    """
+
+    def __init__(self, moe: MoE, tensors: ExpertTensors, streamer: ExpertStreamer):
+        # MoE.__init__ validates the options and builds a router; on meta nothing is allocated. Both the
+        # stacked expert tensors and this throwaway router are then replaced. A layer holding a subset
+        # of the experts (an extracted task) keeps its router width and its held expert ids.
+        expert_ids = getattr(moe, "expert_ids", None)
+        subset = {} if expert_ids is None else {"expert_ids": expert_ids}
+        with _TensorsOnMeta():
+            super().__init__(moe.dim, moe.hidden_dim, self._router_width(moe), moe.top_k, num_tasks=moe.num_tasks,
+                             router=moe.router_kind, noise_std=moe.noise_std, renormalize=moe.renormalize,
+                             capacity_factor=moe.capacity_factor, dispatch=moe.dispatch, **subset)
+        for name in EXPERT_PARAMS:
+            delattr(self, name)
+        self.router = moe.router
+        if tensors.num_experts != moe.num_experts:
+            raise ValueError(f"{tensors.layer}: the file holds {tensors.num_experts} experts, the model config "
+                             f"{moe.num_experts}")
+        self.expert_tensors = tensors
+        self.streamer = streamer
+        self.last_loaded: tuple[int, ...] = ()
+
+    @staticmethod
+    def _router_width(layer: MoE) -> int:
+        return getattr(layer, "router_experts", layer.num_experts)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", streamed from file"
+
+    def aux_loss(self) -> Tensor:
+        """Always 0: a streaming layer never trains."""
+        return torch.zeros((), device=self.streamer.device)
+
+    def forward(self, x: Tensor, task_ids: int | Tensor = 0) -> Tensor:
+        if self.training:
+            raise RuntimeError("a streaming MoE layer runs in eval mode only: call model.eval() (its experts are "
+                               "read from the checkpoint file and cannot be trained)")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE expects x of shape [B, N, {self.dim}], got {list(x.shape)}")
+        with torch.no_grad():
+            return self._forward(x, task_ids)
+
+    def _forward(self, x: Tensor, task_ids: int | Tensor) -> Tensor:
+        batch, num_tokens, _ = x.shape
+        task_ids = self._task_ids(task_ids, batch, x.device)
+        logits = self.router(x, task_ids).reshape(batch * num_tokens, self._router_width(self))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        selectable = getattr(self, "_selectable", None)
+        if selectable is None:
+            probs, weights, indices = top_k_gate(logits, self.top_k, self.renormalize)
+        else:  # indices then count among the held experts, the rows of the file's stacked tensors
+            probs, weights, indices = top_k_gate(logits, self.top_k, self.renormalize, selectable)
+        capacity = None
+        if self.capacity_factor is not None:
+            capacity = expert_capacity(batch * num_tokens, self.top_k, self.num_experts, self.capacity_factor)
+        plan = plan_dispatch(indices, self.num_experts, capacity)
+
+        tokens = x.reshape(batch * num_tokens, self.dim)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+        tokens = tokens.to(dtype).contiguous()
+        gate_col = weights.t().reshape(-1).index_select(0, plan.slot).to(dtype).unsqueeze(1)
+        out = torch.zeros_like(tokens)
+        starts, start = {}, 0
+        for expert, count in enumerate(plan.counts):
+            starts[expert] = start
+            start += count
+        busy = [e for e, count in enumerate(plan.counts) if count]
+        # The same ops, in the same order, as the resident per-expert dispatch (nn.dispatch.ExpertMLP).
+        with torch.autocast(device, enabled=False):
+            with closing(self.streamer.stream(self.expert_tensors, busy)) as stream:
+                for expert, w in stream:
+                    w1, b1, w2, b2 = (t if t.dtype == dtype else t.to(dtype) for t in (w.w1, w.b1, w.w2, w.b2))
+                    lo, hi = starts[expert], starts[expert] + plan.counts[expert]
+                    tok = plan.token[lo:hi]
+                    h = torch.ops.aten.gelu_(torch.addmm(b1, tokens.index_select(0, tok), w1))
+                    y = torch.addmm(b2, h, w2)
+                    y.mul_(gate_col[lo:hi])
+                    out.index_add_(0, tok, y)
+        self.last_loaded = tuple(busy)
+        self._aux_loss = None
+        self.last_routing = {
+            "indices": indices,
+            "weights": weights,
+            "probs": probs,
+            "task_ids": task_ids.repeat_interleave(num_tokens),
+            "counts": plan.counts,
+            "dropped": plan.dropped,
+        }
+        return out.reshape(batch, num_tokens, self.dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a checkpoint for streaming
+# ----------------------------------------------------------------------------------------------
+def expert_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """``(resident bytes, expert bytes)`` of a model's parameters and buffers: expert bytes are the stacked
+    ``w1/b1/w2/b2`` of its ``MoE`` layers (0 for a streaming model, whose experts are not in memory)."""
+    expert_ids = set()
+    for module in model.modules():
+        if isinstance(module, MoE) and not isinstance(module, StreamingMoE):
+            expert_ids.update(id(getattr(module, n)) for n in EXPERT_PARAMS)
+    total = expert = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if id(t) in expert_ids:
+            expert += nbytes
+    return total, expert
+
+
+def _materialise(model: nn.Module, device: torch.device) -> set[str]:
+    """Give every meta parameter and buffer uninitialised storage on ``device`` (the state dict's entries are
+    read from the file next); tensors already real (non-persistent buffers built from the config) move.
+
+    Not ``Module.to_empty``: ``empty_like`` of a meta tensor runs torch's Python meta kernels, whose
+    first use imports ~70 MB of modules (sympy among them) into the process. Returns the names of the
+    tensors that were on meta (each must then be read from the file).
+    """
+    were_meta: set[str] = set()
+
+    def real(qualified: str, t: Tensor) -> Tensor:
+        if not t.is_meta:
+            return t.to(device)
+        were_meta.add(qualified)
+        return torch.empty(t.shape, dtype=t.dtype, device=device)
+
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(real(dot + name, param.data), requires_grad=param.requires_grad))
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            setattr(module, name, real(dot + name, buffer))
+    return were_meta
+
+
+def _read_tensor(fd: int, path: Path, entry: TensorEntry, name: str, target: Tensor) -> None:
+    if tuple(target.shape) != entry.shape:
+        raise ConfigError(f"{path}: {name} has shape {list(entry.shape)} in the file but {list(target.shape)} "
+                          f"in the model (weights do not match config.yaml)")
+    if target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous():
+        _pread_into(fd, _byte_view(target), entry.begin, path)
+        return
+    staging = torch.empty(entry.shape, dtype=entry.dtype)
+    _pread_into(fd, _byte_view(staging), entry.begin, path)
+    target.copy_(staging)
+
+
+def load_streaming_model(checkpoint_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
+                         prefetch: bool = True) -> MultiTaskModel:
+    """The checkpoint's model, in eval mode, with its experts streamed from ``model.safetensors``.
+
+    Same forward API as ``load_checkpoint``'s model; every MoE layer is a ``StreamingMoE`` sharing one
+    ``ExpertStreamer`` (``model.expert_streamer``: its ``stats``, ``close()``). ``map_location`` is
+    ``"cpu"`` or a CUDA device. ``prefetch=False`` reads each expert when needed, without overlap.
+    Raises ``FileNotFoundError`` for a missing checkpoint, ``ValueError`` for a dense model (no experts
+    to stream) and ``ConfigError`` when the weights do not match ``config.yaml``.
+    """
+    directory = Path(checkpoint_dir)
+    meta = read_checkpoint_config(directory)
+    cfg = ModelConfig.from_dict(meta["model"])
+    if not cfg.is_moe:
+        raise ValueError(f"{directory}: model {cfg.name!r} is dense (no MoE layer); there are no experts to "
+                         f"stream, load it normally")
+    weights_path = directory / WEIGHTS
+    layout = read_safetensors_layout(weights_path)
+    device = torch.device(map_location)
+
+    with _TensorsOnMeta():
+        model = MultiTaskModel(cfg)
+    moe_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+    expert_names = {f"{name}.{p}" for name, _ in moe_layers for p in EXPERT_PARAMS}
+    missing = sorted(n for n in expert_names if n not in layout)
+    if missing:
+        raise ConfigError(f"{weights_path}: expert weights {missing[:3]} are missing "
+                          f"(weights do not match config.yaml)")
+    w1 = layout[f"{moe_layers[0][0]}.w1"]
+    streamer = ExpertStreamer(weights_path, cfg.embed_dim, cfg.expert_hidden, w1.dtype, device, prefetch=prefetch)
+    try:
+        for name, moe in moe_layers:
+            entries = {p: layout[f"{name}.{p}"] for p in EXPERT_PARAMS}
+            expected = {"w1": (moe.num_experts, moe.dim, moe.hidden_dim), "b1": (moe.num_experts, moe.hidden_dim),
+                        "w2": (moe.num_experts, moe.hidden_dim, moe.dim), "b2": (moe.num_experts, moe.dim)}
+            for p, entry in entries.items():
+                if entry.shape != expected[p] or entry.dtype != w1.dtype:
+                    raise ConfigError(f"{weights_path}: {name}.{p} is {entry.dtype} {list(entry.shape)}, expected "
+                                      f"{w1.dtype} {list(expected[p])} (weights do not match config.yaml)")
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr,
+                    StreamingMoE(moe, ExpertTensors(layer=name, **entries), streamer))
+
+        uninitialised = _materialise(model, device)
+        state = model.state_dict(keep_vars=True)
+        not_in_state = sorted(uninitialised - set(state))
+        if not_in_state:
+            raise RuntimeError(f"cannot stream {directory}: {not_in_state[:3]} are neither saved in the checkpoint "
+                               f"nor rebuilt from its config")
+        unexpected = sorted(set(layout) - set(state) - expert_names)
+        missing = sorted(set(state) - set(layout))
+        if missing or unexpected:
+            raise ConfigError(f"{directory}: weights do not match config.yaml (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+        for name, tensor in state.items():
+            _read_tensor(streamer._fd, weights_path, layout[name], name, tensor.data)
+    except BaseException:
+        streamer.close()
+        raise
+    model.expert_streamer = streamer
+    log.info("%s: streaming %d MoE layers' experts from %s (%d buffer bytes)", directory, len(moe_layers),
+             weights_path, streamer.buffer_bytes)
+    return model.eval()
