@@ -28,15 +28,6 @@ IMG = (32, 32)
 STARVED, OFFSET = (5, 6, 7), -5.0
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Micro models gain nothing from threads, and a shared CPU makes OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def calibration():
     return build_dataset("synthetic", "val", size=IMG, length=6, seed=0, tasks=list(TASKS))

@@ -24,14 +24,6 @@ from m3vit.models import save_checkpoint
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def q(fmt: FixedPoint, values) -> list[float]:
     return fmt.quantize(torch.tensor(values, dtype=F64)).tolist()
 

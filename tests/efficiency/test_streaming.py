@@ -23,16 +23,6 @@ from m3vit.models import create_model, load_checkpoint, save_checkpoint
 TASKS = {"semseg": 5, "depth": 1, "sal": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP overhead on a shared machine (results are unaffected:
-    both paths run under the same setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(num_experts=4, router="multi_gate", dispatch="per_expert", seed=0, **overrides):
     """32 wide, 4 blocks, MoE in blocks 1 and 3, top-2: the smallest model with two MoE layers."""
     torch.manual_seed(seed)

@@ -7,7 +7,6 @@ Tests reach it through fixtures (``tiny_cfg``, ``tiny_config``, ``tiny_overrides
 from __future__ import annotations
 
 import pytest
-import torch
 
 from m3vit.engine.config import RunConfig, load_config
 
@@ -74,10 +73,3 @@ def tiny_overrides():
     return make_tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Micro models gain nothing from threads, and a shared CPU makes OpenMP threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

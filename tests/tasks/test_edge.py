@@ -150,20 +150,21 @@ def _repeated_ods(pred_edges: np.ndarray, gt: np.ndarray, max_dist: float, times
 
 
 def test_perfect_prediction_scores_100():
-    # The BSDS matcher's random sparse outlier graph can leave a pixel or two of even a perfect map
-    # unmatched (about 0.25 % of pixels on large maps; here 94 / 94 in ~80 % of calls, else 92-93):
-    # a perfect map reaches 100 in at least one of 8 evaluations and never drops below 97.
+    # The BSDS matcher's random sparse outlier graph (seeded from the clock) can leave a few pixels of
+    # even a perfect map unmatched (about 0.25 % of pixels on large maps; here 94 / 94 in ~80 % of
+    # calls, else 91-93 were seen): a perfect map reaches 100 in at least one of 8 evaluations and
+    # stays above 95 (at most ~4 of its 94 pixels unmatched).
     gt = _outline()
     assert np.array_equal(thin(gt), gt)
     scores = _repeated_ods(gt, gt, max_dist=0.0075)
-    assert max(scores) == pytest.approx(100.0) and min(scores) >= 97.0
+    assert max(scores) == pytest.approx(100.0) and min(scores) >= 95.0
     result = _evaluate(gt, gt, max_dist=0.0075)
-    assert result["oisF"] >= 97.0
+    assert result["oisF"] >= 95.0
     # AP as pyEdgeEval defines it: 100 recall levels of precision (at most) 1, divided by 101.
-    assert 0.97 * 100 * 100 / 101 <= result["AP"] <= 100 * 100 / 101 + 1e-9
+    assert 0.95 * 100 * 100 / 101 <= result["AP"] <= 100 * 100 / 101 + 1e-9
     counts = edge_counts(gt.astype(np.float64), gt, np.array([0.5]), max_dist=0.0075)
     n = int(gt.sum())
-    assert counts[1, 0] == counts[3, 0] == n and counts[0, 0] == counts[2, 0] >= 0.97 * n
+    assert counts[1, 0] == counts[3, 0] == n and counts[0, 0] == counts[2, 0] >= 0.95 * n
 
 
 def test_shift_within_tolerance_is_matched_and_beyond_is_not():
@@ -171,7 +172,7 @@ def test_shift_within_tolerance_is_matched_and_beyond_is_not():
     shifted = np.roll(gt, 1, axis=1)
     # 0.02 x diagonal (64 px) = 1.28 px: a one-pixel shift is within tolerance.
     scores = _repeated_ods(shifted, gt, max_dist=0.02)
-    assert max(scores) == pytest.approx(100.0) and min(scores) >= 97.0
+    assert max(scores) == pytest.approx(100.0) and min(scores) >= 95.0
     # 0.0075 x 64 px = 0.48 px: only the horizontal runs (shifted along themselves) still match.
     partial = _evaluate(shifted, gt, max_dist=0.0075)["odsF"]
     assert 40 < partial < 75
