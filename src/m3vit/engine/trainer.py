@@ -352,7 +352,9 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
                 torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True, warn_only=True)
         device = resolve_device(tcfg.device, info.local_rank)
-        return _Trainer(cfg, out, device, info, checkpoint, callbacks or ()).run()
+        result = _Trainer(cfg, out, device, info, checkpoint, callbacks or ()).run()
+        barrier(info)  # no rank tears the group down while another still talks to it
+        return result
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         cleanup_distributed(info)
