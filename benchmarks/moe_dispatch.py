@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -54,6 +53,7 @@ from torch import Tensor, nn
 
 import m3vit
 from m3vit.nn.dispatch import choose_strategy, dispatch_to_experts, plan_dispatch
+from m3vit.atomic import write_json
 
 try:  # optional peer: `pip install mixture-of-experts` (the `bench` extra)
     from mixture_of_experts import MoE as LucidrainsMoE
@@ -546,14 +546,6 @@ def machine_info() -> dict:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "lucidrains_mixture_of_experts": LUCIDRAINS_ERROR or "available",
     }
-
-
-def write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,6 @@ import os
 os.environ["OMP_NUM_THREADS"] = "1"  # before numpy/torch start their thread pools
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from m3vit.data.synthetic import SyntheticScenes
+from m3vit.atomic import write_json
 
 TARGET = 100.0
 
@@ -116,8 +116,7 @@ def main() -> None:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "torch_threads": torch.get_num_threads(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     stages = ", ".join(f"{k} {v:.2f}" for k, v in result["stage_ms_per_sample"].items())
     print(f"SyntheticScenes {args.size[0]}x{args.size[1]}: {result['samples_per_s']:.1f} samples/s wall "
           f"({result['cpu_samples_per_s']:.1f} by CPU time), ms/sample: {stages} -> {args.out}")

@@ -37,11 +37,9 @@ def _num(value: float) -> str:
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
-    cells = [list(headers)] + [[c if isinstance(c, str) else _num(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    from .tables import format_table
+
+    return format_table(headers, rows, cell=_num)
 
 
 def _flops_table(report) -> str:

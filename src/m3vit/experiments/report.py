@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import tables
 from ..data.show import save_figure
 from ..engine.builders import build_tasks
 from ..engine.evaluator import prepare_images
@@ -131,16 +132,8 @@ def _fmt(value) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: bool = False) -> str:
-    """A plain-text (or Markdown) table; numbers are formatted with ``_fmt``."""
-    cells = [list(headers)] + [[_fmt(c) for c in row] for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in cells]
-        lines.insert(1, "|" + "|".join("---" for _ in headers) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """A report table (plain text or Markdown); numbers are formatted with ``_fmt``, ``None`` as ``-``."""
+    return tables.format_table(headers, rows, cell=_fmt, sep="  ", markdown=markdown)
 
 
 def metrics_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], markdown: bool = False,

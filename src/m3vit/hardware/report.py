@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..tables import format_table
+
 __all__ = ["simulation_text"]
 
 
@@ -16,11 +18,7 @@ def _cell(value) -> str:
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
-    cells = [headers] + [[_cell(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(headers, rows, cell=_cell)
 
 
 def simulation_text(report: dict, measured: dict | None = None) -> str:
