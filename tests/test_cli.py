@@ -99,3 +99,15 @@ def test_data_show_errors(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err.splitlines()[0] and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA device is present")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    import m3vit
+
+    model = m3vit.create_model("mvit_micro", ["edge"], img_size=(32, 32), embed_dim=32, depth=2, num_heads=2,
+                               head_channels=8)
+    m3vit.save_checkpoint(model, tmp_path / "ckpt")
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device:") and "no CUDA device" in err[0]

@@ -262,13 +262,9 @@ def cmd_data_show(args) -> int:
 
 
 def _device(name: str) -> str:
-    import torch
+    from .engine.trainer import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available")
-    return name
+    return resolve_device(name, key="--device").type
 
 
 def _write_json_atomic(path: str, data: dict) -> None:

@@ -221,16 +221,17 @@ def _check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
 # Devices, precision, seeds, RNG state.
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``train.device`` -> a device: ``auto`` picks CUDA when available (this process's local rank)."""
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """``auto``/``cpu``/``cuda`` -> a device: ``auto`` picks CUDA when available (this process's local
+    rank). Errors name the setting ``key`` it came from."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("train.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+            raise ConfigError(f"{key}: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
         return torch.device("cuda", local_rank)
     if name != "cpu":
-        raise ConfigError(f"train.device: {name!r} is not allowed; choose one of ['auto', 'cpu', 'cuda']")
+        raise ConfigError(f"{key}: {name!r} is not allowed; choose one of ['auto', 'cpu', 'cuda']")
     return torch.device("cpu")
 
 
