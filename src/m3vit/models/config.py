@@ -7,14 +7,11 @@ from dataclasses import dataclass, field, fields
 
 from ..nn.dispatch import STRATEGIES
 from ..nn.routers import ROUTERS
+from ..utils.errors import ConfigError
 
 __all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX"]
 
 GATE_SOFTMAX = ("all", "kept")
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown or out of range; the message names the key and what is allowed."""
 
 
 @dataclass
