@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 import m3vit
 from m3vit.nn.dispatch import choose_strategy, dispatch_to_experts, plan_dispatch
-from m3vit.atomic import write_json
+from m3vit.utils.io import write_json
 
 try:  # optional peer: `pip install mixture-of-experts` (the `bench` extra)
     from mixture_of_experts import MoE as LucidrainsMoE

@@ -280,7 +280,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from m3vit.atomic import write_json
+    from m3vit.utils.io import write_json
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from m3vit.data.synthetic import SyntheticScenes
-from m3vit.atomic import write_json
+from m3vit.utils.io import write_json
 
 TARGET = 100.0
 

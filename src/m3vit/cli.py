@@ -1,6 +1,7 @@
 """Command-line interface: ``m3vit train | eval | infer | experts | export | hw | demo | study | models | flops | data``.
 
-Errors become one line on stderr and exit code 2."""
+A failure the user caused (an ``M3ViTError`` or an ``OSError``) becomes one ``error:`` line on stderr and
+exit code 2; anything else is a bug and shows its traceback. ``M3VIT_DEBUG=1`` shows every traceback."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ PASCAL_TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
 log = logging.getLogger("m3vit")
 
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+from .utils.errors import M3ViTError, one_line
+
+
+class CLIError(M3ViTError):
+    """A bad combination of command-line options: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -268,12 +272,9 @@ def _device(name: str) -> str:
 
 
 def _write_json_atomic(path: str, data: dict) -> None:
-    from .atomic import write_json
+    from .utils.io import write_json
 
-    try:
-        write_json(path, data)
-    except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_json(path, data)  # a write failure is an OutputError naming the path
 
 
 def _metric_text(task: str, metric: str, value: float) -> str:
@@ -432,10 +433,7 @@ def cmd_infer(args) -> int:
     else:
         model = load_checkpoint(args.checkpoint, map_location=_device(args.device))
     tasks = model.resolve_tasks(args.task)
-    try:
-        result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy)
-    except OSError as exc:
-        raise CLIError(f"cannot write to {args.out}: {exc.strerror or exc}") from None
+    result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy)
     for _, reason in result.failed:
         print(f"error: {reason}", file=sys.stderr)
     print(f"wrote {len(result.written)} files for {len(result.processed)} image(s) x {len(tasks)} task(s) "
@@ -446,7 +444,8 @@ def cmd_infer(args) -> int:
 def cmd_experts(args) -> int:
     from .engine.builders import build_eval_dataset
     from .engine.checkpoints import checkpoint_step, load_run
-    from .engine.experts import expert_usage, plot_heatmaps, write_summary, write_usage
+    from .engine.experts import expert_usage, moe_block_indices, plot_heatmaps, write_summary, write_usage
+    from .utils.io import OutputFolder
 
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
     if not model.moe_layers:
@@ -458,16 +457,17 @@ def cmd_experts(args) -> int:
     split = args.split or cfg.data.val_split
     dataset = build_eval_dataset(cfg, split=split)
     batch_size = cfg.eval.batch_size if args.eval_batch_size is None else args.eval_batch_size
-    usage = expert_usage(model, dataset, tasks, limit=args.limit, batch_size=batch_size,
-                         progress=not args.json and sys.stderr.isatty())
     extra = {"checkpoint": str(args.checkpoint), "step": checkpoint_step(args.checkpoint),
              "data": {**cfg.to_dict()["data"], "split": split}}
-    try:
-        pictures = plot_heatmaps(usage, args.out, threshold=args.threshold)
-        json_path = write_usage(usage, os.path.join(args.out, "usage.json"), threshold=args.threshold, extra=extra)
-        write_summary(usage, os.path.join(args.out, "summary.md"), threshold=args.threshold)
-    except OSError as exc:
-        raise CLIError(f"cannot write to {args.out}: {exc.strerror or exc}") from None
+    with OutputFolder(args.out, kind="experts") as out:
+        # Before the work: none of the outputs may replace a file m3vit did not write.
+        out.claim(["usage.json", "summary.md", *(f"experts_block{b}.png" for b in moe_block_indices(model)),
+                   "experts_all.png"])
+        usage = expert_usage(model, dataset, tasks, limit=args.limit, batch_size=batch_size,
+                             progress=not args.json and sys.stderr.isatty())
+        pictures = plot_heatmaps(usage, out.path, threshold=args.threshold)
+        json_path = write_usage(usage, out.path("usage.json"), threshold=args.threshold, extra=extra)
+        write_summary(usage, out.path("summary.md"), threshold=args.threshold)
     if args.json:
         print(json.dumps({**extra, **usage.to_dict(args.threshold)}, indent=2))
         return 0
@@ -730,16 +730,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "batch_size", 1) < 1 or getattr(args, "repeats", 1) < 1:
             raise CLIError("--batch-size and --repeats must be >= 1")
         return args.func(args)
-    except CLIError as exc:
-        print(f"error: {exc}", file=sys.stderr)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, OSError, KeyError) as exc:
+    except (M3ViTError, OSError) as exc:  # the user's to fix; anything else is a bug: its traceback shows
         if os.environ.get("M3VIT_DEBUG"):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

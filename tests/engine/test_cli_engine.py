@@ -152,7 +152,7 @@ def test_infer_writes_pngs_and_survives_a_corrupt_file(checkpoints, capsys, tmp_
                               "--out", out, "--npy", good, corrupt], capsys)
     assert code == 1
     assert err.strip().splitlines() == [err.strip()] and "x.png" in err and "Traceback" not in err
-    assert sorted(p.name for p in out.iterdir()) == ["photo_normals.npy", "photo_normals.png", "photo_semseg.npy",
+    assert sorted(p.name for p in out.iterdir() if p.name != ".m3vit-output.json") == ["photo_normals.npy", "photo_normals.png", "photo_semseg.npy",
                                                     "photo_semseg.png"]
     assert Image.open(out / "photo_semseg.png").size == (61, 45)
     assert np.load(out / "photo_normals.npy").shape == (3, 45, 61)
@@ -168,7 +168,7 @@ def test_experts_writes_usage_and_heatmaps(checkpoints, capsys, tmp_path):
     out = tmp_path / "experts"
     code, stdout, err = _run(["experts", "--checkpoint", checkpoints["moe"], "--out", out, "--limit", "2"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["experts_all.png", "experts_block1.png", "summary.md",
+    assert sorted(p.name for p in out.iterdir() if p.name != ".m3vit-output.json") == ["experts_all.png", "experts_block1.png", "summary.md",
                                                     "usage.json"]
     assert "## Block 1" in (out / "summary.md").read_text()
     data = json.loads((out / "usage.json").read_text())

@@ -81,8 +81,9 @@ def test_infer_writes_a_png_per_image_and_task_at_the_original_size(model, image
     result = infer_files(model, list(images.values()), tasks, out)
     assert result.failed == []
     expected_sizes = {"room": (70, 50), "grey": (30, 20), "alpha": (17, 33)}  # PIL sizes are (W, H)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}_{t}.png" for s in expected_sizes for t in tasks)
-    assert sorted(result.written) == sorted(out.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{s}_{t}.png" for s in expected_sizes for t in tasks]
+                                                           + [".m3vit-output.json"])  # + the manifest
+    assert sorted(result.written) == sorted(p for p in out.iterdir() if not p.name.startswith("."))
     task_objs = build_tasks({t: TASKS[t] for t in tasks})
     for stem, size in expected_sizes.items():
         image = read_image(next(p for p in images.values() if p.stem == stem))
@@ -138,8 +139,8 @@ def test_a_corrupt_file_is_reported_and_the_others_are_written(model, images, tm
     assert result.processed == [images["rgb"], images["grey"]]
     for path, reason in result.failed:
         assert str(path) in reason and "\n" not in reason
-    assert sorted(p.name for p in out.iterdir()) == ["grey_edge.png", "room_edge.png"]
-    assert not list(out.glob(".*"))  # no temporary files left behind
+    assert sorted(p.name for p in out.iterdir()) == [".m3vit-output.json", "grey_edge.png", "room_edge.png"]
+    assert [p.name for p in out.glob(".*")] == [".m3vit-output.json"]  # no temporary files left behind
 
 
 def test_read_image_errors_name_the_file(tmp_path):

@@ -51,7 +51,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("m3vit.models.checkpoint.save_file", boom)
+    monkeypatch.setattr("m3vit.models.checkpoint.write_bytes", boom)
     with pytest.raises(OSError, match="disk full"):
         m3vit.save_checkpoint(model, tmp_path / "ckpt")
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]

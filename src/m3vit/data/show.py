@@ -76,6 +76,6 @@ def render_grid(dataset, indices: Sequence[int], path: str | os.PathLike, *, cel
 
 def save_figure(fig, path: str | os.PathLike) -> str:
     """Write a matplotlib ``Figure`` as PNG to a temporary name, then rename it to ``path``."""
-    from ..atomic import write_atomic
+    from ..utils.io import write_atomic
 
     return os.fspath(write_atomic(path, lambda tmp: fig.savefig(tmp, format="png")))

@@ -52,11 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import write_json
+from ..utils.errors import OutputError
+from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_json
 from ..engine.evaluator import evaluate, prepare_images
 from ..engine.experts import expert_usage, moe_block_indices
-from ..models import MultiTaskModel, save_checkpoint
-from ..models.checkpoint import WEIGHTS, atomic_directory
+from ..models import MultiTaskModel
+from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX
 from ..nn.moe import MoE, top_k_gate
 from ..nn.routers import MultiGateRouter, SharedRouter, TaskConditionedRouter
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
 REPORT_FILE = "export.json"
+#: An export folder: a checkpoint plus the export report and the ONNX graph (what ``m3vit export`` replaces).
+EXPORT = OutputKind("export", CHECKPOINT.files | {REPORT_FILE, ONNX_FILE}, CHECKPOINT.identify)
 ONNX_TOLERANCE = 1e-4
 
 
@@ -372,7 +375,7 @@ def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, batch_size: i
     prediction ``[B, C, H, W]``. MoE layers are exported dense-equivalent (see the module docstring)."""
     _require("onnx")
     _require("onnxscript")
-    from ..atomic import write_atomic
+    from ..utils.io import write_atomic
 
     graph = _TaskGraph(model).cpu().float().eval()
     h, w = model.config.img_size
@@ -440,7 +443,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
     from ..engine.checkpoints import checkpoint_step, load_run
     from ..models.checkpoint import read_checkpoint_config
 
-    source = Path(checkpoint)
+    source, out = Path(checkpoint), Path(out)
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise OutputError(f"--out {out} is the checkpoint being exported (or inside it); choose another folder")
+    check_replaceable(out, EXPORT)  # before the work: refuse a folder that is not an m3vit export
     model, run_cfg = load_run(source, overrides, map_location=device)
     if task not in model.tasks:
         raise ValueError(f"unknown task {task!r}; the checkpoint's tasks are {model.tasks}")
@@ -455,9 +461,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
     report.extra = {"source": str(source), "source_step": checkpoint_step(source),
                     "data": {"name": run_cfg.data.name, "split": run_cfg.data.val_split}}
     run = _exported_run(read_checkpoint_config(source).get("run") or run_cfg.to_dict(), extracted)
-    out = Path(out)
-    with atomic_directory(out) as staging:
-        save_checkpoint(extracted, staging, extra={"run": run, "step": checkpoint_step(source),
+    with atomic_directory(out, EXPORT) as staging:
+        write_checkpoint_files(extracted, staging, extra={"run": run, "step": checkpoint_step(source),
                                                    "export": {"task": task, "source": str(source),
                                                               "min_usage": float(min_usage),
                                                               "gate_softmax": gate_softmax}})

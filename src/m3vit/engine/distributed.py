@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "barrier", "GlobalBatchSampler", "epoch_permutation",
+from ..utils.errors import ConfigError
+
+__all__ = ["env_rank", "DistInfo", "init_distributed", "cleanup_distributed", "barrier", "GlobalBatchSampler", "epoch_permutation",
            "all_reduce_mean", "gather_objects", "GroupBatchNorm2d", "convert_sync_batchnorm"]
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,14 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def env_rank() -> int:
+    """This process's global rank before (or after) joining the group: 0 for a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0)
 
 
 def init_distributed(device_type: str) -> DistInfo:

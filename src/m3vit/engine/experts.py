@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .evaluator import prepare_images
-from ..atomic import write_atomic, write_json, write_text
+from ..utils.io import OutputFolder, write_atomic, write_json, write_text
 
 __all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
            "write_summary"]
@@ -282,14 +282,26 @@ def _save_figure(fig, path: Path) -> Path:
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def plot_heatmaps(usage: ExpertUsage, out_dir: str | os.PathLike, threshold: float = 0.9) -> list[Path]:
+def heatmap_names(usage: ExpertUsage) -> list[str]:
+    """The file names ``plot_heatmaps`` writes."""
+    return [f"experts_block{block}.png" for block in usage.layers] + ["experts_all.png"]
+
+
+def plot_heatmaps(usage: ExpertUsage, out: str | os.PathLike | Callable[[str], Path],
+                  threshold: float = 0.9) -> list[Path]:
     """Write ``experts_block<i>.png`` per MoE layer (task × expert, % of each task's assignments,
     annotated) and ``experts_all.png`` with every layer; returns the paths. ``write_summary`` adds the
-    overlap matrices as Markdown."""
+    overlap matrices as Markdown.
+
+    ``out`` is a folder (used as an ``OutputFolder``: a file there that m3vit did not write is never
+    replaced) or a function giving the path for each file name (a caller's own ``OutputFolder.path``).
+    """
+    if not callable(out):
+        with OutputFolder(out, kind="experts") as folder:
+            folder.claim(heatmap_names(usage))
+            return plot_heatmaps(usage, folder.path, threshold)
     from matplotlib.figure import Figure
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     fractions = usage.fractions
     ov = usage.overlap(threshold)
     jac, shared = ov.mean_pairwise("jaccard"), ov.mean_pairwise("shared")
@@ -306,13 +318,13 @@ def plot_heatmaps(usage: ExpertUsage, out_dir: str | os.PathLike, threshold: flo
                          f"block {block}: % of each task's token→expert assignments (top-{usage.top_k})"
                          f"{overlap_text}", annotate)
         fig.colorbar(image, ax=ax, label="%")
-        paths.append(_save_figure(fig, out_dir / f"experts_block{block}.png"))
+        paths.append(_save_figure(fig, out(f"experts_block{block}.png")))
     fig = Figure(figsize=(width, height_per * len(usage.layers) + 0.4), layout="constrained")
     axes = fig.subplots(len(usage.layers), 1, squeeze=False)[:, 0]
     for l_idx, block in enumerate(usage.layers):
         _heatmap(axes[l_idx], fractions[l_idx], usage.tasks, f"block {block}", annotate)
     fig.suptitle(f"expert usage per task (% of assignments, {usage.num_images} images)", fontsize=11)
-    paths.append(_save_figure(fig, out_dir / "experts_all.png"))
+    paths.append(_save_figure(fig, out("experts_all.png")))
     return paths
 
 

@@ -18,9 +18,10 @@ task                                dtype / shape             values
 
 Output names must be unique: two images with the same stem (``a/x.png`` and ``b/x.jpg``) would write
 the same files, so that is refused before anything is written (rename one or run them separately);
-the same file given twice is processed once. Every file is written under a temporary name and
-renamed. An image that cannot be read is reported in the result and skipped; the others are still
-written.
+the same file given twice is processed once. ``OUT`` may be a new folder or any folder: m3vit keeps a
+manifest of the files it wrote there (``m3vit.utils.io.OutputFolder``) and refuses, before reading any
+image, to overwrite a file it did not write. Every file is written under a temporary name and renamed.
+An image that cannot be read is reported in the result and skipped; the others are still written.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from ..atomic import write_atomic
+from ..utils.io import OutputFolder, write_atomic
 from ..tasks import Task
 from .builders import build_tasks
 from .evaluator import prepare_images
@@ -184,25 +185,25 @@ def infer_files(model, paths: Sequence[str | os.PathLike], tasks: Sequence[str] 
         raise ValueError("no images given")
     stems = output_stems(paths)
     task_objs = build_tasks({t: model.config.tasks[t] for t in tasks})
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"output {str(out_dir)!r} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    suffixes = (".png", ".npy") if save_npy else (".png",)
     result = InferenceResult()
-    for path, stem in stems.items():
-        try:
-            image = read_image(path)
-        except ImageReadError as exc:
-            log.info("skipping %s", exc)
-            result.failed.append((path, str(exc)))
-            continue
-        preds = predict(model, image, tasks, size)
-        for task in tasks:
-            result.written.append(_save_png(task_objs[task].colorize(preds[task], kind="pred"),
-                                            out_dir / f"{stem}_{task}.png"))
-            if save_npy:
-                result.written.append(_save_npy(decode_prediction(task_objs[task], preds[task]),
-                                                out_dir / f"{stem}_{task}.npy"))
-        result.processed.append(path)
-        log.info("%s: wrote %s", path, ", ".join(f"{stem}_{t}" for t in tasks))
+    with OutputFolder(out_dir, kind="infer") as out:
+        # Before any image is read: no output may replace a file m3vit did not write.
+        out.claim(f"{stem}_{task}{suffix}" for stem in stems.values() for task in tasks for suffix in suffixes)
+        for path, stem in stems.items():
+            try:
+                image = read_image(path)
+            except ImageReadError as exc:
+                log.info("skipping %s", exc)
+                result.failed.append((path, str(exc)))
+                continue
+            preds = predict(model, image, tasks, size)
+            for task in tasks:
+                result.written.append(_save_png(task_objs[task].colorize(preds[task], kind="pred"),
+                                                out.path(f"{stem}_{task}.png")))
+                if save_npy:
+                    result.written.append(_save_npy(decode_prediction(task_objs[task], preds[task]),
+                                                    out.path(f"{stem}_{task}.npy")))
+            result.processed.append(path)
+            log.info("%s: wrote %s", path, ", ".join(f"{stem}_{t}" for t in tasks))
     return result

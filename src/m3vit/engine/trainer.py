@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import random
+import io
 import re
 import shutil
 import time
@@ -55,14 +56,16 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from ..atomic import write_text
-from ..models.checkpoint import CONFIG, WEIGHTS, atomic_directory, save_checkpoint
+from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, WEIGHTS, save_checkpoint,
+                                 write_checkpoint_files)
 from ..models.config import ConfigError
+from ..utils.errors import M3ViTError, OutputError
+from ..utils.io import FolderLock, atomic_directory, remove_output, write_bytes, write_text
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
 from .cross_task import CrossTaskHead
 from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier, cleanup_distributed,
-                          convert_sync_batchnorm, gather_objects, init_distributed)
+                          convert_sync_batchnorm, env_rank, gather_objects, init_distributed)
 from .schedules import LRSchedule, StepScheduler, build_optimizer
 
 __all__ = ["train", "TrainResult", "TrainingError", "RunDirectoryError", "RESUMABLE_KEYS", "latest_checkpoint",
@@ -70,7 +73,6 @@ __all__ = ["train", "TrainResult", "TrainingError", "RunDirectoryError", "RESUMA
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer.pt"
 LOG_FILE = "log.jsonl"
 RUN_CONFIG = "config.yaml"
 # Keys a resumed run may change; anything else must match OUT/config.yaml.
@@ -81,11 +83,11 @@ RESUMABLE_KEYS = frozenset({
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(M3ViTError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
 
 
-class RunDirectoryError(ValueError):
+class RunDirectoryError(M3ViTError, ValueError):
     """The output directory cannot be used as asked (not empty without resume, config changed ...)."""
 
 
@@ -147,24 +149,76 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
 
-def _remove_dir(path: Path) -> None:
-    """Delete a directory so that an interruption never leaves a half-deleted ``step-N``: rename first."""
-    doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def _prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints, file by file (``remove_output``); a step folder
+    that holds anything a checkpoint does not is left alone."""
     for _, path in _step_dirs(root)[:-keep]:
-        _remove_dir(path)
+        if not CHECKPOINT.recognises(path):
+            log.warning("not pruning %s: it holds files m3vit did not write", path)
+            continue
+        doomed = path.with_name(f".{path.name}.m3vit-old-{os.getpid()}")  # never a half-deleted step-N
+        os.replace(path, doomed)
+        remove_output(doomed, CHECKPOINT)
+
+
+# The temporary names the trainer (and the checkpoint writer under it) creates in a run folder and in
+# its checkpoints/ folder, today's and those of earlier m3vit versions: only these are cleaned up.
+_OWN_NAMES = r"(?:step-\d+|final|config\.yaml|log\.jsonl)"
+_TEMPORARY = re.compile(
+    rf"^\.{_OWN_NAMES}(?:\.m3vit-(?:tmp|old)-[A-Za-z0-9_]+"       # m3vit.utils.io
+    rf"|\.tmp-[A-Za-z0-9_]+|\.old-\d+|\.deleting-\d+"             # m3vit 0.1 directories
+    rf"|\.[A-Za-z0-9_]{{8}}\.tmp)$")                                # m3vit 0.1 files (mkstemp)
 
 
 def _clean_temporaries(root: Path) -> None:
-    """Remove what an interrupted save or prune left in ``root`` (hidden temp/old/deleting dirs)."""
+    """Remove what an interrupted save or prune left in ``root``: exactly the temporary names the trainer
+    creates (``_TEMPORARY``), nothing else (a user's ``.git`` or ``.notes`` stays)."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if not _TEMPORARY.match(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # a temporary folder of the trainer's own: everything in it is m3vit's
+        else:
+            path.unlink()
+
+
+#: What a run folder holds when m3vit alone wrote it (``remove_run_folder``).
+_RUN_FILES = (RUN_CONFIG, LOG_FILE)
+
+
+def remove_run_folder(out: str | os.PathLike) -> list[str]:
+    """Delete a training run folder's own content (config, log, step checkpoints, ``final/``,
+    TensorBoard event files and the trainer's temporary names), then the folder if nothing else is in
+    it. Returns what was left: files m3vit did not write are never deleted."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    for sub in (out / "checkpoints", out):
+        _clean_temporaries(sub)
+    root = out / "checkpoints"
     if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(".") and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+        for _, path in _step_dirs(root):
+            if CHECKPOINT.recognises(path):
+                remove_output(path, CHECKPOINT)
+        if not any(root.iterdir()):
+            root.rmdir()
+    if CHECKPOINT.recognises(out / "final"):
+        remove_output(out / "final", CHECKPOINT)
+    board = out / "tensorboard"
+    if board.is_dir():
+        for event in board.glob("events.out.tfevents.*"):
+            event.unlink()
+        if not any(board.iterdir()):
+            board.rmdir()
+    for name in _RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+    left = sorted(p.name for p in out.iterdir())
+    if not left:
+        out.rmdir()
+    return left
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -341,8 +395,17 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     device_type = resolve_device(tcfg.device).type  # fails early for an unavailable device
     if tcfg.amp == "fp16" and device_type != "cuda":
         raise ConfigError("train.amp: fp16 autocast needs a CUDA device; use 'bf16' or 'none' on CPU")
-    # Every process checks the directory before joining the group; rank 0 writes into it only after.
-    checkpoint = _check_run_dir(out, cfg, resume)
+    # One run per folder: the main process locks it for the whole run (released when it ends, even if
+    # killed). Every process checks the directory before joining the group; rank 0 writes only after.
+    lock = FolderLock(out, what="--out") if env_rank() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        checkpoint = _check_run_dir(out, cfg, resume)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
 
     info = init_distributed(device_type)
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -359,6 +422,8 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
     finally:
         torch.use_deterministic_algorithms(previous_deterministic)
         cleanup_distributed(info)
+        if lock is not None:
+            lock.release()
 
 
 class _Trainer:
@@ -434,9 +499,11 @@ class _Trainer:
         if self.info.is_main:
             root = self.out / "checkpoints"
             extra = {"run": self.cfg.to_dict(), "step": self.step}
-            with atomic_directory(root / f"step-{self.step}") as tmp:
-                save_checkpoint(self.model, tmp, extra=extra)
-                torch.save(state, tmp / TRAINER_STATE)
+            buffer = io.BytesIO()
+            torch.save(state, buffer)  # in memory first: a full disk is then a plain OSError
+            with atomic_directory(root / f"step-{self.step}", CHECKPOINT) as tmp:
+                write_checkpoint_files(self.model, tmp, extra=extra)
+                write_bytes(tmp / TRAINER_STATE, buffer.getvalue(), durable=True)
             _prune_checkpoints(root, self.cfg.train.keep_checkpoints)
         barrier(self.info)
 

@@ -9,7 +9,6 @@ single-task vs all-task inference, and writes ``results.json``, ``report.md`` an
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from ..engine.config import ConfigError, RunConfig, load_config
 from ..engine.evaluator import evaluate
 from ..models import load_checkpoint
 from ..tasks import delta_m
-from ..atomic import write_json, write_text
+from ..utils.errors import OutputError
+from ..utils.io import OutputFolder, write_json, write_text
 from .report import format_table, metrics_table, plot_curves, plot_predictions, read_log
 
 __all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary", "find_config"]
@@ -100,11 +100,22 @@ class DemoResult:
     table: str = ""
 
 
+def start_fresh(run_dir: Path) -> None:
+    """Delete what m3vit wrote in the training run folder ``run_dir`` (for ``--fresh``); a file it did not
+    write stops the fresh start with an ``OutputError`` naming it (it is never deleted)."""
+    from ..engine.trainer import remove_run_folder
+
+    left = remove_run_folder(run_dir)
+    if left:
+        raise OutputError(f"cannot start {run_dir} afresh: it holds {', '.join(left[:3])}, which m3vit did not "
+                          f"write; move those files or choose another --out")
+
+
 def _train(cfg: RunConfig, out: Path, fresh: bool) -> dict[str, Any]:
     from ..engine.trainer import train
 
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:
+        start_fresh(out)
     result = train(cfg, out, resume=out.exists())
     return {"train_seconds": training_seconds(result.log_path), "steps": result.steps}
 
@@ -125,58 +136,59 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
     deletes it first. ``say`` receives progress lines.
     """
     out = Path(out)
-    paths = {name: Path(p) for name, p in (configs or {}).items()} or {n: find_config(r) for n, r in DEFAULT_CONFIGS.items()}
-    cfgs = {name: load_config(path, overrides) for name, path in paths.items()}
-    compare_configs(cfgs)
-    results: dict[str, Any] = {}
-    models = {}
-    for name, cfg in cfgs.items():
-        say(f"[{name}] training {cfg.model.name} for {cfg.train.steps or cfg.train.epochs} "
-            f"{'steps' if cfg.train.steps else 'epochs'} ({paths[name]}) -> {out / name}")
-        info = _train(cfg, out / name, fresh)
-        final = out / name / "final"
-        model = load_checkpoint(final)
-        models[name] = model
-        dataset = build_eval_dataset(cfg)
-        say(f"[{name}] evaluating {final} on {len(dataset)} {cfg.data.val_split} samples, each task on its own pathway")
-        start = time.perf_counter()
-        metrics = evaluate(model, dataset, eval_cfg=cfg.eval, batch_size=cfg.eval.batch_size, pathway="single")
-        info["eval_seconds"] = time.perf_counter() - start
-        say(f"[{name}] measuring GFLOPs and CPU latency at {cfg.data.size[0]}x{cfg.data.size[1]}")
-        results[name] = {"metrics": metrics, "checkpoint": str(final), "config": str(paths[name]),
-                         "model": cfg.model.name, **info, **efficiency_summary(model, cfg.data.size, latency_repeats)}
-    names = list(cfgs)
-    first_cfg = cfgs[names[0]]
-    if len(names) == 2:
-        a, b = names
-        ma, mb = results[a]["metrics"], results[b]["metrics"]
-        results["diff"] = {t: {k: ma[t][k] - mb[t][k] for k in ma[t] if k in mb.get(t, {})} for t in ma}
-        try:
-            results["delta_m"] = {"value": delta_m(ma, mb), "of": a, "baseline": b}
-        except ValueError as exc:  # e.g. a zero baseline metric after a very short run
-            results["delta_m"] = {"value": None, "of": a, "baseline": b, "error": str(exc)}
-    figures = _figures(out, cfgs, models, results, samples, say)
-    results["figures"] = figures
-    write_json(out / "results.json", results)
-    table = _summary(results, names, first_cfg)
-    write_text(out / "report.md", _report(results, names, cfgs, paths, table, figures))
-    say(f"wrote {out / 'results.json'} and {out / 'report.md'}")
-    return DemoResult(out=out, results=results, table=table)
+    with OutputFolder(out, kind="demo") as folder:  # locked: one demo per folder at a time
+        folder.claim(["results.json", "report.md"])
+        paths = {name: Path(p) for name, p in (configs or {}).items()} or {n: find_config(r) for n, r in DEFAULT_CONFIGS.items()}
+        cfgs = {name: load_config(path, overrides) for name, path in paths.items()}
+        compare_configs(cfgs)
+        results: dict[str, Any] = {}
+        models = {}
+        for name, cfg in cfgs.items():
+            say(f"[{name}] training {cfg.model.name} for {cfg.train.steps or cfg.train.epochs} "
+                f"{'steps' if cfg.train.steps else 'epochs'} ({paths[name]}) -> {out / name}")
+            info = _train(cfg, out / name, fresh)
+            final = out / name / "final"
+            model = load_checkpoint(final)
+            models[name] = model
+            dataset = build_eval_dataset(cfg)
+            say(f"[{name}] evaluating {final} on {len(dataset)} {cfg.data.val_split} samples, each task on its own pathway")
+            start = time.perf_counter()
+            metrics = evaluate(model, dataset, eval_cfg=cfg.eval, batch_size=cfg.eval.batch_size, pathway="single")
+            info["eval_seconds"] = time.perf_counter() - start
+            say(f"[{name}] measuring GFLOPs and CPU latency at {cfg.data.size[0]}x{cfg.data.size[1]}")
+            results[name] = {"metrics": metrics, "checkpoint": str(final), "config": str(paths[name]),
+                             "model": cfg.model.name, **info, **efficiency_summary(model, cfg.data.size, latency_repeats)}
+        names = list(cfgs)
+        first_cfg = cfgs[names[0]]
+        if len(names) == 2:
+            a, b = names
+            ma, mb = results[a]["metrics"], results[b]["metrics"]
+            results["diff"] = {t: {k: ma[t][k] - mb[t][k] for k in ma[t] if k in mb.get(t, {})} for t in ma}
+            try:
+                results["delta_m"] = {"value": delta_m(ma, mb), "of": a, "baseline": b}
+            except ValueError as exc:  # e.g. a zero baseline metric after a very short run
+                results["delta_m"] = {"value": None, "of": a, "baseline": b, "error": str(exc)}
+        figures = _figures(out, folder, cfgs, models, results, samples, say)
+        results["figures"] = figures
+        write_json(folder.path("results.json"), results)
+        table = _summary(results, names, first_cfg)
+        write_text(folder.path("report.md"), _report(results, names, cfgs, paths, table, figures))
+        say(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+        return DemoResult(out=out, results=results, table=table)
 
 
-def _figures(out: Path, cfgs, models, results, samples: int, say) -> dict[str, Any]:
+def _figures(out: Path, folder: OutputFolder, cfgs, models, results, samples: int, say) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    fig_dir = out / "figures"
     logs = {name: out / name / "log.jsonl" for name in cfgs if (out / name / "log.jsonl").is_file()}
     if logs:
-        figures["curves"] = str(plot_curves(logs, fig_dir / "curves.png"))
+        figures["curves"] = str(plot_curves(logs, folder.path("figures/curves.png")))
     cfg = next(iter(cfgs.values()))
     dataset = build_eval_dataset(cfg)
     indices = list(range(min(samples, len(dataset))))
     figures["predictions"] = {}
     for task in next(iter(models.values())).tasks:
         figures["predictions"][task] = str(plot_predictions(models, dataset, indices, task,
-                                                            fig_dir / f"predictions_{task}.png"))
+                                                            folder.path(f"figures/predictions_{task}.png")))
     moe = {name: m for name, m in models.items() if m.moe_layers}
     if moe:
         from ..engine.experts import expert_usage, plot_heatmaps
@@ -185,7 +197,7 @@ def _figures(out: Path, cfgs, models, results, samples: int, say) -> dict[str, A
         say(f"[{name}] counting expert usage per task on the {cfg.data.val_split} split")
         usage = expert_usage(model, dataset, batch_size=cfg.eval.batch_size)
         results[name]["experts"] = usage.to_dict()
-        figures["experts"] = [str(p) for p in plot_heatmaps(usage, fig_dir / "experts")]
+        figures["experts"] = [str(p) for p in plot_heatmaps(usage, lambda name: folder.path(f"figures/experts/{name}"))]
     return figures
 
 

@@ -9,7 +9,6 @@ to ``m3vit eval --baselines`` later.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,8 @@ from ..engine.config import ConfigError, RunConfig, load_config, parse_overrides
 from ..engine.evaluator import evaluate
 from ..models import load_checkpoint
 from ..tasks import delta_m
-from .demo import compare_configs, training_seconds
-from ..atomic import write_json, write_text
+from .demo import compare_configs, start_fresh, training_seconds
+from ..utils.io import OutputFolder, write_json, write_text
 from .report import format_table, metrics_table
 
 __all__ = ["run_study", "single_task_config"]
@@ -46,8 +45,8 @@ def single_task_config(cfg: RunConfig, task: str) -> RunConfig:
 def _train_and_eval(cfg: RunConfig, out: Path, fresh: bool, say) -> dict[str, Any]:
     from ..engine.trainer import train
 
-    if fresh and out.exists():
-        shutil.rmtree(out)
+    if fresh:
+        start_fresh(out)
     result = train(cfg, out, resume=out.exists())
     seconds = training_seconds(result.log_path)
     model = load_checkpoint(out / "final")
@@ -63,40 +62,42 @@ def run_study(out: str | Path, multi: Mapping[str, str | Path], single: str | Pa
     """Train the single-task baselines of ``single`` (one per task) and each config of ``multi``
     (``{run name: config path}``); write ``study.json``, ``baselines.json`` and ``report.md``."""
     out = Path(out)
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    multi_cfgs = {name: load_config(path, overrides) for name, path in multi.items()}
-    base = load_config(single, overrides)
-    compare_configs({"single": base, **multi_cfgs})
-    tasks = list(build_train_dataset(base).tasks) if base.data.tasks is None else list(base.data.tasks)
-    loss_weights(base, tasks)  # every task needs a weight before anything trains
-    say(f"study: {len(tasks)} single-task baselines ({base.model.name}) + {len(multi_cfgs)} multi-task model(s)")
-    single_runs = {}
-    for task in tasks:
-        say(f"[single/{task}] training")
-        single_runs[task] = _train_and_eval(single_task_config(base, task), out / "single" / task, fresh, say)
-    baselines = {task: run["metrics"][task] for task, run in single_runs.items()}
-    write_json(out / "baselines.json", {"metrics": baselines})
-    multi_runs = {}
-    for name, cfg in multi_cfgs.items():
-        say(f"[{name}] training")
-        run = _train_and_eval(cfg, out / name, fresh, say)
-        try:
-            run["delta_m"] = delta_m(run["metrics"], baselines)
-        except ValueError as exc:
-            run["delta_m"] = None
-            run["delta_m_error"] = str(exc)
-        multi_runs[name] = run
-    study = {"tasks": tasks, "single": single_runs, "multi": multi_runs, "baselines": baselines}
-    write_json(out / "study.json", study)
-    columns = {"single-task": baselines, **{n: r["metrics"] for n, r in multi_runs.items()}}
-    table = metrics_table(columns, diff=False)
-    dm = format_table(["model", "Δm % vs single-task"], [[n, r["delta_m"]] for n, r in multi_runs.items()])
-    write_text(out / "report.md", "\n".join([
-        "# m3vit study: Δm against single-task baselines", "",
-        metrics_table(columns, markdown=True, diff=False), "",
-        format_table(["model", "Δm % vs single-task"], [[n, r["delta_m"]] for n, r in multi_runs.items()],
-                     markdown=True), "",
-        f"Baselines: `{out / 'baselines.json'}` (`m3vit eval --checkpoint ... --baselines` accepts it).", ""]))
-    study["table"] = f"{table}\n\n{dm}"
-    return study
+    with OutputFolder(out, kind="study") as folder:  # locked: one study per folder at a time
+        folder.claim(["baselines.json", "study.json", "report.md"])
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        multi_cfgs = {name: load_config(path, overrides) for name, path in multi.items()}
+        base = load_config(single, overrides)
+        compare_configs({"single": base, **multi_cfgs})
+        tasks = list(build_train_dataset(base).tasks) if base.data.tasks is None else list(base.data.tasks)
+        loss_weights(base, tasks)  # every task needs a weight before anything trains
+        say(f"study: {len(tasks)} single-task baselines ({base.model.name}) + {len(multi_cfgs)} multi-task model(s)")
+        single_runs = {}
+        for task in tasks:
+            say(f"[single/{task}] training")
+            single_runs[task] = _train_and_eval(single_task_config(base, task), out / "single" / task, fresh, say)
+        baselines = {task: run["metrics"][task] for task, run in single_runs.items()}
+        write_json(folder.path("baselines.json"), {"metrics": baselines})
+        multi_runs = {}
+        for name, cfg in multi_cfgs.items():
+            say(f"[{name}] training")
+            run = _train_and_eval(cfg, out / name, fresh, say)
+            try:
+                run["delta_m"] = delta_m(run["metrics"], baselines)
+            except ValueError as exc:
+                run["delta_m"] = None
+                run["delta_m_error"] = str(exc)
+            multi_runs[name] = run
+        study = {"tasks": tasks, "single": single_runs, "multi": multi_runs, "baselines": baselines}
+        write_json(folder.path("study.json"), study)
+        columns = {"single-task": baselines, **{n: r["metrics"] for n, r in multi_runs.items()}}
+        table = metrics_table(columns, diff=False)
+        dm = format_table(["model", "Δm % vs single-task"], [[n, r["delta_m"]] for n, r in multi_runs.items()])
+        write_text(folder.path("report.md"), "\n".join([
+            "# m3vit study: Δm against single-task baselines", "",
+            metrics_table(columns, markdown=True, diff=False), "",
+            format_table(["model", "Δm % vs single-task"], [[n, r["delta_m"]] for n, r in multi_runs.items()],
+                         markdown=True), "",
+            f"Baselines: `{out / 'baselines.json'}` (`m3vit eval --checkpoint ... --baselines` accepts it).", ""]))
+        study["table"] = f"{table}\n\n{dm}"
+        return study

@@ -1,67 +1,74 @@
-"""Checkpoints as directories: ``model.safetensors`` + ``config.yaml``, written atomically."""
+"""Checkpoints as directories: ``model.safetensors`` + ``config.yaml``, written atomically.
+
+A checkpoint folder holds nothing but ``CHECKPOINT_FILES`` and its ``config.yaml`` carries the format
+marker ``m3vit-checkpoint``: that is how m3vit recognises its own checkpoints, the only folders
+``save_checkpoint`` replaces (``m3vit.utils.io``).
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from ..utils.io import OutputKind, atomic_directory, write_bytes, write_text
 from .config import ConfigError, ModelConfig
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "atomic_directory"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "write_checkpoint_files",
+           "is_checkpoint_config", "CHECKPOINT", "CHECKPOINT_FILES", "WEIGHTS", "CONFIG", "TRAINER_STATE"]
 
 FORMAT = "m3vit-checkpoint"
 VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+#: The trainer's state beside a step checkpoint's model (optimizer, schedule, RNG, data order).
+TRAINER_STATE = "trainer.pt"
+CHECKPOINT_FILES = frozenset({WEIGHTS, CONFIG, TRAINER_STATE})
 
 
-class atomic_directory:
-    """Context manager yielding a temporary sibling directory that replaces ``path`` on success.
+def is_checkpoint_config(folder: str | os.PathLike) -> bool:
+    """Whether ``folder/config.yaml`` carries m3vit's checkpoint format marker (read as text: cheap, safe)."""
+    try:
+        with open(Path(folder) / CONFIG, encoding="utf-8") as f:
+            return any(line.strip() == f"format: {FORMAT}" for line in f)
+    except (OSError, UnicodeDecodeError):
+        return False
 
-    On an exception the temporary directory is removed and ``path`` is left as it was.
+
+#: A checkpoint folder, for ``m3vit.utils.io.atomic_directory``.
+CHECKPOINT = OutputKind("checkpoint", CHECKPOINT_FILES, is_checkpoint_config)
+
+
+def write_checkpoint_files(model, folder: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``config.yaml`` of ``model`` into the (temporary) ``folder``.
+
+    ``config.yaml`` holds the full ``ModelConfig`` (enough to rebuild the model) plus ``extra``. The
+    weights are serialised in memory first, so a full disk is an ``OSError`` (``OutputError``), never a
+    half-written file that looks whole.
     """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(model, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write ``model`` (a ``MultiTaskModel``) to ``directory`` atomically; returns the path.
-
-    ``config.yaml`` holds the full ``ModelConfig`` (enough to rebuild the model) plus ``extra``.
-    """
+    folder = Path(folder)
     cfg: ModelConfig = model.config
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict()}
     if extra:
         meta.update(extra)
-    with atomic_directory(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        with open(tmp / CONFIG, "w") as f:
-            yaml.safe_dump(meta, f, sort_keys=False)
+    write_bytes(folder / WEIGHTS, safetensors_bytes(state, metadata={"format": FORMAT}), durable=True)
+    write_text(folder / CONFIG, yaml.safe_dump(meta, sort_keys=False))
+    return folder
+
+
+def save_checkpoint(model, directory: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``model`` (a ``MultiTaskModel``) to the folder ``directory`` atomically; returns the path.
+
+    ``directory`` must be free, empty, or an m3vit checkpoint (which is replaced); anything else (a
+    folder of other files, a plain file) is refused with an ``OutputError`` and left untouched.
+    """
+    with atomic_directory(directory, CHECKPOINT) as tmp:
+        write_checkpoint_files(model, tmp, extra)
     return Path(directory)
 
 

@@ -1,0 +1,401 @@
+"""Safe output: atomic files and folders, what m3vit may replace, folder locks, the umask.
+
+The rules every command follows (the README's "Safety" section):
+
+* A file is written to a temporary sibling ``.NAME.m3vit-tmp-XXXXXX`` and renamed into place, so no
+  reader ever sees half a file; on any failure the temporary file (and nothing else) is removed.
+* A folder output (a checkpoint, an export) is built in a temporary sibling folder and moved into
+  place. An existing target is replaced only when it is an m3vit output of the same kind
+  (``OutputKind.recognises``: for a checkpoint, a folder holding nothing but the files a checkpoint
+  has); a user's folder, a plain file or an output of another kind is refused with one line.
+* A folder that receives files from several runs (inference outputs, expert reports, experiment
+  reports) keeps a manifest ``.m3vit-output.json`` of the files m3vit wrote there
+  (``OutputFolder``): a file that is not listed is never overwritten.
+* Only the exact temporary names this process created are ever deleted; an old output is removed
+  file by file (the names its kind knows), never with a recursive delete of whatever it holds.
+* New files and folders get the permissions that ``open()`` and ``mkdir()`` would give them: 0666 /
+  0777 minus the umask (``tempfile`` makes 0600 / 0700, which would hide a shared checkpoint).
+* A folder one process works in is locked (``FolderLock``: ``fcntl.flock`` on the folder) for as long
+  as it works there; the kernel releases the lock when the process dies, even by SIGKILL.
+
+Errors a user can fix (a folder that is not m3vit's, a locked folder, a full disk) are
+``OutputError``s naming the user's path, never a temporary name.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputError, RunLockedError
+
+__all__ = ["current_umask", "write_atomic", "write_bytes", "write_text", "write_json", "OutputKind",
+           "atomic_directory", "check_replaceable", "remove_output", "OutputFolder", "FolderLock", "MANIFEST_FILE",
+           "TEMP_MARK", "is_temporary_name", "make_dirs"]
+
+log = logging.getLogger(__name__)
+
+#: What every temporary name m3vit creates contains (``.NAME.m3vit-tmp-XXXXXX``, ``.NAME.m3vit-old-XXXXXX``).
+TEMP_MARK = ".m3vit-"
+MANIFEST_FILE = ".m3vit-output.json"
+_MANIFEST_FORMAT = "m3vit-output"
+
+
+# ----------------------------------------------------------------------------------------------
+# Permissions
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (``/proc/self/status`` on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc: the classic read-and-restore (not thread-safe, rare)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: str | os.PathLike, directory: bool) -> None:
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p`` (the umask applies as usual); a plain file in the way is an ``OutputError``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"{path} exists and is not a folder; choose another output path") from None
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    return path
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = "no space left on the device; free some space or choose another location"
+    return OutputError(f"cannot write {path}: {reason}")
+
+
+def is_temporary_name(name: str) -> bool:
+    """Whether ``name`` has the shape of a temporary name m3vit creates (``.X.m3vit-tmp-…``/``-old-…``)."""
+    return name.startswith(".") and (f"{TEMP_MARK}tmp-" in name or f"{TEMP_MARK}old-" in name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary_path)``, then rename the temporary file to ``path`` (creating its folder).
+
+    The file gets the umask's permissions. On any error the temporary file is removed and ``path`` is
+    left as it was; an ``OSError`` (a full disk, no permission) becomes an ``OutputError`` naming
+    ``path``, not the temporary name.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a folder; give a file name to write")
+    make_dirs(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}tmp-", dir=path.parent)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    os.close(fd)
+    try:
+        write(tmp)
+        _follow_umask(tmp, directory=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise _output_error(path, exc) from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    return path
+
+
+def _unlink_quietly(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; ``durable`` also flushes it to the disk before the rename
+    (for checkpoints, which must survive a power cut whole)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+
+    return write_atomic(path, write)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder outputs that are replaced whole (checkpoints, exports)
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of folder m3vit writes whole: its ``name`` (for messages), the ``files`` it may hold, and
+    ``identify(folder) -> bool``, which says whether a folder's content is really this kind's (e.g. its
+    config file carries m3vit's format marker). A folder is recognised when every entry is one of
+    ``files`` and ``identify`` agrees."""
+
+    name: str
+    files: frozenset[str]
+    identify: Callable[[Path], bool] = field(default=lambda folder: True, compare=False)
+
+    def foreign_entries(self, folder: Path) -> list[str]:
+        """The entries of ``folder`` this kind does not write (sorted)."""
+        return sorted(p.name for p in folder.iterdir() if p.name not in self.files or p.is_dir())
+
+    def recognises(self, folder: str | os.PathLike) -> bool:
+        folder = Path(folder)
+        try:
+            return folder.is_dir() and not self.foreign_entries(folder) and self.identify(folder)
+        except OSError:
+            return False
+
+
+def check_replaceable(path: Path, kind: OutputKind) -> None:
+    """Raise ``OutputError`` unless ``path`` is absent, an empty folder or a recognised ``kind`` output."""
+    if not os.path.lexists(path):
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise OutputError(f"{path} exists and is not a folder; m3vit writes a {kind.name} folder there only "
+                          f"if the path is free: choose another output path or move the file")
+    if not any(path.iterdir()):
+        return
+    if not kind.recognises(path):
+        foreign = kind.foreign_entries(path)
+        held = f" (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})" if foreign else ""
+        raise OutputError(f"{path} exists and is not an m3vit {kind.name}{held}; m3vit replaces only its own "
+                          f"outputs: choose a new output path or empty that folder")
+
+
+def remove_output(path: str | os.PathLike, kind: OutputKind) -> list[str]:
+    """Delete the files of ``kind`` in the folder ``path``, then the folder if it is empty.
+
+    Returns the entries left behind (anything ``kind`` does not write, never deleted).
+    """
+    path = Path(path)
+    for name in kind.files:
+        entry = path / name
+        if entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+    left = sorted(p.name for p in path.iterdir())
+    if not left:
+        path.rmdir()
+    return left
+
+
+class atomic_directory:
+    """Build a folder output of ``kind`` in a temporary sibling; on success it replaces ``path``.
+
+    ``with atomic_directory(path, kind) as tmp: ...`` writes into ``tmp``. Before anything is written,
+    ``path`` must be free, an empty folder, or a folder ``kind`` recognises (else ``OutputError``); it is
+    checked again before the swap. The old output is moved aside under a temporary name, the new one
+    renamed into place, then the old one's files are deleted by name. On an exception only the
+    temporary folder this call created is removed. The new folder and its files follow the umask.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: OutputKind):
+        self.path = Path(path)
+        self.kind = kind
+
+    def __enter__(self) -> Path:
+        check_replaceable(self.path, self.kind)
+        make_dirs(self.path.parent)
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{TEMP_MARK}tmp-", dir=self.path.parent))
+        except OSError as exc:
+            raise _output_error(self.path, exc) from None
+        _follow_umask(self.tmp, directory=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._discard()
+            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+                raise _output_error(self.path, exc) from None
+            return False
+        old = None
+        try:
+            for entry in self.tmp.iterdir():
+                if entry.is_file():
+                    _follow_umask(entry, directory=False)
+            check_replaceable(self.path, self.kind)
+            if os.path.lexists(self.path):
+                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{TEMP_MARK}old-", dir=self.path.parent))
+                os.replace(self.path, old)  # an empty folder or a recognised output (checked just above)
+            os.replace(self.tmp, self.path)
+        except OutputError:
+            self._discard()
+            raise
+        except OSError as exc:
+            self._discard()
+            raise _output_error(self.path, exc) from None
+        if old is not None:
+            left = remove_output(old, self.kind)
+            if left:  # cannot happen for a recognised folder unless something wrote into it meanwhile
+                log.warning("kept %s: it holds %s, which m3vit did not write", old, ", ".join(left))
+        return False
+
+    def _discard(self) -> None:
+        """Remove the temporary folder this call made (everything in it was written by this call)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Locks
+
+
+class FolderLock:
+    """An exclusive lock on a folder (``fcntl.flock`` on the folder itself), held until ``release``.
+
+    A second process asking for it gets a ``RunLockedError`` naming the folder. The kernel drops the
+    lock when the holding process ends in any way (SIGKILL included), and no lock file is left behind.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+        self.folder = Path(folder)
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        make_dirs(self.folder)
+        try:
+            fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise _output_error(self.folder, exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunLockedError(f"{self.folder} is in use by another m3vit process; wait for it to finish or "
+                                 f"choose another {self.what}") from None
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the descriptor drops the flock
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders that collect files from several runs
+
+
+class OutputFolder:
+    """A folder m3vit writes files into, with a manifest of what it wrote (see the module docstring).
+
+    ``with OutputFolder(path, kind) as out:`` locks the folder; ``out.claim(names)`` checks before any
+    work that each name is free or was written by m3vit (else ``OutputError`` naming the first file
+    that is the user's); ``out.path(name)`` is where to write (atomically, e.g. ``write_json``) and records
+    the name; the manifest is written when the block ends, also after an error (so files already
+    written stay replaceable). ``kind`` is recorded; a folder holding another kind's manifest is refused.
+    """
+
+    def __init__(self, folder: str | os.PathLike, kind: str):
+        self.folder = Path(folder)
+        self.kind = kind
+        self._lock = FolderLock(self.folder, what="output folder")
+        self._files: set[str] = set()
+
+    def __enter__(self) -> "OutputFolder":
+        if os.path.lexists(self.folder) and not self.folder.is_dir():
+            raise OutputError(f"{self.folder} exists and is not a folder; choose another output folder")
+        self._created = not self.folder.exists()
+        self._lock.acquire()
+        try:
+            self._files = self._read_manifest()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self._files:
+                write_json(self.folder / MANIFEST_FILE, {"format": _MANIFEST_FORMAT, "kind": self.kind,
+                                                        "files": sorted(self._files)})
+        finally:
+            self._lock.release()
+        if self._created and not self._files:  # nothing was written: leave no trace of the attempt
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass  # something else was put there meanwhile: keep it
+
+    def _read_manifest(self) -> set[str]:
+        path = self.folder / MANIFEST_FILE
+        if not path.is_file():
+            return set()
+        try:
+            data = json.loads(path.read_text())
+            ok = data.get("format") == _MANIFEST_FORMAT and isinstance(data.get("files"), list)
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            ok = False
+        if not ok:
+            raise OutputError(f"{path} is damaged; m3vit cannot tell which files in {self.folder} it wrote: "
+                              f"choose another output folder")
+        if data.get("kind") != self.kind:
+            raise OutputError(f"{self.folder} holds m3vit {data.get('kind')} outputs, not {self.kind} outputs; "
+                              f"choose another output folder")
+        return {str(f) for f in data["files"]}
+
+    def owns(self, name: str) -> bool:
+        return name in self._files
+
+    def claim(self, names: Iterable[str]) -> None:
+        """Refuse (``OutputError``) if any of ``names`` exists in the folder and m3vit did not write it."""
+        for name in names:
+            target = self.folder / name
+            if os.path.lexists(target) and name not in self._files:
+                raise OutputError(f"{target} exists and was not written by m3vit; it is never overwritten: "
+                                  f"choose another output folder or move that file")
+            if target.is_dir():
+                raise OutputError(f"{target} is a folder; choose another output folder")
+
+    def path(self, name: str) -> Path:
+        """The path to write ``name`` to (relative, ``/``-separated); recorded in the manifest."""
+        self.claim([name])
+        self._files.add(name)
+        return self.folder / name
