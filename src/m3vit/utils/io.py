@@ -246,7 +246,9 @@ class atomic_directory:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
             self._discard()
-            if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            if isinstance(exc, OutputError):  # raised by a write inside: name the user's path, not ours
+                raise OutputError(str(exc).replace(str(self.tmp), str(self.path))) from None
+            if isinstance(exc, OSError):
                 raise _output_error(self.path, exc) from None
             return False
         old = None

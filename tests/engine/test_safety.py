@@ -1,0 +1,258 @@
+"""Nothing the user owns is lost: outputs never replace what m3vit did not write, one run per folder,
+a resume cleans up only its own temporary names, permissions follow the umask, a full disk is one line.
+
+Every test here reproduces a defect of m3vit 0.1 (which deleted folders given as --out, cleaned every
+dot-folder of a run, let two runs share a folder and wrote 0600/0700 checkpoints)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+import m3vit
+from m3vit.cli import main
+from m3vit.engine.config import load_config
+from m3vit.engine.trainer import latest_checkpoint, train
+from m3vit.experiments.demo import start_fresh
+from m3vit.models import create_model, save_checkpoint
+from m3vit.utils.errors import OutputError
+
+MODEL = dict(embed_dim=32, depth=2, num_heads=2, moe_blocks=[1], num_experts=4, top_k=2, head_channels=8)
+TASKS = {"semseg": 4, "sal": 1}
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return create_model("m3vit_micro", TASKS, img_size=(32, 32), **MODEL)
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A small MoE checkpoint with a run config (sal and semseg on 32x32 synthetic scenes)."""
+    cfg = load_config(None, {"model.name": "m3vit_micro", "data.size": [32, 32], "data.val_length": 4,
+                             "data.tasks": list(TASKS), "eval.batch_size": 4, "eval.edge_thresholds": 3,
+                             **{f"model.{k}": v for k, v in MODEL.items()}})
+    return save_checkpoint(_tiny_model(), tmp_path / "ckpt", extra={"run": cfg.to_dict(), "step": 1})
+
+
+def _user_folder(path):
+    path.mkdir()
+    (path / "notes.txt").write_text("my notes")
+    (path / "data.csv").write_text("1,2,3")
+    return path
+
+
+def _cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and "m3vit-tmp" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Outputs never replace what m3vit did not create
+
+
+def test_export_refuses_a_user_folder_a_plain_file_and_its_own_source(source, tmp_path, capsys):
+    user = _user_folder(tmp_path / "mine")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    before = (source / "model.safetensors").read_bytes()
+    for out, fragment in ((user, "is not an m3vit export"), (notes, "is not a folder"),
+                          (source, "is the checkpoint being exported"), (source / "sub", "inside it")):
+        code, _, err = _cli(capsys, "export", "--checkpoint", source, "--task", "sal", "--out", out,
+                            "--calibration", "2")
+        _one_line_error(code, err, str(out), fragment)
+    assert sorted(p.name for p in user.iterdir()) == ["data.csv", "notes.txt"]
+    assert (user / "notes.txt").read_text() == "my notes" and notes.read_text() == "keep me"
+    assert (source / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in source.iterdir()) == ["config.yaml", "model.safetensors"]
+    # an earlier export is m3vit's own: it is replaced
+    out = tmp_path / "sal"
+    for _ in range(2):
+        code, _, err = _cli(capsys, "export", "--checkpoint", source, "--task", "sal", "--out", out,
+                            "--calibration", "2")
+        assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "mine", "notes.txt", "sal"]
+
+
+def test_save_checkpoint_refuses_a_user_folder_and_a_plain_file(tmp_path):
+    user = _user_folder(tmp_path / "mine")
+    with pytest.raises(OutputError, match="is not an m3vit checkpoint"):
+        m3vit.save_checkpoint(_tiny_model(), user)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(OutputError, match="is not a folder"):
+        m3vit.save_checkpoint(_tiny_model(), notes)
+    assert sorted(p.name for p in user.iterdir()) == ["data.csv", "notes.txt"] and notes.read_text() == "keep me"
+    # a checkpoint with a file the user put into it is no longer only m3vit's: refused too
+    ckpt = m3vit.save_checkpoint(_tiny_model(), tmp_path / "ckpt")
+    (ckpt / "README.txt").write_text("what this checkpoint is")
+    with pytest.raises(OutputError, match="it holds README.txt"):
+        m3vit.save_checkpoint(_tiny_model(), ckpt)
+    assert (ckpt / "README.txt").is_file()
+
+
+def test_infer_never_overwrites_a_user_file(source, tmp_path, capsys):
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (120, 40, 200)).save(image)
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "photo_sal.png").write_text("the user's own picture")
+    code, _, err = _cli(capsys, "infer", "--checkpoint", source, "--task", "sal", "--out", out, image)
+    _one_line_error(code, err, str(out / "photo_sal.png"), "was not written by m3vit")
+    assert (out / "photo_sal.png").read_text() == "the user's own picture"
+    # ... but writes beside it, and may replace its own outputs later
+    for _ in range(2):
+        code, _, err = _cli(capsys, "infer", "--checkpoint", source, "--task", "semseg", "--out", out, image)
+        assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".m3vit-output.json", "photo_sal.png", "photo_semseg.png"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_checkpoints_follow_the_umask(tmp_path, tiny_config, mask):
+    saved = os.umask(mask)
+    try:
+        train(tiny_config(train__steps=2, train__checkpoint_every=1), tmp_path / "run")
+    finally:
+        os.umask(saved)
+    for folder in (tmp_path / "run" / "final", latest_checkpoint(tmp_path / "run")):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    assert stat.S_IMODE((tmp_path / "run" / "log.jsonl").stat().st_mode) == 0o666 & ~mask
+
+
+def test_resume_cleans_only_the_trainers_own_temporary_names(tmp_path, tiny_config):
+    cfg = tiny_config(train__steps=2, train__checkpoint_every=1)
+    out = tmp_path / "run"
+    train(cfg, out)
+    # the user's dot-folders, and what interrupted saves of this and the previous version leave behind
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / ".notes").mkdir()
+    (out / ".notes" / "todo.md").write_text("look at step 2")
+    leftovers = [out / "checkpoints" / ".step-3.m3vit-tmp-abc123", out / "checkpoints" / ".step-1.tmp-k2j3",
+                 out / "checkpoints" / ".step-1.old-4242", out / "checkpoints" / ".step-2.deleting-77",
+                 out / ".final.m3vit-old-x9"]
+    for path in leftovers:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"partial")
+    (out / ".log.jsonl.k3j4h5g6.tmp").write_text("partial")
+    train(cfg.replace({"train.steps": 3}), out, resume=True)
+    assert (out / ".git" / "HEAD").is_file() and (out / ".notes" / "todo.md").read_text() == "look at step 2"
+    assert not any(path.exists() for path in leftovers) and not (out / ".log.jsonl.k3j4h5g6.tmp").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git", ".notes"]
+
+
+def test_start_fresh_deletes_only_what_the_trainer_wrote(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=2, train__checkpoint_every=1), out)
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step-1" / "README").write_text("the user's note in a checkpoint")
+    with pytest.raises(OutputError, match="it holds checkpoints, notes.txt"):
+        start_fresh(out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # step-2 was m3vit's
+    assert sorted(p.name for p in (out / "checkpoints" / "step-1").iterdir()) == [
+        "README", "config.yaml", "model.safetensors", "trainer.pt"]
+    assert not (out / "final").exists() and not (out / "log.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. One run per folder
+
+
+def _train_cmd(out, overrides):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return [sys.executable, "-m", "m3vit", "train", "--out", str(out), *overrides], env
+
+
+def test_two_runs_on_one_folder_the_second_exits_2(tmp_path, tiny_overrides):
+    out = tmp_path / "run"
+    args, env = _train_cmd(out, tiny_overrides(train__steps=400, train__checkpoint_every=1))
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while latest_checkpoint(out) is None:  # the first run holds the folder
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        args2, _ = _train_cmd(out, tiny_overrides(train__steps=400, train__seed=1))
+        second = subprocess.run([*args2, "--resume"], env=env, capture_output=True, text=True, timeout=120)
+        _one_line_error(second.returncode, second.stderr, str(out), "in use by another m3vit process")
+        first.kill()  # SIGKILL: the lock must still be released
+        first.wait()
+        third = subprocess.run(args2, env=env, capture_output=True, text=True, timeout=120)
+        # the folder holds the first run now; a new run without --resume is refused as usual, not "locked"
+        assert third.returncode == 2 and "not empty" in third.stderr and "in use" not in third.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def test_a_second_demo_on_a_locked_folder_is_refused(tmp_path):
+    from m3vit.experiments import run_demo
+    from m3vit.utils.errors import RunLockedError
+    from m3vit.utils.io import FolderLock
+
+    with FolderLock(tmp_path / "demo"):
+        with pytest.raises(RunLockedError, match="in use by another m3vit process"):
+            run_demo(tmp_path / "demo", configs={"a": "missing.yaml"})
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk is one line and leaves nothing half-written
+
+
+@contextlib.contextmanager
+def _small_tmpfs(tmp_path, size):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill the disk needs root")
+    mount = tmp_path / f"full-{uuid.uuid4().hex[:6]}"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_files(tmp_path, tiny_overrides, capsys):
+    with _small_tmpfs(tmp_path, "600k") as disk:
+        out = disk / "run"
+        code, _, err = _cli(capsys, "train", "--out", out, *tiny_overrides(train__steps=2, train__checkpoint_every=1))
+        _one_line_error(code, err, "no space left on the device")
+        names = [p.name for p in out.rglob("*")]
+        assert not [n for n in names if "m3vit-tmp" in n or "m3vit-old" in n], names
+        for folder in out.rglob("step-*"):  # whatever checkpoint exists is whole
+            assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "model.safetensors", "trainer.pt"]
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(source, tmp_path, capsys):
+    with _small_tmpfs(tmp_path, "64k") as disk:
+        code, _, err = _cli(capsys, "export", "--checkpoint", source, "--task", "sal", "--out", disk / "sal",
+                            "--calibration", "2")
+        _one_line_error(code, err, str(disk / "sal"), "no space left on the device")
+        assert list(disk.iterdir()) == []

@@ -1,0 +1,203 @@
+"""Safe output (m3vit.utils.io): atomic files and folders, ownership, manifests, locks, the umask."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from m3vit.utils.errors import M3ViTError, OutputError, RunLockedError
+from m3vit.utils.io import (MANIFEST_FILE, FolderLock, OutputFolder, OutputKind, atomic_directory, current_umask,
+                            remove_output, write_json, write_text)
+
+KIND = OutputKind("report", frozenset({"a.txt", "b.txt"}), lambda folder: (folder / "a.txt").is_file())
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test, restore it after."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+
+    def set_mask(mask):
+        os.umask(mask)
+        return mask
+
+    yield set_mask
+    os.umask(saved)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_and_folders_follow_the_umask(tmp_path, umask, mask):
+    umask(mask)
+    assert current_umask() == mask
+    write_text(tmp_path / "f.txt", "x")
+    assert mode(tmp_path / "f.txt") == 0o666 & ~mask
+    with atomic_directory(tmp_path / "out", KIND) as tmp:
+        write_text(tmp / "a.txt", "1")
+    assert mode(tmp_path / "out") == 0o777 & ~mask
+    assert mode(tmp_path / "out" / "a.txt") == 0o666 & ~mask
+
+
+def test_a_write_error_names_the_users_path_not_a_temporary_one(tmp_path):
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device", tmp)
+
+    from m3vit.utils.io import write_atomic
+
+    with pytest.raises(OutputError) as info:
+        write_atomic(tmp_path / "results.json", full)
+    message = str(info.value)
+    assert str(tmp_path / "results.json") in message and "no space left" in message
+    assert "m3vit-tmp" not in message and "\n" not in message
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone
+
+
+def test_atomic_directory_refuses_what_is_not_its_kind(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"user exists and is not an m3vit report \(it holds notes.txt\)"):
+        with atomic_directory(user, KIND):
+            pytest.fail("the body must not run")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("mine")
+    with pytest.raises(OutputError, match="is not a folder"):
+        with atomic_directory(plain, KIND):
+            pass
+    # a folder with the kind's names but not its identity (identify says no) is not replaced either
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "b.txt").write_text("mine")
+    with pytest.raises(OutputError):
+        with atomic_directory(fake, KIND):
+            pass
+    assert (user / "notes.txt").read_text() == plain.read_text() == (fake / "b.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake", "notes.txt", "user"]
+
+
+def test_atomic_directory_replaces_its_own_kind_and_leaves_nothing_temporary(tmp_path):
+    for text in ("first", "second"):
+        with atomic_directory(tmp_path / "out", KIND) as tmp:
+            write_text(tmp / "a.txt", text)
+    assert (tmp_path / "out" / "a.txt").read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_directory(tmp_path / "out", KIND) as tmp:
+            write_text(tmp / "a.txt", "third")
+            raise RuntimeError("boom")
+    assert (tmp_path / "out" / "a.txt").read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_folder_that_became_foreign_during_the_work_is_not_replaced(tmp_path):
+    with atomic_directory(tmp_path / "out", KIND) as tmp:
+        write_text(tmp / "a.txt", "1")
+    with pytest.raises(OutputError):
+        with atomic_directory(tmp_path / "out", KIND) as tmp:
+            (tmp_path / "out" / "notes.txt").write_text("added by the user meanwhile")
+            write_text(tmp / "a.txt", "2")
+    assert (tmp_path / "out" / "notes.txt").is_file() and (tmp_path / "out" / "a.txt").read_text() == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_remove_output_deletes_only_the_kinds_files(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt", "mine.txt"):
+        (folder / name).write_text(name)
+    assert remove_output(folder, KIND) == ["mine.txt"]
+    assert [p.name for p in folder.iterdir()] == ["mine.txt"]
+    (folder / "mine.txt").unlink()
+    (folder / "a.txt").write_text("x")
+    assert remove_output(folder, KIND) == [] and not folder.exists()
+
+
+names = st.sampled_from(["a.txt", "b.txt", "notes.txt", ".git", "data.csv"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.lists(names, unique=True, max_size=4), as_dirs=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_property_nothing_the_kind_does_not_write_is_ever_lost(tmp_path_factory, content, as_dirs):
+    root = tmp_path_factory.mktemp("prop")
+    target = root / "out"
+    target.mkdir()
+    for name, is_dir in zip(content, as_dirs):
+        (target / name).mkdir() if is_dir else (target / name).write_text(f"user {name}")
+    before = {p.name: p.is_dir() for p in target.iterdir()}
+    replaceable = KIND.recognises(target) or not before
+    try:
+        with atomic_directory(target, KIND) as tmp:
+            write_text(tmp / "a.txt", "new")
+    except OutputError:
+        assert not replaceable
+        assert {p.name: p.is_dir() for p in target.iterdir()} == before  # untouched
+    else:
+        assert replaceable
+        assert [p.name for p in target.iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in root.iterdir()) == ["out"]  # no temporary or old folder left
+
+
+def test_output_folder_never_overwrites_a_file_it_did_not_write(tmp_path):
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "photo_semseg.png").write_text("the user's own file")
+    with OutputFolder(out, kind="infer") as folder:
+        with pytest.raises(OutputError, match="photo_semseg.png exists and was not written by m3vit"):
+            folder.claim(["photo_depth.png", "photo_semseg.png"])
+        write_text(folder.path("photo_depth.png"), "ours")
+    assert (out / "photo_semseg.png").read_text() == "the user's own file"
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["kind"] == "infer" and manifest["files"] == ["photo_depth.png"]
+    with OutputFolder(out, kind="infer") as folder:  # a later run may replace what m3vit wrote
+        write_text(folder.path("photo_depth.png"), "ours again")
+    assert (out / "photo_depth.png").read_text() == "ours again"
+    with pytest.raises(OutputError, match="holds m3vit infer outputs, not experts outputs"):
+        with OutputFolder(out, kind="experts"):
+            pass
+
+
+def test_output_folder_that_wrote_nothing_leaves_no_trace(tmp_path):
+    with pytest.raises(M3ViTError):
+        with OutputFolder(tmp_path / "new", kind="demo"):
+            raise OutputError("a config error before any output")
+    assert list(tmp_path.iterdir()) == []
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from m3vit.utils.io import FolderLock
+    FolderLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_folder_lock_excludes_other_processes_and_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"{tmp_path} is in use by another m3vit process"):
+            FolderLock(tmp_path, what="--out").acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up code runs in the holder
+        holder.wait()
+    with FolderLock(tmp_path):  # the kernel released it
+        pass
+    assert list(tmp_path.iterdir()) == []  # and no lock file is left behind
+
+
+def test_write_json_round_trip(tmp_path):
+    write_json(tmp_path / "sub" / "x.json", {"a": [1, 2]})
+    assert json.loads((tmp_path / "sub" / "x.json").read_text()) == {"a": [1, 2]}
