@@ -47,7 +47,7 @@ def test_flops_from_checkpoint(tmp_path, capsys):
         (["flops", "--model", "m3vit_micro", "--set", "nonsense"], "--set expects key=value"),
         (["flops", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
         (["flops", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
-        (["demo", "--repeats", "0"], "--repeats must be >= 1"),
+        (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
         ([], "the following arguments are required: command"),
     ],
 )
@@ -90,7 +90,7 @@ def test_data_show_writes_a_png_grid(tmp_path, capsys):
         (["data", "show", "--root", "/tmp"], "synthetic dataset is rendered"),
         (["data", "show", "--tasks", "bogus"], "bogus"),
         (["data", "show", "--split", "nope"], "nope"),
-        (["data", "show", "--num", "0"], "--num must be >= 1"),
+        (["data", "show", "--num", "0"], "argument --num: must be >= 1"),
         (["data", "show", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     ],
 )
@@ -111,3 +111,32 @@ def test_device_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --device:") and "no CUDA device" in err[0]
+
+
+def test_a_bug_shows_its_traceback_and_user_errors_are_one_line(monkeypatch, capsys):
+    """The error contract: M3ViTError and OSError are the user's (one line, exit 2); any other exception is a
+    bug and must not be disguised as a user error (m3vit 0.1 printed a TypeError or KeyError as one line)."""
+    import m3vit.cli as cli
+    from m3vit.utils.errors import CheckpointError
+
+    for bug in (TypeError("unsupported operand"), KeyError("weights"), ValueError("internal invariant")):
+        def broken(args, bug=bug):
+            raise bug
+
+        monkeypatch.setattr(cli, "cmd_models", broken)
+        with pytest.raises(type(bug)):
+            cli.main(["models"])
+
+    def user_error(args):
+        raise CheckpointError("ckpt/model.safetensors is truncated; re-save it")
+
+    monkeypatch.setattr(cli, "cmd_models", user_error)
+    assert cli.main(["models"]) == 2
+    assert capsys.readouterr().err == "error: ckpt/model.safetensors is truncated; re-save it\n"
+
+    def missing(args):
+        open("/nonexistent/file.yaml")
+
+    monkeypatch.setattr(cli, "cmd_models", missing)
+    assert cli.main(["models"]) == 2
+    assert capsys.readouterr().err == "error: /nonexistent/file.yaml: No such file or directory\n"

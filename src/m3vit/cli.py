@@ -27,6 +27,17 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value becomes one line naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _parse_overrides(items: list[str]) -> dict:
     """Flat ``--set key=value`` model-config overrides (values parsed as YAML)."""
     from .engine.config import parse_overrides
@@ -132,8 +143,6 @@ def _hw_simulate(args, cfg, task, routing) -> dict:
 
     if args.routing_alpha is not None and routing is not None:
         raise CLIError("--routing-alpha shapes synthetic routing; it cannot apply to a traced --image")
-    if args.cache_experts is not None and args.cache_experts < 1:
-        raise CLIError(f"--cache-experts must be >= 1, got {args.cache_experts}")
     platform = load_platform(args.platform)
     designs = args.designs or ["dense", "moe_no_reorder", "moe_reorder", "moe_all_on_chip"]
     if not cfg.moe_blocks and not args.designs:
@@ -250,8 +259,8 @@ def cmd_data_show(args) -> int:
     from .data import build_dataset
     from .data.show import render_grid
 
-    if args.num < 1 or args.start < 0:
-        raise CLIError("--num must be >= 1 and --start >= 0")
+    if args.start < 0:
+        raise CLIError("--start must be >= 0")
     options = {"size": tuple(args.size)} if args.size else {}
     if args.dataset == "synthetic":
         options["length"] = args.start + args.num
@@ -494,10 +503,6 @@ def cmd_export(args) -> int:
 
     if not 0 <= args.min_usage < 1:
         raise CLIError(f"--min-usage must be in [0, 1) (a share of the task's expert assignments), got {args.min_usage}")
-    if args.calibration is not None and args.calibration < 1:
-        raise CLIError(f"--calibration must be >= 1 images, got {args.calibration}")
-    if args.eval_batch_size is not None and args.eval_batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.eval_batch_size}")
     try:
         report = export_checkpoint(args.checkpoint, args.task, args.out, calibration=args.calibration,
                                    min_usage=args.min_usage, gate_softmax=args.gate_softmax, onnx=args.onnx,
@@ -551,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="checkpoint directory instead of --model")
     p.add_argument("--tasks", nargs="+", help=f"task names (default: {' '.join(PASCAL_TASKS)})")
     p.add_argument("--img-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model config override, e.g. --set num_experts=32 --set router=task_conditioned")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -574,17 +579,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", help="the task whose pathway runs (default: the model's first task)")
         p.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                        help="input size (default 512 512, or the checkpoint's img_size)")
-        p.add_argument("--experts", type=int, help="override the number of experts per MoE layer")
-        p.add_argument("--top-k", type=int, help="override the experts per token")
+        p.add_argument("--experts", type=_positive_int, help="override the number of experts per MoE layer")
+        p.add_argument("--top-k", type=_positive_int, help="override the experts per token")
         p.add_argument("--image", help="trace the routing of this image through --checkpoint (default: synthetic)")
         p.add_argument("--routing-alpha", type=float,
                        help="synthetic routing skew: expert popularity ~ Dirichlet(alpha) (default: uniform)")
         p.add_argument("--seed", type=int, default=0, help="seed of the synthetic routing")
-        p.add_argument("--cache-experts", type=int, help="expert cache of the token-by-token design (default: top-k)")
+        p.add_argument("--cache-experts", type=_positive_int, help="expert cache of the token-by-token design (default: top-k)")
         p.add_argument("--designs", nargs="+", choices=["dense", "moe_no_reorder", "moe_reorder", "moe_all_on_chip"])
         p.add_argument("--heads", action="store_true",
                        help="include the task's decoder (default: backbone only, as the paper's FPGA figures)")
-        p.add_argument("--sweep-experts", nargs="+", type=int, metavar="N",
+        p.add_argument("--sweep-experts", nargs="+", type=_positive_int, metavar="N",
                        help="also report on-chip memory and latency for these expert counts, e.g. 8 16 32 64")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
         p.add_argument("--out", help="also write the JSON report to this file")
@@ -592,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cpu-power", type=float, required=True, metavar="W",
                            help="power drawn by this machine's CPU while it runs the model (energy = W x latency)")
             p.add_argument("--gpu-power", type=float, metavar="W", help="power of the GPU, when one is present")
-            p.add_argument("--repeats", type=int, default=3, help="timed runs per device (median reported)")
+            p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per device (median reported)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="train M³ViT and dense M-ViT on synthetic scenes, evaluate, compare, report")
@@ -602,8 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override for both runs, e.g. --set train.steps=20 --set data.val_length=8")
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
-    p.add_argument("--repeats", type=int, default=5, help="timed latency repeats per setting (median reported)")
-    p.add_argument("--samples", type=int, default=3, help="validation images in the prediction figures")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="timed latency repeats per setting (median reported)")
+    p.add_argument("--samples", type=_positive_int, default=3, help="validation images in the prediction figures")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("study", help="train single-task baselines and multi-task models; report Δm")
@@ -631,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="dataset split (default: the run's data.val_split)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="run config override, e.g. --set data.seed=3 --set data.val_length=8")
-    p.add_argument("--limit", type=int, help="score only the first N samples")
-    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--limit", type=_positive_int, help="score only the first N samples")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=_positive_int, help="default: the run's eval.batch_size")
     p.add_argument("--pathway", choices=["single", "all"], default="single",
                    help="single: each task alone (as deployed); all: every task in one batched forward")
     p.add_argument("--baselines", help="single-task metrics (JSON or run folder) for Δm (default: eval.baselines)")
@@ -677,8 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="tasks to analyse (default: every task of the model)")
     p.add_argument("--split", help="dataset split (default: the run's data.val_split)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
-    p.add_argument("--limit", type=int, help="use only the first N samples")
-    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N samples")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=_positive_int, help="default: the run's eval.batch_size")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="a task's core experts take at least this share of its assignments (default 0.9)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -689,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/final)")
     p.add_argument("--task", required=True, help="the task to extract")
     p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
-    p.add_argument("--calibration", type=int, default=64, metavar="N",
+    p.add_argument("--calibration", type=_positive_int, default=64, metavar="N",
                    help="calibration images: the first N of the run's validation split (default 64)")
     p.add_argument("--min-usage", type=float, default=0.0, metavar="F",
                    help="keep experts taking more than this share of the task's assignments (default 0: every "
@@ -700,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", action="store_true",
                    help="also write model.onnx (checked against PyTorch with onnxruntime when installed)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
-    p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=_positive_int, help="default: the run's eval.batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print the report (export.json) as JSON")
     p.set_defaults(func=cmd_export)
@@ -714,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="labels to show (default: every task of the dataset)")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="render size of the synthetic scenes (default 128 128); for real data: resize to this")
-    p.add_argument("--num", type=int, default=4, help="number of samples (rows)")
+    p.add_argument("--num", type=_positive_int, default=4, help="number of samples (rows)")
     p.add_argument("--start", type=int, default=0, help="index of the first sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png", help="PNG to write")
@@ -727,8 +732,6 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        if getattr(args, "batch_size", 1) < 1 or getattr(args, "repeats", 1) < 1:
-            raise CLIError("--batch-size and --repeats must be >= 1")
         return args.func(args)
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -383,7 +383,7 @@ def test_cli_export_dense_model(tmp_path, capsys):
     (["--task", "sal", "--min-usage", "1.5"], "--min-usage must be in [0, 1)"),
     (["--task", "sal", "--min-usage", "-0.1"], "--min-usage must be in [0, 1)"),
     (["--task", "sal", "--min-usage", "0.95"], "removes every expert"),
-    (["--task", "sal", "--calibration", "0"], "--calibration must be >= 1"),
+    (["--task", "sal", "--calibration", "0"], "argument --calibration: must be >= 1"),
 ])
 def test_cli_export_errors_are_one_line(tmp_path, capsys, argv, message):
     source = _checkpoint(tmp_path)
