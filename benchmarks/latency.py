@@ -1,0 +1,117 @@
+"""One task's latency: M³ViT against the dense M-ViT of the same active compute, side by side.
+
+What it measures
+----------------
+For each size (``micro`` at 128x128, ``tiny`` at 224x224, ``small`` at 512x512) the registered
+``m3vit_<size>`` and ``mvit_<size>`` models (random weights, the five PASCAL-Context tasks) run ONE
+task's pathway (``model(images, tasks=["semseg"])``: its router, the experts it picks, its head) at
+batch 1 in eval mode under ``torch.inference_mode()``. Both models of a size are timed in the same
+process, round-robin (one call of each per round, the starting model alternating) after a warm-up,
+and the medians are compared: the target of the efficiency issue is m3vit/mvit <= 1.05x in eager
+PyTorch and <= 1.10x under ``torch.compile`` (``--compile``). A per-component split (backbone MoE
+layers vs dense MLPs) is not attempted here: ``benchmarks/moe_dispatch.py`` times one layer.
+
+Run: ``.venv/bin/python benchmarks/latency.py [--sizes micro tiny small] [--rounds 21] [--threads 2]
+[--compile] [--out benchmarks/results/latency.json]``. Check ``cat /proc/loadavg`` first: with other
+work on the 2 cores the ratios are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import m3vit
+from m3vit.utils.io import write_json
+
+SIZES = {"micro": 128, "tiny": 224, "small": 512}
+TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def _build(name: str, side: int, compile_model: bool):
+    torch.manual_seed(0)
+    model = m3vit.create_model(name, TASKS, img_size=(side, side)).eval()
+    if compile_model:
+        model = torch.compile(model)
+    return model
+
+
+def bench_size(size: str, rounds: int, warmup: int, task: str, compile_model: bool) -> dict:
+    side = SIZES[size]
+    models = {f"m3vit_{size}": _build(f"m3vit_{size}", side, compile_model),
+              f"mvit_{size}": _build(f"mvit_{size}", side, compile_model)}
+    images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    times = {name: [] for name in models}
+    names = list(models)
+    with torch.inference_mode():
+        compile_s = {}
+        for name, model in models.items():
+            start = time.perf_counter()
+            for _ in range(warmup):
+                model(images, tasks=[task])
+            compile_s[name] = time.perf_counter() - start
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for name in order:
+                start = time.perf_counter()
+                models[name](images, tasks=[task])
+                times[name].append((time.perf_counter() - start) * 1e3)
+    moe, dense = names
+    medians = {n: statistics.median(t) for n, t in times.items()}
+    return {"size": size, "img_size": side, "task": task, "compiled": compile_model, "rounds": rounds,
+            "median_ms": medians, "min_ms": {n: min(t) for n, t in times.items()}, "runs_ms": times,
+            "warmup_s": compile_s, "ratio": medians[moe] / medians[dense]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--task", default="semseg", choices=TASKS)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--out", default="benchmarks/results/latency.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = _loadavg()
+    print(f"# one-task latency, batch 1, torch {torch.__version__}, {args.threads} threads; load {load_before}")
+    results = []
+    modes = [False, True] if args.compile else [False]
+    for compiled in modes:
+        for size in args.sizes:
+            r = bench_size(size, args.rounds, args.warmup, args.task, compiled)
+            results.append(r)
+            (moe, m_ms), (dense, d_ms) = r["median_ms"].items()
+            print(f"{'compiled' if compiled else 'eager':8s} {size:5s} {r['img_size']}²: {moe} {m_ms:8.2f} ms  "
+                  f"{dense} {d_ms:8.2f} ms  ratio {r['ratio']:.3f}", flush=True)
+    load_after = _loadavg()
+    out = {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "torch": torch.__version__,
+           "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+           "loadavg_before": load_before, "loadavg_after": load_after, "results": results}
+    write_json(args.out, out)
+    print("\n| mode | size | m3vit ms | mvit ms | m3vit / mvit |\n|---|---|---:|---:|---:|")
+    for r in results:
+        (_, m_ms), (_, d_ms) = r["median_ms"].items()
+        print(f"| {'compiled' if r['compiled'] else 'eager'} | {r['size']} {r['img_size']}² | {m_ms:.2f} | "
+              f"{d_ms:.2f} | {r['ratio']:.3f}x |")
+    print(f"\nload average before {load_before}, after {load_after}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
