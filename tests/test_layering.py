@@ -1,0 +1,134 @@
+"""The package's layering (DESIGN.md): a lower layer never imports a higher one, and module-level imports
+form no cycle. Read from the source with ``ast``, so lazy imports inside functions count too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "m3vit"
+
+#: Layers from the bottom; modules on one line are peers (they may not import each other's layer above).
+LAYERS = [
+    {"utils", "tables"},
+    {"nn", "tasks"},
+    {"models"},
+    {"data"},
+    {"engine"},
+    {"efficiency", "hardware", "analysis"},
+    {"experiments"},
+    {"serve"},
+    {"cli", "__main__"},
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool, int]]:
+    """``(imported m3vit module, at module level?, line)`` for every import of a file."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    found = []
+    module_level = set()
+    for node in tree.body:  # module-level statements, including those nested in if/try at top level
+        module_level.update(id(n) for n in _top_level_imports(node))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                root = ".".join(base + ([node.module] if node.module else []))
+            else:
+                root = node.module or ""
+            names = [root] + [f"{root}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names:
+            if name == "m3vit" or name.startswith("m3vit."):
+                found.append((name, id(node) in module_level, node.lineno))
+    return found
+
+
+def _top_level_imports(node):
+    """Import nodes reachable from a module-level statement without entering a function or class body."""
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        yield node
+        return
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+        return
+    for child in ast.iter_child_nodes(node):
+        yield from _top_level_imports(child)
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+FILES = sorted(SRC.rglob("*.py"))
+
+
+def test_every_subpackage_has_a_layer():
+    top = {p.relative_to(SRC).parts[0].removesuffix(".py") for p in FILES} - {"__init__"}
+    assert top <= set(LEVEL), f"add {sorted(top - set(LEVEL))} to LAYERS (and to DESIGN.md's layering)"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_lower_layer_imports_a_higher_one(path):
+    own = _layer(_module_name(path))
+    if own is None:  # m3vit/__init__.py: the public API gathers every layer
+        return
+    bad = []
+    for module, _, line in _imports(path):
+        other = _layer(module)
+        if other is not None and other in LEVEL and LEVEL[other] > LEVEL[own]:
+            bad.append(f"line {line}: {module} ({other} is above {own})")
+    assert not bad, f"{path.relative_to(SRC)} imports a higher layer: " + "; ".join(bad)
+
+
+def test_module_level_imports_form_no_cycle():
+    modules = {_module_name(p): p for p in FILES}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for module, top, _ in _imports(path):
+            if not top:
+                continue
+            # "from .x import y" may name a submodule y or an attribute of x: keep the longest real module
+            while module not in modules and "." in module:
+                module = module.rpartition(".")[0]
+            if module in modules and module != name:
+                edges.add(module)
+        graph[name] = edges
+    # Importing a submodule imports its parent packages first: those edges are implied, not cycles.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if node.startswith(nxt + "."):  # a module importing its own package: Python resolves it
+                continue
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                if not all(a.startswith(b + ".") or b.startswith(a + ".") for a, b in zip(cycle, cycle[1:])):
+                    pytest.fail("module-level import cycle: " + " -> ".join(cycle))
+            elif state.get(nxt) is None:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if state.get(node) is None:
+            visit(node)
