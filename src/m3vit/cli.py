@@ -204,13 +204,10 @@ def _say(line: str) -> None:
 
 def cmd_demo(args) -> int:
     from .experiments import DEFAULT_CONFIGS, run_demo
-    from .experiments.demo import find_config
+    from .engine.config import resolve_config_path
 
-    configs = {"m3vit": args.m3vit_config or find_config(DEFAULT_CONFIGS["m3vit"]),
-               "mvit": args.mvit_config or find_config(DEFAULT_CONFIGS["mvit"])}
-    for path in configs.values():
-        if not os.path.isfile(path):
-            raise CLIError(f"config file {str(path)!r} does not exist")
+    configs = {"m3vit": resolve_config_path(args.m3vit_config or DEFAULT_CONFIGS["m3vit"]),
+               "mvit": resolve_config_path(args.mvit_config or DEFAULT_CONFIGS["mvit"])}
     _say(f"m3vit demo: train M³ViT ({configs['m3vit']}) and M-ViT ({configs['mvit']}) on the same data and "
          f"budget, evaluate, compare -> {args.out}")
     result = run_demo(args.out, configs, args.set or [], fresh=args.fresh, latency_repeats=args.repeats,
@@ -225,12 +222,11 @@ def cmd_study(args) -> int:
     from .experiments import run_study
 
     if len(args.multi) % 2:
-        raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit configs/synthetic/m3vit_tiny.yaml")
-    multi = dict(zip(args.multi[::2], args.multi[1::2]))
-    for path in [*multi.values(), args.single]:
-        if not os.path.isfile(path):
-            raise CLIError(f"config file {str(path)!r} does not exist")
-    study = run_study(args.out, multi, args.single, args.set or [], fresh=args.fresh, say=_say)
+        raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit synthetic/m3vit_tiny")
+    from .engine.config import resolve_config_path
+
+    multi = {name: resolve_config_path(path) for name, path in zip(args.multi[::2], args.multi[1::2])}
+    study = run_study(args.out, multi, resolve_config_path(args.single), args.set or [], fresh=args.fresh, say=_say)
     print()
     print(study["table"])
     print(f"\nwrote {args.out}/study.json, {args.out}/baselines.json and {args.out}/report.md")
@@ -602,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train M³ViT and dense M-ViT on synthetic scenes, evaluate, compare, report")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out/)")
-    p.add_argument("--m3vit-config", help="run config of the MoE model (default configs/synthetic/m3vit_tiny.yaml)")
-    p.add_argument("--mvit-config", help="run config of the dense model (default configs/synthetic/mvit_tiny.yaml)")
+    p.add_argument("--m3vit-config", help="run config of the MoE model: a file or a shipped name (default synthetic/m3vit_tiny)")
+    p.add_argument("--mvit-config", help="run config of the dense model: a file or a shipped name (default synthetic/mvit_tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override for both runs, e.g. --set train.steps=20 --set data.val_length=8")
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
@@ -613,17 +609,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("study", help="train single-task baselines and multi-task models; report Δm")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--single", default="configs/synthetic/mvit_tiny.yaml",
+    p.add_argument("--single", default="synthetic/mvit_tiny",
                    help="config trained once per task as the single-task baseline")
     p.add_argument("--multi", nargs="+", metavar="NAME_OR_CONFIG",
-                   default=["m3vit", "configs/synthetic/m3vit_tiny.yaml", "mvit", "configs/synthetic/mvit_tiny.yaml"],
+                   default=["m3vit", "synthetic/m3vit_tiny", "mvit", "synthetic/mvit_tiny"],
                    help="NAME CONFIG pairs of multi-task runs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("train", help="train a run config (multi-task, checkpoints, --resume, torchrun for DDP)")
-    p.add_argument("--config", help="run config YAML (default: the built-in defaults)")
+    p.add_argument("--config", help="run config: a YAML file or a shipped name such as synthetic/m3vit_tiny "
+                   "(default: the built-in defaults)")
     p.add_argument("--out", required=True, help="run directory (must be empty unless --resume)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override, e.g. --set train.steps=100 --set data.size=[64,64]")

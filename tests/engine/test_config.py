@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from m3vit.engine.config import ConfigError, RunConfig, apply_overrides, load_config, parse_overrides
 from m3vit.models import model_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "src" / "m3vit" / "configs"
 SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
 # A small valid model so that model-option tests do not depend on the default size.
 SMALL = {"model.name": "m3vit_micro", "data.size": [32, 32]}
@@ -306,3 +306,40 @@ def test_file_errors(tmp_path):
     section.write_text("train: 3\n")
     with pytest.raises(ConfigError, match="^train: must be a mapping of keys"):
         load_config(section)
+
+
+def test_shipped_configs_are_addressable_by_name_from_any_directory(tmp_path, monkeypatch):
+    from m3vit.engine.config import resolve_config_path, shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # far from the repository
+    assert "synthetic/m3vit_tiny" in shipped_configs() and "pascal_context/m3vit_small" in shipped_configs()
+    for name in ("synthetic/m3vit_tiny", "synthetic/m3vit_tiny.yaml", "configs/synthetic/m3vit_tiny.yaml"):
+        assert load_config(name).model.name == "m3vit_micro"
+    own = tmp_path / "synthetic" / "m3vit_tiny.yaml"  # a file of the user's wins over a shipped name
+    own.parent.mkdir()
+    own.write_text("model: {name: mvit_micro}\n")
+    assert resolve_config_path("synthetic/m3vit_tiny.yaml") == Path("synthetic/m3vit_tiny.yaml")
+    with pytest.raises(ConfigError, match=r"'nope/x' is neither a file nor a shipped config; shipped configs: .*"
+                                          r"synthetic/m3vit_tiny"):
+        load_config("nope/x")
+
+
+def test_a_plain_install_ships_the_configs(tmp_path):
+    """`pip install .` (not editable) puts the configs into the package: `m3vit train --config NAME` works."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    target = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), str(root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (target / "m3vit" / "configs" / "synthetic" / "m3vit_tiny.yaml").is_file()
+    probe = ("from m3vit.engine.config import load_config, resolve_config_path; "
+             "print(resolve_config_path('synthetic/m3vit_tiny')); print(load_config('pascal_context/m3vit_small').model.name)")
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.split()
+    assert first.startswith(str(target)) and second == "m3vit_small"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from importlib import resources
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from ..tasks import list_tasks
 
 __all__ = [
     "RunConfig", "ModelSection", "DataSection", "TrainSection", "EvalSection", "ConfigError",
-    "load_config", "parse_overrides", "apply_overrides",
+    "load_config", "parse_overrides", "apply_overrides", "resolve_config_path", "shipped_configs",
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -374,13 +375,35 @@ def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
     return data
 
 
+def shipped_configs() -> list[str]:
+    """Names of the run configs shipped inside the package (``synthetic/m3vit_tiny``, ...)."""
+    root = resources.files("m3vit.configs")
+    return sorted(f"{group.name}/{item.name.removesuffix('.yaml')}" for group in root.iterdir() if group.is_dir()
+                  for item in group.iterdir() if item.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    """A run config file: ``name_or_path`` itself when it exists, else the shipped config of that name
+    (``synthetic/m3vit_tiny``, with or without ``.yaml`` and a leading ``configs/``), from any directory.
+    Neither: a ``ConfigError`` listing the shipped names."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    name = str(name_or_path).removeprefix("configs/").removesuffix(".yaml")
+    shipped = resources.files("m3vit.configs") / f"{name}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped configs: "
+                      f"{', '.join(shipped_configs())}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (or the defaults when ``path`` is None) and apply overrides
-    (a dict of dotted keys, or ``--set`` strings)."""
+    """Read a YAML run config (a file, or a shipped config by name; the defaults when ``path`` is None)
+    and apply overrides (a dict of dotted keys, or ``--set`` strings)."""
     data: dict = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         source = str(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {source!r} does not exist")

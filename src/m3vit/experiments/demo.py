@@ -1,7 +1,7 @@
 """The main job: train M³ViT and the dense M-ViT on the same data and budget, evaluate, compare, report.
 
-``run_demo`` trains both models from their run configs (by default ``configs/synthetic/m3vit_tiny.yaml``
-and ``mvit_tiny.yaml``), evaluates each saved ``final/`` checkpoint with every task through its own
+``run_demo`` trains both models from their run configs (by default the shipped ``synthetic/m3vit_tiny``
+and ``synthetic/mvit_tiny``), evaluates each saved ``final/`` checkpoint with every task through its own
 pathway (exactly what ``m3vit eval --checkpoint`` does), measures per-task GFLOPs and CPU latency of
 single-task vs all-task inference, and writes ``results.json``, ``report.md`` and the figures.
 """
@@ -19,7 +19,7 @@ import torch
 
 from ..efficiency import count_flops, measure_latency
 from ..engine.builders import build_eval_dataset
-from ..engine.config import ConfigError, RunConfig, load_config
+from ..engine.config import ConfigError, RunConfig, load_config, resolve_config_path
 from ..engine.evaluator import evaluate
 from ..models import load_checkpoint
 from ..tasks import delta_m
@@ -27,24 +27,15 @@ from ..utils.errors import OutputError
 from ..utils.io import OutputFolder, write_json, write_text
 from .report import format_table, metrics_table, plot_curves, plot_predictions, read_log
 
-__all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary", "find_config"]
+__all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary"]
 
 log = logging.getLogger(__name__)
 
-#: Run names and their default configs (relative to the repository's ``configs/`` folder).
-DEFAULT_CONFIGS = {"m3vit": "synthetic/m3vit_tiny.yaml", "mvit": "synthetic/mvit_tiny.yaml"}
+#: Run names and their default configs (shipped configs, by name; see ``m3vit.engine.config.shipped_configs``).
+DEFAULT_CONFIGS = {"m3vit": "synthetic/m3vit_tiny", "mvit": "synthetic/mvit_tiny"}
 
 # Settings that must agree for the comparison to be fair (same data, same optimisation budget).
 _SHARED_SECTIONS = ("data", "train", "eval")
-
-
-def find_config(relative: str) -> Path:
-    """A shipped config: ``./configs/<relative>`` or the repository's ``configs/`` next to the package."""
-    for base in (Path.cwd() / "configs", Path(__file__).resolve().parents[3] / "configs"):
-        if (base / relative).is_file():
-            return base / relative
-    raise FileNotFoundError(f"config configs/{relative} not found (run from the m3vit repository, or pass "
-                            f"the config path explicitly)")
 
 
 def compare_configs(configs: Mapping[str, RunConfig]) -> None:
@@ -138,7 +129,7 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
     out = Path(out)
     with OutputFolder(out, kind="demo") as folder:  # locked: one demo per folder at a time
         folder.claim(["results.json", "report.md"])
-        paths = {name: Path(p) for name, p in (configs or {}).items()} or {n: find_config(r) for n, r in DEFAULT_CONFIGS.items()}
+        paths = {name: resolve_config_path(p) for name, p in (configs or DEFAULT_CONFIGS).items()}
         cfgs = {name: load_config(path, overrides) for name, path in paths.items()}
         compare_configs(cfgs)
         results: dict[str, Any] = {}
