@@ -537,13 +537,13 @@ def cmd_export(args) -> int:
     print(f"wrote {args.out} (model.safetensors, config.yaml, export.json{', model.onnx' if args.onnx else ''})")
     return 0
 
+
 # ---- serve (begin) ----------------------------------------------------------------------------
 # `m3vit serve`: the web app and HTTP API of m3vit.serve. Kept in one block (parser + handler).
 def cmd_serve(args) -> int:
-    try:
-        from .serve import bind_socket, create_app, serve
-        from .serve.app import require_serve_extra
+    from .serve import bind_socket, create_app, require_serve_extra, serve
 
+    try:
         require_serve_extra()
     except ImportError as exc:
         raise CLIError(str(exc).splitlines()[0]) from None

@@ -393,6 +393,24 @@ def test_task_switch_reloads_nothing_in_resident_mode(client, to_png, make_image
     assert after["requests_served"] == before["requests_served"] + 5
 
 
+def test_a_dense_model_has_no_experts_to_show(make_client, to_png, make_image):
+    import m3vit
+
+    torch.manual_seed(0)
+    dense = m3vit.create_model("mvit_micro", ["semseg", "depth"], img_size=(32, 32))
+    client = make_client(dense)
+    info = client.get("/api/info").json()
+    assert info["num_experts"] == 0 and info["moe_blocks"] == [] and info["memory"]["expert_weights_mb"] == 0
+    body = post(client, to_png(make_image(20, 24)), tasks="depth").json()
+    assert body["experts"] == {"depth": []} and png_array(body["tasks"]["depth"]["png"]).shape == (20, 24, 3)
+
+
+def test_openapi_describes_the_predict_form(client):
+    schema = client.get("/api/openapi.json").json()
+    form = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image"] and set(form["properties"]) == {"image", "tasks", "raw"}
+
+
 # ------------------------------------------------------------------------------------------------
 # Building the app
 # ------------------------------------------------------------------------------------------------

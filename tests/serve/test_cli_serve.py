@@ -47,6 +47,16 @@ def test_bad_checkpoint_options_and_busy_port_are_one_line_errors(checkpoint, tm
     assert "cannot listen" in err and str(port) in err and err.count("\n") == 1
 
 
+def test_a_missing_extra_is_one_line_naming_the_install_command(checkpoint, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["serve", "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: m3vit serve needs fastapi (not installed): pip install m3vit[serve]\n"
+
+
 def test_serve_starts_prints_its_url_answers_and_stops_on_ctrl_c(checkpoint):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "m3vit", "serve", "--checkpoint", str(checkpoint), "--port", "0",

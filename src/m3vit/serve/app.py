@@ -37,6 +37,14 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
 
 
+# The multipart form of POST /api/predict, for /api/openapi.json (the handler parses the form itself).
+_PREDICT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary", "description": "the image file (PNG, JPEG, ...)"},
+        "tasks": {"type": "string", "description": "comma-separated task names (default: every task)"},
+        "raw": {"type": "boolean", "description": "add each task's decoded values as a base64 .npy"}}}}}}}
+
+
 def require_serve_extra() -> None:
     """``ImportError`` in one line naming the install command when FastAPI, uvicorn or python-multipart is missing."""
     wanted = {"fastapi": ("fastapi",), "uvicorn": ("uvicorn",), "python-multipart": ("python_multipart", "multipart")}
@@ -87,8 +95,9 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
 
     from .. import __version__
 
+    # No Swagger/ReDoc pages: they load their scripts from a CDN, and everything here must work offline.
     app = FastAPI(title="m3vit serve", version=__version__, lifespan=lifespan,
-                  docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.service = service
 
     def error(status: int, message: str) -> JSONResponse:
@@ -141,7 +150,7 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
     async def info():
         return service.info()
 
-    @app.post("/api/predict")
+    @app.post("/api/predict", openapi_extra=_PREDICT_FORM)
     async def predict(request: Request):
         """Multipart: file ``image``; optional ``tasks`` (comma-separated, default all) and ``raw`` (true/false)."""
         with service.admit():

@@ -290,15 +290,19 @@ class PredictionService:
     def load(cls, model_or_checkpoint, *, stream_experts: bool = False, device: str | torch.device | None = None,
              workers: int = 1, **limits) -> "PredictionService":
         """A service around a ``MultiTaskModel`` (used as it is; ``workers > 1`` deep-copies it) or a
-        checkpoint directory (loaded ``workers`` times on ``device``, default ``auto``; with
-        ``stream_experts`` its experts stay in the file, see ``m3vit.efficiency.streaming``)."""
+        checkpoint directory (loaded ``workers`` times on ``device``: ``"auto"`` (default), ``"cpu"``, ``"cuda"``
+        or a ``torch.device``; with ``stream_experts`` its experts stay in the file, see
+        ``m3vit.efficiency.streaming``)."""
         if int(workers) < 1:
             raise InputError(f"workers (--workers) must be >= 1, got {workers}")
         workers = int(workers)
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
             from ..engine.trainer import resolve_device
 
-            target = resolve_device(str(device) if device is not None else "auto", key="--device")
+            if isinstance(device, torch.device):
+                target = device
+            else:
+                target = resolve_device(device if device is not None else "auto", key="--device")
             if stream_experts:
                 from ..efficiency import load_streaming_model
 
