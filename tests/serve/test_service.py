@@ -128,3 +128,17 @@ def test_importing_m3vit_serve_needs_no_web_framework():
             "loaded = [m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules]; "
             "assert not loaded, loaded")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_replicas_of_a_model_object_are_copies_that_answer_alike(checkpoint, to_png, make_image):
+    model = load_checkpoint(checkpoint)
+    svc = PredictionService.load(model, workers=2)
+    try:
+        assert svc.replicas[0] is model and svc.replicas[1] is not model and svc.model_loads == 2
+        a, b = svc.replicas
+        assert all(torch.equal(p, q) and p.data_ptr() != q.data_ptr() for p, q in zip(a.parameters(), b.parameters()))
+        data = to_png(make_image(16, 16, seed=8))
+        answers = [svc.predict(data, "sal", raw=True)["tasks"]["sal"]["npy"] for _ in range(4)]
+        assert len(set(answers)) == 1
+    finally:
+        svc.close()
