@@ -381,6 +381,8 @@ class PredictionService:
 
     def submit(self, image: torch.Tensor, tasks: Sequence[str]) -> Future:
         """Run each task's pathway on ``image`` ``[3, H, W]`` on a worker: a future of ``list[PathwayRun]``."""
+        if self._closed:
+            raise ServiceBusyError("the server is shutting down; retry later")
         batch = prepare_images([image], self.input_size)
         return self._pool.submit(lambda model: _run_pathways(model, batch, list(tasks)))
 
