@@ -43,3 +43,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import m
   "$PY" -m pip install --quiet -e ".[$EXTRAS]"
   echo "$want" > "$stamp"
 fi
+
+# Chromium for the browser test of `m3vit serve` (tests/serve/test_browser.py drives Debian's package through
+# Playwright; browser downloads are not used). Only as root with apt-get, only when missing; the test skips
+# with its reason otherwise.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing chromium (apt) for the browser test"
+  if ! { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; then
+    echo "[setup] could not install chromium (apt-get install chromium failed); tests/serve/test_browser.py will be skipped"
+  fi
+fi
