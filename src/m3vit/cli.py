@@ -418,7 +418,8 @@ def cmd_eval(args) -> int:
         return 0
     step = "" if report["step"] is None else f" (step {report['step']})"
     how = "each task through its own pathway" if args.pathway == "single" else "all tasks in one forward"
-    protocol = " (official protocol: class maps resized nearest, saliency and normals as 8-bit PNGs)" if reference else ""
+    protocol = (" (official protocol: class maps resized nearest, saliency and normals as 8-bit PNGs)"
+                if reference else "")
     print(f"{args.checkpoint}{step} on {cfg.data.name} {split}, {num_samples} samples, {how}{protocol}:")
     print(_eval_table(metrics))
     if dm is not None:

@@ -218,7 +218,8 @@ def test_task_conditioned_parameters_are_one_embedding_mlp_plus_the_gates(task_e
     one gate over [token; embedding] per MoE layer; ``layer`` has one MLP per MoE layer."""
     T, t, D, E, L = len(TASKS), 8, 32, 6, 2
     model = tiny(router="task_conditioned", task_embed_dim=t, task_embed=task_embed)
-    routing = sum(p.numel() for n, p in model.named_parameters() if ".router." in n or n.startswith("backbone.task_embed."))
+    routing = sum(p.numel() for n, p in model.named_parameters()
+                  if ".router." in n or n.startswith("backbone.task_embed."))
     embedding = (T * t + t) + (t * t + t) + 2 * t  # Linear(T, t), Linear(t, t), LayerNorm(t)
     gates = L * E * (D + t)
     assert routing == (embedding if task_embed == "model" else L * embedding) + gates

@@ -250,7 +250,8 @@ class TrainSection:
         if isinstance(self.tam_levels, tuple):
             self.tam_levels = list(self.tam_levels)
         if not isinstance(self.tam_levels, list) or not self.tam_levels:
-            raise _fail(f"{prefix}.tam_levels", f"must be a non-empty list of head levels (0, 1, ...), got {self.tam_levels!r}")
+            raise _fail(f"{prefix}.tam_levels",
+                        f"must be a non-empty list of head levels (0, 1, ...), got {self.tam_levels!r}")
         for level in self.tam_levels:
             _check_int(f"{prefix}.tam_levels", level, 0)
         if len(set(self.tam_levels)) != len(self.tam_levels):

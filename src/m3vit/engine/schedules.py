@@ -62,7 +62,8 @@ class LRSchedule:
         if self.update not in LR_UPDATES:
             raise ConfigError(f"train.lr_update: {self.update!r} is not allowed; choose one of {list(LR_UPDATES)}")
         if self.update == "epoch" and (self.steps_per_epoch is None or self.steps_per_epoch < 1):
-            raise ConfigError(f"train.lr_update: 'epoch' needs the steps per epoch (>= 1), got {self.steps_per_epoch!r}")
+            raise ConfigError(f"train.lr_update: 'epoch' needs the steps per epoch (>= 1), "
+                              f"got {self.steps_per_epoch!r}")
         if self.kind not in ("poly", "cosine", "constant"):
             raise ConfigError(f"train.schedule: {self.kind!r} is not allowed; choose one of ['poly', 'cosine', 'constant']")
         if self.total_steps < 1:

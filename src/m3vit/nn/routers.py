@@ -103,7 +103,8 @@ class TaskConditionedRouter(nn.Module):
             self.task_embed = TaskEmbedding(num_tasks, task_embed_dim)
         else:
             if task_embed.num_tasks != num_tasks:
-                raise ValueError(f"the shared task embedding covers {task_embed.num_tasks} tasks, the router {num_tasks}")
+                raise ValueError(f"the shared task embedding covers {task_embed.num_tasks} tasks, "
+                                 f"the router {num_tasks}")
             task_embed_dim = task_embed.dim
             # Not registered: the model owns the shared embedding (one copy in its state dict).
             object.__setattr__(self, "_shared_task_embed", task_embed)

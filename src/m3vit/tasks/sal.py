@@ -60,9 +60,9 @@ def binary_map_for_picture(task: Task, x, kind: str) -> np.ndarray:
 class SaliencyMetric(Metric):
     """``maxF`` and ``mIoU`` (percent) of saliency over a dataset, per the field's protocol.
 
-    For each image and threshold ``t``: predicted = p > t with p = sigmoid(logit) (``inputs="logits"``) or
-    the prediction itself (``inputs="probabilities"``, e.g. the official 8-bit maps q / 255), ground truth = label > 0.5,
-    ignored pixels excluded; precision = tp / (tp + fp + 1e-12), recall = tp / (tp + fn + 1e-12),
+    For each image and threshold ``t``: predicted = p > t with p = sigmoid(logit) (``inputs="logits"``)
+    or the prediction itself (``inputs="probabilities"``, e.g. the official 8-bit maps q / 255),
+    ground truth = label > 0.5, ignored pixels excluded; precision = tp / (tp + fp + 1e-12), recall = tp / (tp + fn + 1e-12),
     IoU = |pred ∩ gt| / |pred ∪ gt| (1 when both are empty). Precision, recall and IoU are averaged
     over images per threshold; F_t = (1 + β²) P R / (β² P + R); ``maxF`` = max_t F_t and ``mIoU`` =
     max_t of the mean IoU.
