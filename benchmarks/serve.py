@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 
 import m3vit
-from m3vit.atomic import write_json
+from m3vit.utils.io import write_json
 from m3vit.serve import create_app, running_server
 
 TASKS = ["semseg", "human_parts", "sal", "normals", "edge", "depth"]

@@ -375,15 +375,20 @@ def cmd_eval(args) -> int:
     from .engine.builders import build_eval_dataset
     from .engine.checkpoints import checkpoint_step, load_run
     from .engine.evaluator import evaluate
-    from .tasks import delta_m, load_baselines
+    from .tasks import delta_m, load_baselines, reference_baselines_path, reference_delta_m
+    from .tasks.delta import REFERENCE_DELTA_M_EXCLUDES
 
     formats = _fixed_point_formats(args)
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
     tasks = model.resolve_tasks(args.tasks)
+    reference = args.protocol == "reference"
     baselines_path = args.baselines or cfg.eval.baselines
+    if reference and not baselines_path:  # the paper's baselines of the dataset, shipped with m3vit
+        baselines_path = reference_baselines_path(cfg.data.name)
     baselines = load_baselines(baselines_path) if baselines_path else None
-    if baselines is not None:
-        missing = [t for t in tasks if t not in baselines]
+    dm_tasks = [t for t in tasks if not (reference and t in REFERENCE_DELTA_M_EXCLUDES)]
+    if baselines is not None and dm_tasks:
+        missing = [t for t in dm_tasks if t not in baselines]
         if missing:
             raise CLIError(f"baselines {baselines_path} have no entry for task(s) {missing}; they cover "
                            f"{sorted(baselines)} (choose tasks with --tasks)")
@@ -392,10 +397,12 @@ def cmd_eval(args) -> int:
     batch_size = cfg.eval.batch_size if args.eval_batch_size is None else args.eval_batch_size
     def run_eval(net):
         return evaluate(net, dataset, tasks, batch_size=batch_size, eval_cfg=cfg.eval, pathway=args.pathway,
-                        limit=args.limit, progress=not args.json and sys.stderr.isatty())
+                        limit=args.limit, progress=not args.json and sys.stderr.isatty(), protocol=args.protocol)
 
     metrics = run_eval(model)
-    dm = delta_m(metrics, baselines) if baselines is not None else None
+    dm = None
+    if baselines is not None and dm_tasks:
+        dm = reference_delta_m(metrics, baselines)[0] if reference else delta_m(metrics, baselines)
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     report = {
         "metrics": metrics,
@@ -403,7 +410,9 @@ def cmd_eval(args) -> int:
         "step": checkpoint_step(args.checkpoint),
         "data": {**cfg.to_dict()["data"], "split": split, "num_samples": num_samples},
         "pathway": args.pathway,
+        "protocol": args.protocol,
         "delta_m": dm,
+        "delta_m_tasks": dm_tasks if dm is not None else [],
         "baselines": str(baselines_path) if baselines_path else None,
     }
     if formats is not None:
@@ -415,10 +424,17 @@ def cmd_eval(args) -> int:
         return 0
     step = "" if report["step"] is None else f" (step {report['step']})"
     how = "each task through its own pathway" if args.pathway == "single" else "all tasks in one forward"
-    print(f"{args.checkpoint}{step} on {cfg.data.name} {split}, {num_samples} samples, {how}:")
+    protocol = (" (official protocol: class maps resized nearest, saliency and normals as 8-bit PNGs)"
+                if reference else "")
+    print(f"{args.checkpoint}{step} on {cfg.data.name} {split}, {num_samples} samples, {how}{protocol}:")
     print(_eval_table(metrics))
     if dm is not None:
-        print(f"Δm vs {baselines_path}: {dm:+.2f}% (mean relative gain of each task's main metric)")
+        left_out = sorted(set(tasks) - set(dm_tasks))
+        note = f"; {', '.join(left_out)} left out as officially" if left_out else ""
+        print(f"Δm vs {baselines_path}: {dm:+.2f}% (mean relative gain of each task's main metric over "
+              f"{', '.join(dm_tasks)}{note})")
+    elif reference and baselines is None:
+        print(f"Δm: the paper has no single-task baselines for {cfg.data.name}; give them with --baselines")
     if formats is not None:
         print()
         print(_fixed_point_text(report["fixed_point"]))
@@ -699,7 +715,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="eval_batch_size", type=_positive_int, help="default: the run's eval.batch_size")
     p.add_argument("--pathway", choices=["single", "all"], default="single",
                    help="single: each task alone (as deployed); all: every task in one batched forward")
-    p.add_argument("--baselines", help="single-task metrics (JSON or run folder) for Δm (default: eval.baselines)")
+    p.add_argument("--baselines", help="single-task metrics (JSON or run folder) for Δm (default: eval.baselines; "
+                   "with --protocol reference the paper's baselines of the dataset)")
+    p.add_argument("--protocol", choices=["default", "reference"], default="default",
+                   help="default: float predictions upsampled bilinearly to each label; reference: the official "
+                   "M³ViT evaluation (class maps resized nearest, saliency and normals scored from 8-bit maps, Δm "
+                   "against the paper's baselines without edge); see docs/reference.md")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="also write the JSON results to this file")

@@ -378,6 +378,87 @@ def test_train_modes():
     assert steps == ["RandomScaleRotate", "PadCrop", "Normalize"]
 
 
+# --- the official NYUD recipe (data.scale_rotate: reference) ----------------------------------------
+
+NYUD_SCALES = (1.0, 1.2, 1.5)
+
+
+def is_pure_zoom(sample: dict, out: dict, scale: float) -> bool:
+    """``out`` is ``sample`` zoomed by ``scale`` about the centre with no rotation, checked pixel by pixel
+    from the slow source map: labels copied from the nearest source pixel (normals unrotated, exactly),
+    depth divided by ``scale``, 255 outside the view."""
+    h, w = sample["semseg"].shape
+    for r in range(h):
+        for c in range(w):
+            sr, sc = slow_source(r, c, h, w, scale, 0.0)
+            if abs((sr % 1) - 0.5) < 1e-6 or abs((sc % 1) - 0.5) < 1e-6:
+                continue  # half-way between two source pixels: either is nearest
+            nr, nc = math.floor(sr + 0.5), math.floor(sc + 0.5)
+            if not (0 <= nr < h and 0 <= nc < w):
+                if not (out["semseg"][r, c] == IGNORE and (out["normals"][:, r, c] == IGNORE).all()
+                        and out["depth"][0, r, c] == IGNORE):
+                    return False
+                continue
+            if out["semseg"][r, c] != sample["semseg"][nr, nc]:
+                return False
+            if not torch.equal(out["normals"][:, r, c], sample["normals"][:, nr, nc]):
+                return False
+            d = float(sample["depth"][0, nr, nc])
+            expected = d if d == IGNORE else d / scale
+            if not math.isclose(float(out["depth"][0, r, c]), expected, rel_tol=1e-6):
+                return False
+    return True
+
+
+@FAST
+@given(seed=st.integers(0, 2**32 - 1), h=st.integers(2, 9), w=st.integers(2, 9))
+def test_nyud_reference_recipe_zooms_by_an_official_scale_and_never_rotates(seed, h, w):
+    from m3vit.data import scale_rotate_options
+
+    sample = random_sample(seed, h, w, ignore_fraction=0.1)
+    out = RandomScaleRotate(**scale_rotate_options("nyud", "reference"))(sample, rng(seed))
+    assert sum(is_pure_zoom(sample, out, s) for s in NYUD_SCALES) >= 1
+    # teeth: a rotated or a continuously scaled warp is no such zoom
+    rotated = fixed_warp(1.2, 15.0)(sample, rng())
+    assert h * w < 9 or not any(is_pure_zoom(sample, rotated, s) for s in NYUD_SCALES)
+
+
+def test_nyud_reference_recipe_draws_each_official_scale():
+    from m3vit.data import scale_rotate_options
+
+    t = RandomScaleRotate(**scale_rotate_options("nyud", "reference"))
+    sample = {"image": torch.zeros(3, 7, 9), "depth": torch.full((1, 7, 9), 6.0)}
+    seen = {round(float(6.0 / t(sample, rng(seed))["depth"][0, 3, 4]), 6) for seed in range(60)}
+    assert seen == set(NYUD_SCALES)
+
+
+def test_scale_rotate_recipes_per_dataset():
+    from m3vit.data import scale_rotate_options
+
+    pascal = {"scales": (0.75, 1.25), "degrees": (-20.0, 20.0)}
+    assert scale_rotate_options("nyud", "reference") == {"scale_choices": NYUD_SCALES, "degrees": (0.0, 0.0)}
+    for name, recipe in (("nyud", "pascal"), ("pascal_context", "reference"), ("synthetic", "reference")):
+        assert scale_rotate_options(name, recipe) == pascal
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        scale_rotate_options("nyud", "official")
+
+
+def test_the_run_config_picks_the_nyud_recipe(monkeypatch, tmp_path):
+    from m3vit.engine import builders
+    from m3vit.engine.config import load_config
+
+    seen = {}
+    monkeypatch.setattr(builders, "build_dataset", lambda *a, **kw: seen.setdefault("transform", kw["transform"]))
+    for recipe, expected in (("reference", NYUD_SCALES), ("pascal", None)):
+        seen.clear()
+        cfg = load_config(None, {"model.name": "m3vit_micro", "data.name": "nyud", "data.root": str(tmp_path),
+                                 "data.size": [32, 32], "data.augment": "resize", "data.scale_rotate": recipe})
+        builders.build_train_dataset(cfg)
+        (warp,) = [t for t in seen["transform"].transforms if isinstance(t, RandomScaleRotate)]
+        assert warp.scale_choices == expected
+        assert warp.degrees == ((0.0, 0.0) if expected else (-20.0, 20.0))
+
+
 # --- validation ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, name", [
@@ -386,6 +467,8 @@ def test_train_modes():
     (lambda: RandomScaleRotate(scales=(0, 1)), "scales"), (lambda: RandomScaleRotate(scales=(2, 1)), "scales"),
     (lambda: RandomScaleRotate(degrees=(10, -10)), "degrees"), (lambda: RandomScaleRotate(degrees=5), "degrees"),
     (lambda: RandomScaleRotate(degrees=(0, float("nan"))), "degrees"),
+    (lambda: RandomScaleRotate(scale_choices=[]), "scale_choices"),
+    (lambda: RandomScaleRotate(scale_choices=[1.0, -1.2]), "scale_choices"),
     (lambda: RandomHorizontalFlip(1.5), "p"), (lambda: train_transforms(8, mode="pad"), "mode"),
     (lambda: Normalize(std=(1, 0, 1)), "std"), (lambda: Normalize(mean=(0, 0)), "mean"),
     (lambda: Compose([1]), "transforms"),

@@ -21,7 +21,9 @@ from m3vit.models.config import ConfigError
 from m3vit.nn import MoE
 
 TASKS = {"semseg": 8, "sal": 1, "normals": 3}
-TINY = dict(embed_dim=32, depth=2, num_heads=2, moe_blocks=[1], num_experts=8, top_k=2, head_channels=8)
+# init="trunc_normal": the gate offset below assumes small (std 0.02) gate weights.
+TINY = dict(embed_dim=32, depth=2, num_heads=2, moe_blocks=[1], num_experts=8, top_k=2, head_channels=8,
+            init="trunc_normal")
 IMG = (32, 32)
 # The gate offset that keeps the "starved" experts out of every top-2 of the chosen task (the other
 # logits are ~N(0, 0.1)), while their softmax mass exp(-5) ≈ 0.7% is large enough to matter.
@@ -76,9 +78,11 @@ def _moe_input(model, images, task):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])
-def test_min_usage_zero_keeps_used_experts_and_is_exact(router, calibration):
-    model = _model(router)
+@pytest.mark.parametrize("router, task_embed", [("multi_gate", "model"), ("task_conditioned", "model"),
+                                                ("task_conditioned", "layer"), ("shared", "model")])
+def test_min_usage_zero_keeps_used_experts_and_is_exact(router, task_embed, calibration):
+    """``task_embed``: the model's one task embedding (default) or one per layer (earlier layout)."""
+    model = _model(router, task_embed=task_embed)
     _starve(model)
     extracted, report = extract_task(model, "sal", calibration, min_usage=0.0)
     (layer,) = report.layers
@@ -169,7 +173,7 @@ def test_threshold_removes_experts_and_routes_over_the_kept_ones(router, gate_so
         logits = x @ router_module.weight[model.tasks.index("sal")].t()
     else:
         one_hot = torch.eye(len(TASKS))[model.tasks.index("sal")]
-        embedding = router_module.task_embed(one_hot)
+        embedding = router_module.embedding(one_hot)
         logits = torch.cat([x, embedding.expand(x.shape[0], -1)], dim=1) @ router_module.gate.weight.t()
     if gate_softmax == "kept":
         probs = torch.softmax(logits[:, kept], dim=-1)

@@ -120,6 +120,34 @@ def test_eval_delta_m_against_baselines(checkpoints, capsys, tmp_path):
     assert code == 2 and "no entry for task(s) ['sal']" in err
 
 
+def test_eval_reference_protocol(checkpoints, capsys):
+    """--protocol reference: the official scoring, and Δm against the paper's baselines without edge."""
+    from m3vit.tasks import load_baselines, reference_baselines_path, reference_delta_m
+
+    model, cfg = load_run(checkpoints["moe"])
+    base = ["eval", "--checkpoint", checkpoints["moe"], "--tasks", "semseg", "sal", "normals", "edge"]
+    _, out, _ = _run(base + ["--protocol", "reference", "--json"], capsys)
+    report = json.loads(out)
+    dataset = builders.build_eval_dataset(cfg)
+    tasks = ["semseg", "sal", "normals", "edge"]
+    assert report["protocol"] == "reference"
+    assert report["metrics"] == evaluate(model, dataset, tasks, eval_cfg=cfg.eval, protocol="reference")
+    assert report["delta_m"] is None  # the paper has no baselines for the synthetic scenes
+    code, out, _ = _run(base + ["--protocol", "reference"], capsys)
+    assert code == 0 and "official protocol" in out and "no single-task baselines for synthetic" in out
+    # given baselines (here the packaged PASCAL ones), edge is left out as officially
+    pascal = reference_baselines_path("pascal_context")
+    _, out, _ = _run(base + ["--protocol", "reference", "--baselines", pascal, "--json"], capsys)
+    report = json.loads(out)
+    expected, covered = reference_delta_m(report["metrics"], load_baselines(pascal))
+    assert report["delta_m"] == pytest.approx(expected) and report["delta_m_tasks"] == covered == tasks[:3]
+    code, out, _ = _run(base + ["--protocol", "reference", "--baselines", pascal], capsys)
+    assert "over semseg, sal, normals; edge left out as officially" in out
+    # the default protocol uses every task
+    _, out, _ = _run(base + ["--baselines", pascal, "--json"], capsys)
+    assert json.loads(out)["delta_m_tasks"] == tasks
+
+
 def test_eval_of_a_checkpoint_without_run_config(checkpoints, capsys):
     code, out, err = _run(["eval", "--checkpoint", checkpoints["plain"], "--json", "--tasks", "depth",
                            "--set", "data.val_length=2"], capsys)
@@ -196,6 +224,7 @@ ERRORS = [
     (["eval", "--checkpoint", "{moe}", "--split", "holdout"], "unknown split 'holdout'"),
     (["eval", "--checkpoint", "{moe}", "--baselines", "{root}/none.json"], "does not exist"),
     (["eval", "--checkpoint", "{moe}", "--pathway", "some"], "invalid choice: 'some'"),
+    (["eval", "--checkpoint", "{moe}", "--protocol", "paper"], "invalid choice: 'paper'"),
     (["eval"], "the following arguments are required: --checkpoint"),
     (["infer", "--checkpoint", "{root}/missing", "--task", "sal", "--out", "{root}/o", "a.png"], "does not exist"),
     (["infer", "--checkpoint", "{moe}", "--task", "bogus", "--out", "{root}/o", "a.png"],

@@ -63,12 +63,38 @@ def test_reference_recipe(dataset, tasks, size, weights, model):
         assert t.loss_weights == weights
     elif t.loss_weights is not None:
         assert t.loss_weights["semseg"] == 1.0 and t.loss_weights["depth"] == 1.0
+    # the official code's recipe details (docs/reference.md): decay on every parameter, poly lr set
+    # once per epoch, the dataset's own augmentation, the training-only TAM (PASCAL 2 levels, NYUD 3)
+    assert (t.weight_decay_exclude, t.lr_update, cfg.data.scale_rotate) == ("none", "epoch", "reference")
+    assert (t.cross_task_head, t.cross_task_module, t.cross_task_weight) == (True, "tam", 1.0)
+    assert t.tam_levels == ([0, 1] if dataset == "pascal_context" else [0, 1, 2])
+    # and the model-level reference options come with the registered model
+    built = model_config(cfg.model.name, {"semseg": 2}, img_size=cfg.data.size, **cfg.model_overrides())
+    assert built.pos_embed_resize == "bilinear" and built.num_heads == 6
+    if built.is_moe:
+        assert (built.balance_loss, built.init, built.task_embed) == ("reference", "reference", "model")
+        assert (built.num_experts, built.top_k, built.expert_hidden, built.renormalize) == (16, 4, 384, False)
 
 
 def test_task_conditioned_config_uses_the_task_conditioned_router():
     cfg = load_config(CONFIGS / "pascal_context" / "m3vit_small_task_conditioned.yaml")
     built = model_config(cfg.model.name, {"semseg": 21}, img_size=cfg.data.size, **cfg.model_overrides())
     assert built.router == "task_conditioned" and built.is_moe
+    assert (built.task_embed, built.task_embed_dim) == ("model", 64)
+    # the official task-conditioned config switches every TAM level off; the rest of the recipe as above
+    t = cfg.train
+    assert not t.cross_task_head
+    assert (t.weight_decay_exclude, t.lr_update, cfg.data.scale_rotate) == ("none", "epoch", "reference")
+
+
+def test_synthetic_configs_keep_their_own_recipe():
+    """The demo configs set none of the recipe-level reference options: their defaults apply."""
+    for name in ("m3vit_tiny", "mvit_tiny"):
+        cfg = load_config(CONFIGS / "synthetic" / f"{name}.yaml")
+        raw = yaml.safe_load((CONFIGS / "synthetic" / f"{name}.yaml").read_text())
+        assert not {"lr_update", "weight_decay_exclude", "cross_task_head"} & set(raw["train"])
+        assert (cfg.train.lr_update, cfg.train.weight_decay_exclude, cfg.train.cross_task_head) == (
+            "step", "norms_biases_embeddings", False)
 
 
 def test_synthetic_pair_matches_in_everything_but_the_mlp():
@@ -208,6 +234,14 @@ BAD_VALUES = [
     ("eval.baselines", 3, "must be a path string or null"),
     ("model.name", "resnet50", "choose one of"),
     ("model.pretrained", 7, "must be a path string or null"),
+    ("train.lr_update", "batch", "'batch' is not allowed; choose one of ['step', 'epoch']"),
+    ("train.weight_decay_exclude", "norms", "choose one of ['norms_biases_embeddings', 'none']"),
+    ("train.cross_task_module", "pad", "choose one of ['predictions', 'tam']"),
+    ("train.tam_levels", [], "must be a non-empty list"),
+    ("train.tam_levels", [0, -1], "must be >= 0"),
+    ("train.tam_levels", [1, 1], "levels must be distinct"),
+    ("train.tam_levels", 2, "must be a non-empty list"),
+    ("data.scale_rotate", "nyud", "choose one of ['reference', 'pascal']"),
 ]
 
 
@@ -269,6 +303,11 @@ def test_size_must_be_divisible_by_the_patch(h, w, patch):
     ("model.router", "random", "router='random' is not allowed"),
     ("model.moe_blocks", [0, 9], "moe_blocks=[0, 9] must be distinct block indices"),
     ("model.noise_std", -1.0, "noise_std must be >= 0"),
+    ("model.balance_loss", "switch", "balance_loss='switch' is not allowed; choose one of ['reference', 'vmoe']"),
+    ("model.init", "xavier", "init='xavier' is not allowed; choose one of ['reference', 'trunc_normal']"),
+    ("model.task_embed", "block", "task_embed='block' is not allowed; choose one of ['model', 'layer']"),
+    ("model.pos_embed_resize", "nearest", "choose one of ['bilinear', 'bicubic']"),
+    ("model.pretrained_experts", "copy", "choose one of ['upcycle', 'init']"),
 ])
 def test_model_options_are_validated(key, value, fragment):
     with pytest.raises(ConfigError, match=r"^model \(at data.size") as err:

@@ -228,3 +228,106 @@ def test_a_task_the_dataset_has_no_labels_for(small_model):
     depth_only = SyntheticScenes("val", size=(32, 32), length=1, tasks=["depth"])
     with pytest.raises(ValueError, match=r"no labels for task\(s\) \['semseg'\]; it provides \['depth'\]"):
         evaluate(small_model, depth_only, ["semseg", "depth"])
+
+
+# ----------------------------------------------------------------------------------------------
+# --protocol reference: what the official evaluation scores, on hand-made predictions
+# ----------------------------------------------------------------------------------------------
+
+
+def _logit(p255: float) -> float:
+    p = p255 / 255
+    return float(np.log(p / (1 - p)))
+
+
+class HandModel(nn.Module):
+    """Fixed predictions, whatever the image: saliency probabilities (×255) per image, one normal and
+    a two-class score pair per side (see ``test_reference_protocol_on_hand_made_predictions``)."""
+
+    SAL = [[89.7, 76.8], [95.4, 80.4]]  # 255·p of image 0 and 1, two pixels each
+
+    def __init__(self):
+        super().__init__()
+        self.config = ModelConfig(name="hand", tasks={"sal": 1, "normals": 3, "semseg": 2}, img_size=(1, 2))
+        self.tasks = list(self.config.tasks)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def resolve_tasks(self, tasks):
+        return list(self.tasks if tasks is None else tasks)
+
+    def forward(self, images, tasks=None):
+        b = images.shape[0]
+        index = torch.round((images[:, 0, 0, 0] * 0.229 + 0.485) * 10).long().tolist()  # HandLabels' image i is i / 10
+        sal = torch.tensor([[[[_logit(v) for v in self.SAL[i]]]] for i in index])
+        normals = torch.tensor([0.0, 0.28, 0.96]).view(1, 3, 1, 1).expand(b, 3, 1, 2).clone()
+        semseg = torch.tensor([[1.0, 0.0], [0.0, 4.0]]).t().reshape(1, 2, 1, 2).expand(b, 2, 1, 2).clone()
+        out = {"sal": sal, "normals": normals, "semseg": semseg}
+        return {t: out[t] for t in self.resolve_tasks(tasks)}
+
+
+class HandLabels:
+    tasks = ("sal", "normals", "semseg")
+
+    def __init__(self):
+        normals = torch.full((3, 1, 2), 255.0)
+        normals[:, 0, 0] = torch.tensor([0.0, 0.0, 1.0])  # pixel 1 is unlabelled
+        self.samples = [{"image": torch.full((3, 1, 2), i / 10), "sal": torch.tensor([[[1.0, 0.0]]]),
+                         "normals": normals, "semseg": torch.tensor([[0, 0, 1, 1]])} for i in range(2)]  # semseg 1x4
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def test_reference_protocol_on_hand_made_predictions():
+    """Worked by hand (thresholds 0.20, 0.25, ..., 0.90):
+
+    saliency, label [1, 0] in both images. Official 8-bit maps q = floor(255 p): image 0 [89, 76] ->
+    [0.349, 0.298], image 1 [95, 80] -> [0.373, 0.314]. IoU per image at t = 0.20/0.25: 1/2, 1/2;
+    t = 0.30: 1 (0.349 > 0.3 > 0.298), 1/2; t = 0.35: 0, 1; t >= 0.40: 0, 0 -> mean per threshold
+    max = 3/4: mIoU 75.0. On the float probabilities [0.3518, 0.3012] and [0.3741, 0.3153] both images
+    reach IoU 1 at t = 0.35: mIoU 100.0.
+
+    normals, one labelled pixel (0, 0, 1), prediction (0, 0.28, 0.96): float angle acos(0.96) =
+    16.2602°; official PNG q = floor(255 (n + 1) / 2) = (127, 163, 249), read back 2q/255 - 1 =
+    (-1, 71, 243) / 255, angle acos(243 / √(1 + 71² + 243²)) = 16.2889°.
+
+    semseg, label [0, 0, 1, 1] (1 x 4) from scores left (1, 0) and right (0, 4) (1 x 2): the official
+    argmax-then-nearest map [0, 0, 1, 1] is perfect (mIoU 100); the bilinear scores give [0, 1, 1, 1]
+    (column 1: 0.75 (1, 0) + 0.25 (0, 4) = (0.75, 1)): IoU 1/2 and 2/3, mIoU 58.33, accuracy 75.
+    """
+    model, data = HandModel(), HandLabels()
+    reference = evaluate(model, data, size=(1, 2), batch_size=2, protocol="reference")
+    default = evaluate(model, data, size=(1, 2), batch_size=2)
+    assert reference["sal"]["mIoU"] == pytest.approx(75.0, abs=1e-9)
+    assert default["sal"]["mIoU"] == pytest.approx(100.0, abs=1e-9)
+    assert reference["normals"]["mean"] == pytest.approx(16.28889316189586, abs=1e-9)
+    assert default["normals"]["mean"] == pytest.approx(16.260204708311967, abs=1e-5)  # float32 prediction
+    assert reference["semseg"]["mIoU"] == pytest.approx(100.0) and reference["semseg"]["pixel_acc"] == 100.0
+    assert default["semseg"]["mIoU"] == pytest.approx(700 / 12) and default["semseg"]["pixel_acc"] == 75.0
+    # one image at a time gives the same
+    assert evaluate(model, data, size=(1, 2), batch_size=1, protocol="reference") == reference
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate(model, data, size=(1, 2), protocol="official")
+
+
+def test_reference_resizes_are_opencvs():
+    """The official code resizes with OpenCV: INTER_NEAREST for label maps, INTER_LINEAR (then
+    astype(uint8)) for saliency and normals PNGs."""
+    cv2 = pytest.importorskip("cv2")
+    from m3vit.tasks import get_task
+    from m3vit.tasks.base import quantize_8bit
+
+    g = np.random.default_rng(0)
+    for (h, w), (H, W) in [((8, 10), (13, 17)), ((12, 9), (7, 5)), ((5, 6), (5, 6))]:
+        values = g.uniform(0, 255, (h, w)).astype(np.float32)
+        expected = cv2.resize(values, (W, H), interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+        got = quantize_8bit(torch.from_numpy(values)[None, None], (H, W))[0, 0].numpy()
+        assert (np.abs(got - expected) <= 1).all() and (got == expected).mean() > 0.98  # float32 vs float64 ties
+        scores = torch.from_numpy(g.normal(size=(1, 4, h, w)).astype(np.float32))
+        labels = scores[0].argmax(0).numpy().astype(np.uint8)
+        official = cv2.resize(labels, (W, H), interpolation=cv2.INTER_NEAREST)
+        ours = get_task("semseg", num_classes=4).reference_prediction(scores, (H, W)).argmax(1)[0].numpy()
+        np.testing.assert_array_equal(ours, official)

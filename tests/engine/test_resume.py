@@ -122,3 +122,45 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path, tiny_config, ca
     assert [r["step"] for r in train_lines(killed)] == [1, 2]
     # --resume on an empty or absent directory is a fresh run too
     assert train(cfg, tmp_path / "c", resume=True).steps == 2
+
+
+def test_resume_a_run_written_before_the_reference_options(tmp_path, tiny_config, caplog):
+    """A run directory from before these options existed: its config lacks the new keys (their defaults
+    keep the earlier behaviour, so it still matches) and its checkpoint lacks the model options (the
+    resumed run says which values it now uses)."""
+    import yaml
+
+    cfg = tiny_config(train__steps=2, train__checkpoint_every=2)
+    out = tmp_path / "old"
+    train(cfg, out)
+    run = yaml.safe_load((out / "config.yaml").read_text())
+    for key in ("lr_update", "weight_decay_exclude", "cross_task_module", "tam_levels"):
+        del run["train"][key]
+    del run["data"]["scale_rotate"]
+    (out / "config.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
+    ckpt = out / "checkpoints" / "step-2" / "config.yaml"
+    meta = yaml.safe_load(ckpt.read_text())
+    for key in ("balance_loss", "init", "task_embed", "pos_embed_resize", "pretrained_experts"):
+        del meta["model"][key]
+    ckpt.write_text(yaml.safe_dump(meta, sort_keys=False))
+    with caplog.at_level("WARNING"):
+        result = train(cfg.replace({"train.steps": 3}), out, resume=True)
+    assert result.start_step == 2 and result.steps == 3
+    assert "was written before the model options" in caplog.text and "'balance_loss'" in caplog.text
+
+
+def test_resume_with_a_different_task_embedding_layout_is_a_clear_error(tmp_path, tiny_config):
+    from m3vit.utils.errors import CheckpointError
+
+    cfg = tiny_config(train__steps=2, model__router="task_conditioned", model__task_embed="layer")
+    out = tmp_path / "run"
+    train(cfg, out)
+    # what an old run config means today: no task_embed key, so the registered model's "model" layout
+    config = (out / "config.yaml").read_text().replace("  task_embed: layer\n", "")
+    (out / "config.yaml").write_text(config)
+    changed = cfg.to_dict()
+    del changed["model"]["task_embed"]
+    from m3vit.engine.config import RunConfig
+
+    with pytest.raises(CheckpointError, match="one task embedding per MoE layer .* set task_embed: layer"):
+        train(RunConfig.from_dict(changed).replace({"train.steps": 3}), out, resume=True)

@@ -121,6 +121,58 @@ def test_build_optimizer_kinds(tiny_config):
     assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["betas"] == (0.8, 0.95)
 
 
+# --- the official recipe: lr set once per epoch, weight decay on every parameter ----------------
+
+
+def official_poly_lr(base_lr: float, epoch: int, epochs: int, power: float = 0.9) -> float:
+    """``adjust_learning_rate`` of the official code: ``lr * (1 - epoch / epochs) ** 0.9`` at each epoch start."""
+    return base_lr * (1 - epoch / epochs) ** power
+
+
+@settings(max_examples=60, deadline=None)
+@given(epochs=st.integers(1, 12), steps_per_epoch=st.integers(1, 9), lr=st.floats(1e-4, 1.0))
+def test_epoch_updates_equal_the_official_poly_schedule(epochs, steps_per_epoch, lr):
+    schedule = LRSchedule(lr=lr, total_steps=epochs * steps_per_epoch, kind="poly", power=0.9, update="epoch",
+                          steps_per_epoch=steps_per_epoch)
+    for step in range(epochs * steps_per_epoch):
+        expected = official_poly_lr(lr, step // steps_per_epoch, epochs)
+        assert schedule(step) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_epoch_updates_hold_the_rate_within_an_epoch_and_step_updates_do_not():
+    epoch = LRSchedule(lr=1.0, total_steps=12, kind="cosine", update="epoch", steps_per_epoch=4)
+    step = LRSchedule(lr=1.0, total_steps=12, kind="cosine")
+    assert [epoch(s) for s in range(12)] == [step(s) for s in (0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8)]
+    warm = LRSchedule(lr=1.0, total_steps=12, kind="poly", warmup_steps=2, update="epoch", steps_per_epoch=4)
+    assert [warm(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]  # warmup stays per step, then held at p = 0
+
+
+def test_epoch_updates_need_the_steps_per_epoch():
+    with pytest.raises(ConfigError, match=r"train.lr_update: 'epoch' needs the steps per epoch"):
+        LRSchedule(lr=0.1, total_steps=10, update="epoch")
+    with pytest.raises(ConfigError, match=r"train.lr_update: 'daily' is not allowed"):
+        LRSchedule(lr=0.1, total_steps=10, update="daily")
+
+
+def test_trainer_schedule_uses_the_sampler_epoch(tiny_config):
+    cfg = tiny_config(train__lr_update="epoch")  # 16 samples, batch 4: 4 steps per epoch
+    schedule = LRSchedule.from_config(cfg.train, 12, steps_per_epoch=4)
+    assert (schedule.update, schedule.steps_per_epoch) == ("epoch", 4)
+    assert schedule(3) == schedule(0) and schedule(4) < schedule(3)
+
+
+def test_weight_decay_on_every_parameter_as_officially(tiny_config):
+    cfg = tiny_config(train__optimizer="sgd", train__weight_decay=1e-4, train__weight_decay_exclude="none")
+    model = build_model(cfg, {"semseg": 3, "depth": 1})
+    decay, no_decay = param_groups(model, 1e-4, exclude="none")
+    assert sorted(decay["names"]) == sorted(n for n, _ in model.named_parameters()) and no_decay["names"] == []
+    opt = build_optimizer(cfg.train, model)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
+    assert sum(p.numel() for p in opt.param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="train.weight_decay_exclude: 'all' is not allowed"):
+        param_groups(model, 1e-4, exclude="all")
+
+
 # --- data order --------------------------------------------------------------------------------
 
 

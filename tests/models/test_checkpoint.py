@@ -78,3 +78,43 @@ def test_a_run_folder_points_at_its_final_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError) as plain:
         m3vit.load_checkpoint(tmp_path / "run" / "final" / ".." / "..")
     assert "run folder" not in str(plain.value)
+
+
+def test_an_older_checkpoint_with_per_layer_task_embeddings_still_loads(tmp_path):
+    """Checkpoints written before ``task_embed`` existed hold one embedding per MoE layer and no such
+    key in config.yaml: the field's default (``layer``) reads them as they are."""
+    import yaml
+
+    torch.manual_seed(1)
+    model = m3vit.create_model("m3vit_micro", {"semseg": 4, "depth": 1}, img_size=(32, 32), embed_dim=32,
+                               num_heads=2, depth=4, moe_blocks=[1, 3], num_experts=4, top_k=2, head_channels=8,
+                               router="task_conditioned", task_embed="layer").eval()
+    m3vit.save_checkpoint(model, tmp_path / "old")
+    config = tmp_path / "old" / "config.yaml"
+    meta = yaml.safe_load(config.read_text())
+    for key in ("task_embed", "balance_loss", "init", "pos_embed_resize", "pretrained_experts"):
+        del meta["model"][key]
+    config.write_text(yaml.safe_dump(meta, sort_keys=False))  # task order = task ids
+    loaded = m3vit.load_checkpoint(tmp_path / "old")
+    assert loaded.config.task_embed == "layer"
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(images), loaded(images)
+    assert all(torch.equal(a[t], b[t]) for t in a)
+
+
+def test_a_task_embedding_layout_mismatch_is_a_clear_checkpoint_error(tmp_path):
+    import yaml
+
+    from m3vit.utils.errors import CheckpointError
+
+    model = _model()  # registered default: one task embedding for the model
+    m3vit.save_checkpoint(model, tmp_path / "ckpt")
+    assert model.config.task_embed == "model"
+    config = tmp_path / "ckpt" / "config.yaml"
+    meta = yaml.safe_load(config.read_text())
+    meta["model"]["task_embed"] = "layer"
+    config.write_text(yaml.safe_dump(meta, sort_keys=False))  # task order = task ids
+    with pytest.raises(CheckpointError, match="one task embedding for the model but the model config has "
+                                              "task_embed: layer; set task_embed: model"):
+        m3vit.load_checkpoint(tmp_path / "ckpt")

@@ -194,3 +194,104 @@ def test_bf16_autocast_forward_and_backward():
         torch.testing.assert_close(out[task].float(), reference[task], rtol=0.1, atol=0.1)
     w1 = model.moe_layers[0].w1
     assert w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Official-code options at the model level (docs/reference.md)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_registered_models_carry_the_reference_options():
+    moe, dense = (m3vit.models.model_config(n, ["semseg"], img_size=(32, 32)) for n in ("m3vit_micro", "mvit_micro"))
+    assert (moe.balance_loss, moe.init, moe.task_embed, moe.pos_embed_resize) == ("reference", "reference", "model",
+                                                                                   "bilinear")
+    assert dense.pos_embed_resize == "bilinear"
+    # the field defaults keep the earlier behaviour (what a config.yaml without these keys meant)
+    plain = ModelConfig()
+    assert (plain.balance_loss, plain.init, plain.task_embed, plain.pos_embed_resize, plain.pretrained_experts) == (
+        "vmoe", "trunc_normal", "layer", "bicubic", "upcycle")
+
+
+@pytest.mark.parametrize("task_embed", ["model", "layer"])
+def test_task_conditioned_parameters_are_one_embedding_mlp_plus_the_gates(task_embed):
+    """The official layout: ONE task-embedding MLP (one-hot T -> t -> t, LayerNorm) for the model plus
+    one gate over [token; embedding] per MoE layer; ``layer`` has one MLP per MoE layer."""
+    T, t, D, E, L = len(TASKS), 8, 32, 6, 2
+    model = tiny(router="task_conditioned", task_embed_dim=t, task_embed=task_embed)
+    routing = sum(p.numel() for n, p in model.named_parameters()
+                  if ".router." in n or n.startswith("backbone.task_embed."))
+    embedding = (T * t + t) + (t * t + t) + 2 * t  # Linear(T, t), Linear(t, t), LayerNorm(t)
+    gates = L * E * (D + t)
+    assert routing == (embedding if task_embed == "model" else L * embedding) + gates
+    if task_embed == "model":
+        shared = model.backbone.task_embed
+        assert all(layer.router.embedding is shared for layer in model.moe_layers)
+        assert not any("router.task_embed" in k for k in model.state_dict())
+        assert shared[3].eps == 1e-6  # the official LayerNorm(eps=1e-6)
+    else:
+        assert model.backbone.task_embed is None
+        assert len({id(layer.router.embedding) for layer in model.moe_layers}) == L
+
+
+def test_every_layer_routes_on_token_and_the_one_shared_embedding():
+    """Official forward: the embedding of the one-hot task, concatenated to each layer's gate input."""
+    model = tiny(router="task_conditioned", task_embed_dim=8).eval()
+    x = torch.randn(2, 5, 32)
+    for layer in model.moe_layers:
+        for task in range(len(TASKS)):
+            one_hot = torch.zeros(len(TASKS))
+            one_hot[task] = 1.0
+            embedding = model.backbone.task_embed(one_hot)
+            expected = torch.cat([x, embedding.expand(2, 5, -1)], dim=-1) @ layer.router.gate.weight.t()
+            got = layer.router(x, torch.full((2,), task))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_aux_loss_of_any_layer_trains_the_shared_embedding():
+    model = tiny(router="task_conditioned", task_embed_dim=8).train()
+    model(torch.randn(2, 3, 32, 32))
+    model.moe_layers[-1].aux_loss().backward()  # only the last layer's loss
+    grad = model.backbone.task_embed[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared"])
+def test_reference_gate_init_survives_the_backbone_init(router):
+    """The backbone re-initialises every nn.Linear in its blocks; the gates (nn.Linear for two of the
+    router kinds) must keep the official U(±1/√E) draw, the experts U(±1/√(D·hidden))."""
+    model = tiny(router=router, num_experts=16, top_k=4)
+    for layer in model.moe_layers:
+        gate = layer.router.weight if router == "multi_gate" else layer.router.gate.weight
+        bound = 1 / 16**0.5
+        assert gate.abs().max().item() <= bound and gate.abs().max().item() > 0.9 * bound
+        assert gate.var().item() == pytest.approx(bound**2 / 3, rel=0.2)
+        expert_bound = 1 / (32 * 32) ** 0.5
+        assert layer.w1.abs().max().item() <= expert_bound and layer.w2.abs().max().item() <= expert_bound
+
+
+def test_head_features_leave_outputs_and_state_dict_unchanged():
+    model = tiny().eval()
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        plain = model(images)
+        outputs, stages = model.forward_with_head_features(images)
+    for task in TASKS:
+        assert torch.equal(outputs[task], plain[task])
+        # stage i: the head's channels at 2^i times the token grid (2 x 3 here)
+        assert [tuple(s.shape) for s in stages[task]] == [(2, 8, 2 * 2**i, 3 * 2**i) for i in range(4)]
+    keys = [k for k in model.state_dict() if k.startswith("heads.depth.")]
+    assert keys[:2] == ["heads.depth.norm.weight", "heads.depth.norm.bias"] and keys[-2:] == [
+        "heads.depth.classifier.weight", "heads.depth.classifier.bias"]
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_run_time_pos_embed_resize_follows_the_option(mode):
+    import torch.nn.functional as F
+
+    model = tiny(pos_embed_resize=mode).eval()
+    grid = model.backbone.pos_embed[:, 1:].reshape(1, 2, 2, 32).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(3, 4), mode=mode, align_corners=False).permute(0, 2, 3, 1).reshape(1, 12, 32)
+    with torch.no_grad():
+        x, _ = model.backbone.embed(torch.zeros(1, 3, 48, 64))
+        patches, _ = model.backbone.patch_embed(torch.zeros(1, 3, 48, 64))
+    torch.testing.assert_close(x[:, 1:] - patches, expected)

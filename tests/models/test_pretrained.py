@@ -95,16 +95,62 @@ def test_upcycle_rule_copies_the_dense_mlp_into_every_expert():
         assert torch.equal(moe.b2[e], sd["blocks.3.mlp.fc2.bias"])
 
 
+def bilinear_ref(grid, out_h, out_w):
+    """Bilinear resize of ``grid [h, w, D]`` with pixel centres (align_corners=False), float64 loops:
+    source coordinate ``(i + 0.5) * in / out - 0.5`` clamped at 0, neighbours clamped at the border."""
+    grid = grid.double()
+    h, w, _ = grid.shape
+
+    def taps(i, n_in, n_out):
+        x = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = int(x)
+        return i0, min(i0 + 1, n_in - 1), x - i0
+
+    out = torch.zeros(out_h, out_w, grid.shape[-1], dtype=torch.float64)
+    for i in range(out_h):
+        r0, r1, a = taps(i, h, out_h)
+        for j in range(out_w):
+            c0, c1, b = taps(j, w, out_w)
+            out[i, j] = ((1 - a) * (1 - b) * grid[r0, c0] + (1 - a) * b * grid[r0, c1]
+                         + a * (1 - b) * grid[r1, c0] + a * b * grid[r1, c1])
+    return out
+
+
 def test_pos_embed_interpolated_and_distillation_token_dropped():
+    """Registered models resize bilinearly, as the official code does (docs/reference.md)."""
     sd = timm_state_dict(distilled=True)
     model = make(img=(96, 128))  # grid 6x8 from a 4x4 checkpoint
+    assert model.config.pos_embed_resize == "bilinear"
     load_pretrained_vit(model, sd)
     pos = model.backbone.pos_embed
     assert pos.shape == (1, 1 + 6 * 8, DIM)
     assert torch.equal(pos[0, 0], sd["pos_embed"][0, 0])  # cls position kept, dist position dropped
-    grid = sd["pos_embed"][:, 2:].reshape(1, 4, 4, DIM).permute(0, 3, 1, 2)
+    expected = bilinear_ref(sd["pos_embed"][0, 2:].reshape(4, 4, DIM), 6, 8).reshape(1, 48, DIM)
+    torch.testing.assert_close(pos[:, 1:].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pos_embed_bicubic_option():
+    sd = timm_state_dict()
+    model = make(img=(96, 128), pos_embed_resize="bicubic")
+    load_pretrained_vit(model, sd)
+    grid = sd["pos_embed"][:, 1:].reshape(1, 4, 4, DIM).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(6, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 48, DIM)
-    torch.testing.assert_close(pos[:, 1:], expected)
+    torch.testing.assert_close(model.backbone.pos_embed[:, 1:], expected)
+    assert not torch.allclose(expected, bilinear_ref(grid[0].permute(1, 2, 0), 6, 8).reshape(1, 48, DIM).float())
+
+
+def test_pretrained_experts_init_keeps_the_experts_and_reports_the_dense_mlps_ignored():
+    sd = timm_state_dict()
+    torch.manual_seed(0)
+    model = make(pretrained_experts="init")
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".mlp.w" in k or ".mlp.b" in k}
+    report = load_pretrained_vit(model, sd)
+    after = model.state_dict()
+    assert before and all(torch.equal(before[k], after[k]) for k in before)
+    assert "blocks.1.mlp.fc1.weight" in report["ignored"] and "blocks.0.mlp.fc1.weight" in report["loaded"]
+    assert report["rule"] == {"name": "init", "slices": 0}
+    # the dense blocks and the attention still load
+    assert torch.equal(model.backbone.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
 
 
 @pytest.mark.parametrize(

@@ -718,3 +718,134 @@ def test_moe_rejects_task_ids_of_wrong_type():
     moe = MoE(4, 5, 4, 2, num_tasks=3)
     with pytest.raises(TypeError, match=r"task_ids"):
         moe(torch.randn(2, 3, 4), "seg")
+
+
+# ----------------------------------------------------------------------------------------------
+# The official M³ViT's balance loss and initialisation (balance_loss="reference", init="reference")
+# ----------------------------------------------------------------------------------------------
+
+
+def cv_squared_unbiased_ref(v):
+    """The official gate's cv²: sample variance (N - 1) over (mean² + 1e-10); 0 for one value."""
+    v = [float(a) for a in v]
+    if len(v) == 1:
+        return 0.0
+    mean = sum(v) / len(v)
+    var = sum((a - mean) ** 2 for a in v) / (len(v) - 1)
+    return var / (mean**2 + 1e-10)
+
+
+def reference_balance_ref(probs, weights, indices, rows, num_experts):
+    """importance = Σ over tokens of the sparse gate vector (each token's combine weights at its picked
+    experts, zero elsewhere); load = number of (token, choice) pairs per expert."""
+    importance = [0.0] * num_experts
+    load = [0] * num_experts
+    for s in rows:
+        for j, e in enumerate(indices[s]):
+            importance[e] += float(weights[s][j])
+            load[e] += 1
+    return cv_squared_unbiased_ref(importance) + cv_squared_unbiased_ref(load)
+
+
+@settings(max_examples=30, deadline=None)
+@given(moe_cases(), st.booleans())
+@example(_case("multi_gate", torch.tensor([0, 2, 0])), False).via("mixed tasks")
+@example(_case("task_conditioned", torch.tensor([1, 1, 0])), False).via("mixed tasks")
+@example(_case("shared", torch.tensor([1, 0, 2])), True).via("one group, renormalised")
+@example(_case("multi_gate", 0, num_experts=1, top_k=1), False).via("E = 1: cv² is 0")
+def test_reference_balance_loss_matches_the_official_formula(c, renormalize):
+    moe = make_moe(c["dim"], c["hidden"], c["num_experts"], c["top_k"], c["num_tasks"], c["router"], c["seed"],
+                   balance_loss="reference", renormalize=renormalize).train()
+    x = make_x(c["batch"], c["num_tokens"], c["dim"], c["seed"])
+    with torch.no_grad():
+        logits = router_logits_ref(moe, x, c["task_ids"])
+        probs, weights, indices = gate_ref(logits, moe.top_k, renormalize)
+    assume(top_k_margin(probs, c["top_k"]) > 1e-5)
+    moe(x, c["task_ids"])
+    token_tasks = [t for t in as_task_list(c["task_ids"], c["batch"]) for _ in range(c["num_tokens"])]
+    groups = sorted(set(token_tasks)) if c["router"] != "shared" else [None]
+    expected = sum(reference_balance_ref(probs, weights, indices,
+                                         [s for s, t in enumerate(token_tasks) if g is None or t == g],
+                                         c["num_experts"]) for g in groups)
+    assert moe.aux_loss().detach().item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_reference_and_vmoe_balance_losses_differ_where_the_formulas_do():
+    """Teeth: with top-k < E the sparse and the dense importance differ, and so do the variances."""
+    losses = {}
+    for kind in ("reference", "vmoe"):
+        moe = make_moe(num_experts=5, top_k=2, router="shared", seed=3, balance_loss=kind).train()
+        x = make_x(2, 6, 4, seed=3)
+        moe(x, 0)
+        losses[kind] = moe.aux_loss().item()
+        with torch.no_grad():
+            probs, weights, indices = gate_ref(router_logits_ref(moe, x, 0), 2)
+        rows = range(12)
+        if kind == "vmoe":
+            assert losses[kind] == pytest.approx(balance_ref(probs, indices, rows, 5), rel=1e-6)
+        else:
+            assert losses[kind] == pytest.approx(reference_balance_ref(probs, weights, indices, rows, 5), rel=1e-6)
+    assert abs(losses["reference"] - losses["vmoe"]) > 1e-3
+
+
+def test_cv_squared_variants():
+    from m3vit.nn import cv_squared
+
+    v = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=F64)
+    assert cv_squared(v, unbiased=True).item() == pytest.approx(cv_squared_unbiased_ref(v), rel=1e-12)
+    assert cv_squared(v).item() == pytest.approx(cv_squared_ref(v), rel=1e-12)
+    assert cv_squared(torch.tensor([3.0]), unbiased=True).item() == 0.0  # the official single-expert case
+
+
+def kaiming_uniform_bound(shape, a=math.sqrt(5)):
+    """Bound of ``torch.nn.init.kaiming_uniform_(w, a)`` (fan-in mode) from its definition:
+    gain = √(2 / (1 + a²)), fan-in = size(1) · ∏ size(2:), bound = gain · √(3 / fan-in)."""
+    fan_in = shape[1] * math.prod(shape[2:])
+    return math.sqrt(2.0 / (1.0 + a * a)) * math.sqrt(3.0 / fan_in)
+
+
+def assert_uniform(w, bound):
+    w = w.detach().double().flatten()
+    assert w.abs().max().item() <= bound * (1 + 1e-6)
+    assert w.abs().max().item() >= 0.9 * bound  # thousands of draws reach the edge
+    assert w.var().item() == pytest.approx(bound**2 / 3, rel=0.15)  # U(-b, b) has variance b² / 3
+    assert abs(w.mean().item()) < 0.1 * bound
+
+
+@pytest.mark.parametrize("router", ROUTER_KINDS)
+def test_reference_init_is_the_official_gate_and_fastmoe_expert_init(router):
+    dim, hidden, experts, tasks = 24, 40, 16, 3
+    torch.manual_seed(0)
+    moe = MoE(dim, hidden, experts, 4, tasks, router=router, task_embed_dim=8, init="reference")
+    # official gate: w_gate [d_gate, E] (d_gate = D, or D + embedding for task-conditioned routing)
+    gate = moe.router.weight if router == "multi_gate" else moe.router.gate.weight
+    d_gate = dim + (8 if router == "task_conditioned" else 0)
+    bound = kaiming_uniform_bound((d_gate, experts))
+    assert bound == pytest.approx(1 / math.sqrt(experts))
+    assert_uniform(gate, bound)
+    # FastMoE's FMoELinear: weight [E, out, in], htoh4 (in = D, out = hidden) and h4toh alike
+    bound = kaiming_uniform_bound((experts, hidden, dim))
+    assert bound == pytest.approx(1 / math.sqrt(dim * hidden))
+    assert kaiming_uniform_bound((experts, dim, hidden)) == pytest.approx(bound)
+    assert_uniform(moe.w1, bound)
+    assert_uniform(moe.w2, bound)
+    assert not moe.b1.any() and not moe.b2.any()
+
+
+@pytest.mark.parametrize("router", ROUTER_KINDS)
+def test_trunc_normal_init_is_kept_as_an_option(router):
+    torch.manual_seed(0)
+    moe = MoE(24, 40, 16, 4, 3, router=router, init="trunc_normal")
+    gate = moe.router.weight if router == "multi_gate" else moe.router.gate.weight
+    for w in (gate, moe.w1, moe.w2):  # N(0, 0.02²) truncated at ±2 (absolute, so hardly truncated)
+        assert w.std().item() == pytest.approx(0.02, rel=0.1)
+        assert abs(w.mean().item()) < 0.002
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(balance_loss="switch"), r"balance_loss='switch' is not allowed; choose one of \['reference', 'vmoe'\]"),
+    (dict(init="xavier"), r"init='xavier' is not allowed; choose one of \['reference', 'trunc_normal'\]"),
+])
+def test_moe_rejects_unknown_reference_options(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoE(4, 5, 4, 2, **kwargs)

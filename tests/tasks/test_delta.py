@@ -83,3 +83,42 @@ def test_load_baselines_errors(tmp_path):
     bad.write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="expected a JSON object"):
         load_baselines(bad)
+
+
+# --- the paper's baselines and the official Δm -----------------------------------------------
+
+
+def test_packaged_baselines_are_the_papers():
+    from m3vit.tasks import reference_baselines_path
+
+    pascal = load_baselines(reference_baselines_path("pascal_context"))
+    assert pascal == {"semseg": {"mIoU": 66.2}, "human_parts": {"mIoU": 59.9}, "sal": {"mIoU": 66.3},
+                      "normals": {"mean": 13.9}, "edge": {"odsF": 68.8}}
+    nyud = load_baselines(reference_baselines_path("nyud"))
+    assert nyud == {"semseg": {"mIoU": 43.9}, "depth": {"rmse": 0.585}, "normals": {"mean": 19.763}}
+    assert reference_baselines_path("synthetic") is None
+
+
+def test_official_delta_m_leaves_edge_out():
+    """M³ViT multi-gate on PASCAL-Context (paper: seg 72.8, parts 62.1, sal 66.3, normals 14.5, edge 71.7).
+
+    By hand: (72.8 - 66.2) / 66.2 = 0.099698, (62.1 - 59.9) / 59.9 = 0.036728, sal 0,
+    -(14.5 - 13.9) / 13.9 = -0.043165: mean over the four = +2.3315 %. With edge
+    ((71.7 - 68.8) / 68.8 = 0.042151) over five: +2.7082 %, the paper's +2.71.
+    """
+    from m3vit.tasks import reference_baselines_path, reference_delta_m
+
+    baselines = load_baselines(reference_baselines_path("pascal_context"))
+    results = {"semseg": {"mIoU": 72.8}, "human_parts": {"mIoU": 62.1}, "sal": {"mIoU": 66.3},
+               "normals": {"mean": 14.5}, "edge": {"odsF": 71.7}}
+    dm, tasks = reference_delta_m(results, baselines)
+    assert tasks == ["semseg", "human_parts", "sal", "normals"]
+    assert dm == pytest.approx((6.6 / 66.2 + 2.2 / 59.9 + 0.0 - 0.6 / 13.9) / 4 * 100, rel=1e-12)
+    assert dm == pytest.approx(2.3315, abs=5e-4)
+    assert delta_m(results, baselines) == pytest.approx(2.7082, abs=5e-4)  # every task, as the paper's table
+    # the dense M-ViT row (paper: -1.77 with edge)
+    mvit = {"semseg": {"mIoU": 70.7}, "human_parts": {"mIoU": 58.7}, "sal": {"mIoU": 64.9},
+            "normals": {"mean": 15.5}, "edge": {"odsF": 68.8}}
+    assert delta_m(mvit, baselines) == pytest.approx(-1.77, abs=5e-3)
+    with pytest.raises(ValueError, match="leaves out"):
+        reference_delta_m({"edge": {"odsF": 70.0}}, baselines)

@@ -15,6 +15,8 @@ from .synthetic import SyntheticScenes
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PASCAL_SCALE_ROTATE,
+    SCALE_ROTATE_RECIPES,
     Compose,
     Normalize,
     PadCrop,
@@ -28,11 +30,25 @@ from .transforms import (
 __all__ = [
     "DATASETS", "build_dataset", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
     "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
-    "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms",
+    "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms", "SCALE_ROTATE_RECIPES",
+    "scale_rotate_options",
 ]
 
 #: Dataset name -> class (the names configs and the CLI use).
 DATASETS = {"synthetic": SyntheticScenes, "pascal_context": PascalContextMT, "nyud": NYUDMT}
+
+
+def scale_rotate_options(name: str, recipe: str = "reference") -> dict:
+    """``RandomScaleRotate`` options of dataset ``name`` for ``recipe`` (``data.scale_rotate``):
+    ``reference`` is the official recipe of the dataset (its ``REFERENCE_SCALE_ROTATE``, else PASCAL's),
+    ``pascal`` the PASCAL recipe (scale U(0.75, 1.25), rotation U(±20°))."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
+    if recipe not in SCALE_ROTATE_RECIPES:
+        raise ValueError(f"recipe must be one of {list(SCALE_ROTATE_RECIPES)}, got {recipe!r}")
+    if recipe == "reference":
+        return dict(getattr(DATASETS[name], "REFERENCE_SCALE_ROTATE", PASCAL_SCALE_ROTATE))
+    return dict(PASCAL_SCALE_ROTATE)
 
 
 def build_dataset(name: str, split: str = "train", *, root: str | None = None, size: Sequence[int] | None = None,

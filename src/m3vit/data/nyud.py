@@ -81,6 +81,9 @@ class NYUDMT(FolderDataset):
     all_tasks = ("semseg", "depth", "normals", "edge")
     channels = {"semseg": len(NYUD_CLASSES), "depth": 1, "normals": 3, "edge": 1}
     classes = NYUD_CLASSES
+    #: The official M³ViT's NYUD augmentation (``data.scale_rotate: reference``): a scale drawn from
+    #: {1.0, 1.2, 1.5}, never rotated, depth divided by the scale (docs/reference.md).
+    REFERENCE_SCALE_ROTATE = {"scale_choices": (1.0, 1.2, 1.5), "degrees": (0.0, 0.0)}
 
     def __init__(self, root: str | os.PathLike, split: str = "train", tasks: Sequence[str] | None = None,
                  transform: Callable | None = None, seed: int = 0) -> None:

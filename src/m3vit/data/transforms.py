@@ -35,6 +35,7 @@ from ._io import resize_nearest
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Transform", "Compose", "RandomHorizontalFlip", "RandomScaleRotate",
     "PadCrop", "Resize", "Normalize", "train_transforms", "eval_transforms", "warp_sample", "source_coordinates",
+    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE",
 ]
 
 #: ImageNet channel statistics (RGB, images in [0, 1]).
@@ -42,6 +43,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Transform = Callable[[dict, np.random.Generator], dict]
+
+#: Scale-and-rotate recipes of a run (``data.scale_rotate``): ``reference`` is the official code's recipe
+#: of the dataset (a dataset class may declare ``REFERENCE_SCALE_ROTATE``; the others use the PASCAL one),
+#: ``pascal`` the PASCAL recipe for every dataset.
+SCALE_ROTATE_RECIPES = ("reference", "pascal")
+#: The official PASCAL-Context recipe: scale U(0.75, 1.25), rotation U(-20°, 20°).
+PASCAL_SCALE_ROTATE = {"scales": (0.75, 1.25), "degrees": (-20.0, 20.0)}
 
 #: Sample keys that are carried along untouched.
 _PASS_THROUGH = ("meta",)
@@ -158,6 +166,9 @@ class RandomHorizontalFlip:
 class RandomScaleRotate:
     """Zoom by ``s ~ U(scales)`` and rotate by ``a ~ U(degrees)`` (CCW as displayed) about the centre.
 
+    ``scale_choices`` (optional) draws ``s`` uniformly from that list instead (the official NYUD recipe:
+    {1.0, 1.2, 1.5} with ``degrees=(0, 0)``, i.e. never rotated).
+
     One affine warp, output the same size as the input. The image is sampled bilinearly
     (``grid_sample``, ``align_corners=False``: pixel centres at ``(2 i + 1) / n - 1``) and is 0 outside
     the source; labels are sampled nearest-neighbour at the same source positions and are ``IGNORE``
@@ -166,19 +177,32 @@ class RandomScaleRotate:
     """
 
     def __init__(self, scales: Sequence[float] = (0.75, 1.25), degrees: Sequence[float] = (-20, 20),
-                 scale_depth: bool = True) -> None:
+                 scale_depth: bool = True, scale_choices: Sequence[float] | None = None) -> None:
         self.scales = _as_range(scales, "scales", lower=0.0, lower_inclusive=False)
         self.degrees = _as_range(degrees, "degrees")
         self.scale_depth = bool(scale_depth)
+        self.scale_choices = None
+        if scale_choices is not None:
+            try:
+                choices = tuple(float(c) for c in scale_choices)
+            except (TypeError, ValueError):
+                raise ValueError(f"scale_choices must be a list of positive numbers, got {scale_choices!r}") from None
+            if not choices or not all(math.isfinite(c) and c > 0 for c in choices):
+                raise ValueError(f"scale_choices must be a non-empty list of positive numbers, got {scale_choices!r}")
+            self.scale_choices = choices
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         image, labels = _entries(sample)
-        scale = float(rng.uniform(*self.scales))
-        angle = float(rng.uniform(*self.degrees))
+        if self.scale_choices is None:
+            scale = float(rng.uniform(*self.scales))
+        else:
+            scale = self.scale_choices[int(rng.integers(len(self.scale_choices)))]
+        angle = float(rng.uniform(*self.degrees))  # exactly 0.0 for degrees (0, 0)
         return warp_sample(sample, image, labels, scale, angle, self.scale_depth)
 
     def __repr__(self) -> str:
-        return f"RandomScaleRotate(scales={self.scales}, degrees={self.degrees}, scale_depth={self.scale_depth})"
+        scales = f"scale_choices={self.scale_choices}" if self.scale_choices is not None else f"scales={self.scales}"
+        return f"RandomScaleRotate({scales}, degrees={self.degrees}, scale_depth={self.scale_depth})"
 
 
 def source_coordinates(size: tuple[int, int], scale: float, angle_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,8 +350,11 @@ class Normalize:
 # --- factories -------------------------------------------------------------------------------------
 
 def train_transforms(size, flip: bool = True, scales: Sequence[float] = (0.75, 1.25),
-                     degrees: Sequence[float] = (-20, 20), scale_depth: bool = True, mode: str = "crop") -> Compose:
+                     degrees: Sequence[float] = (-20, 20), scale_depth: bool = True, mode: str = "crop",
+                     scale_choices: Sequence[float] | None = None) -> Compose:
     """Training augmentation: flip, scale-rotate, then to ``size``, then ImageNet normalisation.
+
+    ``scales``/``degrees``/``scale_choices`` configure ``RandomScaleRotate``.
 
     ``mode="crop"`` (default) cuts a random ``size`` window, padding with 255 / 0 where the image is
     smaller (the training size of the issue); ``mode="resize"`` resizes to ``size`` as the reference
@@ -339,7 +366,7 @@ def train_transforms(size, flip: bool = True, scales: Sequence[float] = (0.75, 1
     steps: list[Transform] = []
     if flip:
         steps.append(RandomHorizontalFlip(0.5))
-    steps.append(RandomScaleRotate(scales, degrees, scale_depth))
+    steps.append(RandomScaleRotate(scales, degrees, scale_depth, scale_choices))
     steps.append(PadCrop(size, random=True) if mode == "crop" else Resize(size))
     steps.append(Normalize())
     return Compose(steps)

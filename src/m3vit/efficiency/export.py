@@ -10,8 +10,9 @@ of the task's token -> expert assignments exceeds ``min_usage``, and builds a on
 * the shared backbone (patch embedding, attention, dense MLPs) and task T's head;
 * per MoE layer, the kept experts' ``w1/b1/w2/b2`` rows, and top-k over them (``k = min(top_k, kept)``);
 * task T's router: for ``multi_gate`` its own gate; for ``task_conditioned`` the shared gate and the
-  task-embedding MLP with its one-hot input reduced to T's column (so T's embedding, and its logit
-  offset, are those of the original); for ``shared`` the shared gate.
+  task-embedding MLP (the model's one, or each layer's own) with its one-hot input reduced to T's
+  column (so T's embedding, and its logit offset, are those of the original); for ``shared`` the
+  shared gate.
 
 How the gate normalises over fewer experts (``gate_softmax``):
 
@@ -171,8 +172,8 @@ def _extracted_layer(layer: MoE, task_index: int, kept: list[int] | None, gate_s
         state["router.weight"] = gate if rows is None else gate.index_select(1, rows)
     elif isinstance(router, TaskConditionedRouter):
         state.update({f"router.{k}": v.detach() for k, v in router.state_dict().items()})
-        # The one-hot of a 1-task model is [1]: keep task T's column of the first embedding layer.
-        state["router.task_embed.0.weight"] = router.task_embed[0].weight.detach()[:, task_index:task_index + 1]
+        if not router.shares_task_embed:  # the model's shared embedding is reduced in _extracted_state
+            state["router.task_embed.0.weight"] = _task_column(router.task_embed, task_index)
         gate = router.gate.weight.detach()
         state["router.gate.weight"] = gate if rows is None else gate.index_select(0, rows)
     elif isinstance(router, SharedRouter):
@@ -181,6 +182,11 @@ def _extracted_layer(layer: MoE, task_index: int, kept: list[int] | None, gate_s
     else:
         raise TypeError(f"cannot extract a task from a router of type {type(router).__name__}")
     return state
+
+
+def _task_column(task_embed: nn.Module, task_index: int) -> Tensor:
+    """The one-hot of a 1-task model is [1]: task T's column of the embedding's first layer."""
+    return task_embed[0].weight.detach()[:, task_index:task_index + 1]
 
 
 def _extracted_state(model: MultiTaskModel, task: str, subsets: dict[int, list[int]],
@@ -192,6 +198,8 @@ def _extracted_state(model: MultiTaskModel, task: str, subsets: dict[int, list[i
     state = {k: v for k, v in source.items()
              if not k.startswith("heads.") and not any(k.startswith(p) for p in moe_prefixes)}
     state.update({k: v for k, v in source.items() if k.startswith(f"heads.{task}.")})
+    if model.backbone.task_embed is not None:
+        state["backbone.task_embed.0.weight"] = _task_column(model.backbone.task_embed, task_index)
     for block, layer in zip(moe_block_indices(model), model.moe_layers):
         layer_state = _extracted_layer(layer, task_index, subsets.get(block), gate_softmax)
         state.update({f"backbone.blocks.{block}.mlp.{k}": v for k, v in layer_state.items()})

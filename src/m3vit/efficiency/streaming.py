@@ -411,7 +411,8 @@ class StreamingMoE(MoE):
         with _TensorsOnMeta():
             super().__init__(moe.dim, moe.hidden_dim, self._router_width(moe), moe.top_k, num_tasks=moe.num_tasks,
                              router=moe.router_kind, noise_std=moe.noise_std, renormalize=moe.renormalize,
-                             capacity_factor=moe.capacity_factor, dispatch=moe.dispatch, **subset)
+                             capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
+                             balance_loss=moe.balance_loss_kind, init=moe.init, **subset)
         for name in EXPERT_PARAMS:
             delattr(self, name)
         self.router = moe.router

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..data import Compose, Normalize, Resize, build_dataset, train_transforms
+from ..data import Compose, Normalize, Resize, build_dataset, scale_rotate_options, train_transforms
 from ..data.show import dataset_tasks
 from ..models import create_model
 from ..models.config import ConfigError
@@ -17,12 +17,13 @@ __all__ = ["build_train_dataset", "build_eval_dataset", "build_tasks", "loss_wei
 
 
 def build_train_dataset(cfg: RunConfig):
-    """The training split with the configured augmentation (ImageNet-normalised images of ``data.size``)."""
+    """The training split with the configured augmentation (ImageNet-normalised images of ``data.size``):
+    flip, the ``data.scale_rotate`` recipe of the dataset, then ``data.augment`` to the size."""
     data = cfg.data
     if data.augment == "none":
         transform = Compose([Normalize()] if data.name == "synthetic" else [Resize(data.size), Normalize()])
     else:
-        transform = train_transforms(data.size, mode=data.augment)
+        transform = train_transforms(data.size, mode=data.augment, **scale_rotate_options(data.name, data.scale_rotate))
     length = data.train_length if data.name == "synthetic" else None
     return build_dataset(data.name, data.train_split, root=data.root, size=data.size if data.name == "synthetic" else None,
                          length=length, seed=data.seed, tasks=data.tasks, transform=transform)

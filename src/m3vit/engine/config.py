@@ -18,10 +18,12 @@ from typing import Any
 
 import yaml
 
-from ..data import DATASETS
+from ..data import DATASETS, SCALE_ROTATE_RECIPES
 from ..models.config import ConfigError, ModelConfig
 from ..models.registry import list_models, model_config
 from ..tasks import list_tasks
+from .cross_task import CROSS_TASK_MODULES
+from .schedules import LR_UPDATES, WEIGHT_DECAY_EXCLUDES
 
 __all__ = [
     "RunConfig", "ModelSection", "DataSection", "TrainSection", "EvalSection", "ConfigError",
@@ -124,7 +126,10 @@ class ModelSection:
 @dataclass
 class DataSection:
     """What to train and evaluate on. ``size`` is the training crop / synthetic render size and the
-    model's ``img_size``; ``train_length``/``val_length`` apply to the synthetic dataset only."""
+    model's ``img_size``; ``train_length``/``val_length`` apply to the synthetic dataset only.
+    ``scale_rotate`` picks the scale-and-rotate augmentation: ``reference`` is the official recipe of
+    the dataset (NYUD: a scale from {1, 1.2, 1.5}, no rotation; the others: scale U(0.75, 1.25),
+    rotation U(±20°)), ``pascal`` the latter for every dataset (docs/reference.md)."""
 
     name: str = "synthetic"
     root: str | None = None
@@ -136,6 +141,7 @@ class DataSection:
     train_length: int = 2000
     val_length: int = 64
     augment: str = "crop"
+    scale_rotate: str = "pascal"
     num_workers: int = 0
 
     def validate(self, prefix: str = "data") -> None:
@@ -158,6 +164,7 @@ class DataSection:
         _check_int(f"{prefix}.train_length", self.train_length, 1)
         _check_int(f"{prefix}.val_length", self.val_length, 1)
         _check_choice(f"{prefix}.augment", self.augment, AUGMENTATIONS)
+        _check_choice(f"{prefix}.scale_rotate", self.scale_rotate, SCALE_ROTATE_RECIPES)
         _check_int(f"{prefix}.num_workers", self.num_workers, 0)
 
 
@@ -165,7 +172,14 @@ class DataSection:
 class TrainSection:
     """How to optimise. Exactly one of ``steps`` and ``epochs`` sets the run length; ``batch_size`` is
     per process. ``loss_weights`` default to the dataset's reference weights (``null``);
-    ``aux_weight`` is the MoE balance-loss weight λ."""
+    ``aux_weight`` is the MoE balance-loss weight λ.
+
+    ``lr_update``: the lr changes every ``step`` or once per ``epoch`` (official). ``weight_decay_exclude``:
+    ``norms_biases_embeddings`` (no decay on 1-d parameters, positional embedding, cls token, expert
+    biases) or ``none`` (every parameter decays, official). ``cross_task_head`` switches a training-only
+    cross-task module on: ``cross_task_module: predictions`` (``CrossTaskHead`` on the final
+    predictions) or ``tam`` (the official task-attention module on the heads' stage outputs at
+    ``tam_levels``: level ℓ reads head stage ℓ + 1), its losses weighted by ``cross_task_weight``."""
 
     steps: int | None = 300
     epochs: int | None = None
@@ -188,6 +202,10 @@ class TrainSection:
     aux_weight: float = 0.01
     cross_task_head: bool = False
     cross_task_weight: float = 1.0
+    cross_task_module: str = "predictions"
+    tam_levels: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lr_update: str = "step"
+    weight_decay_exclude: str = "norms_biases_embeddings"
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -229,6 +247,18 @@ class TrainSection:
         self.aux_weight = _check_float(f"{prefix}.aux_weight", self.aux_weight, 0.0)
         _check_bool(f"{prefix}.cross_task_head", self.cross_task_head)
         self.cross_task_weight = _check_float(f"{prefix}.cross_task_weight", self.cross_task_weight, 0.0)
+        _check_choice(f"{prefix}.cross_task_module", self.cross_task_module, CROSS_TASK_MODULES)
+        if isinstance(self.tam_levels, tuple):
+            self.tam_levels = list(self.tam_levels)
+        if not isinstance(self.tam_levels, list) or not self.tam_levels:
+            raise _fail(f"{prefix}.tam_levels",
+                        f"must be a non-empty list of head levels (0, 1, ...), got {self.tam_levels!r}")
+        for level in self.tam_levels:
+            _check_int(f"{prefix}.tam_levels", level, 0)
+        if len(set(self.tam_levels)) != len(self.tam_levels):
+            raise _fail(f"{prefix}.tam_levels", f"levels must be distinct, got {self.tam_levels}")
+        _check_choice(f"{prefix}.lr_update", self.lr_update, LR_UPDATES)
+        _check_choice(f"{prefix}.weight_decay_exclude", self.weight_decay_exclude, WEIGHT_DECAY_EXCLUDES)
         _check_int(f"{prefix}.checkpoint_every", self.checkpoint_every, 0)
         _check_int(f"{prefix}.keep_checkpoints", self.keep_checkpoints, 1)
         _check_int(f"{prefix}.log_every", self.log_every, 1)

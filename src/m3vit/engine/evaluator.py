@@ -1,4 +1,10 @@
-"""Evaluation: every task scored through its own sparse pathway, on labels at their own resolution."""
+"""Evaluation: every task scored through its own sparse pathway, on labels at their own resolution.
+
+Two protocols (``protocol``, ``m3vit eval --protocol``): ``default`` upsamples each float prediction
+bilinearly to its label; ``reference`` scores what the official M³ViT evaluation reads back from the
+files it saves (``Task.reference_prediction``: class maps resized nearest, saliency and normals as
+8-bit PNGs), see docs/reference.md.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import torch.nn.functional as F
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..tasks import Task
+from ..tasks.base import PROTOCOLS
 from .builders import build_tasks
 
 __all__ = ["evaluate", "metric_options", "prepare_images"]
@@ -24,6 +31,14 @@ def metric_options(eval_cfg: Any, task: str) -> dict[str, Any]:
         return {"num_thresholds": eval_cfg.edge_thresholds, "max_dist": eval_cfg.edge_max_dist,
                 "workers": eval_cfg.edge_workers}
     return {}
+
+
+def _to_label_size(task: Task, pred: torch.Tensor, size, protocol: str) -> torch.Tensor:
+    if protocol == "reference":
+        return task.reference_prediction(pred, size)
+    if tuple(pred.shape[-2:]) != tuple(size):
+        pred = F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
+    return pred
 
 
 def prepare_images(images: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
@@ -45,7 +60,7 @@ def prepare_images(images: Sequence[torch.Tensor], size: Sequence[int]) -> torch
 def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: int = 8,
              size: Sequence[int] | None = None, eval_cfg: Any = None, pathway: str = "single",
              device: str | torch.device | None = None, limit: int | None = None,
-             progress: bool = False) -> dict[str, dict[str, float]]:
+             progress: bool = False, protocol: str = "default") -> dict[str, dict[str, float]]:
     """Score ``model`` on ``dataset``: ``{task: {metric: value}}``.
 
     Images (``[0, 1]``, untransformed) are resized to ``size`` (default: the model's ``img_size``) and
@@ -53,9 +68,12 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
     sees it. ``pathway="single"`` runs each task alone (its router, the experts it picks, its head),
     as a deployed model would; ``"all"`` runs every task in one batched forward (the results agree).
     ``eval_cfg`` is an ``EvalSection`` (edge metric options); ``limit`` scores the first N samples.
+    ``protocol="reference"`` scores each prediction as the official evaluation does (module docstring).
     """
     if pathway not in ("single", "all"):
         raise ValueError(f"pathway must be 'single' or 'all', got {pathway!r}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     tasks = model.resolve_tasks(tasks)
     missing = [t for t in tasks if t not in getattr(dataset, "tasks", ())]
     if missing:
@@ -67,7 +85,8 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
     size = tuple(model.config.img_size if size is None else size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)
-    metrics = {t: task_objs[t].new_metric(**metric_options(eval_cfg, t)) for t in tasks}
+    extra = {t: task_objs[t].reference_metric_options if protocol == "reference" else {} for t in tasks}
+    metrics = {t: task_objs[t].new_metric(**metric_options(eval_cfg, t), **extra[t]) for t in tasks}
     was_training = model.training
     model.eval()
     count = len(dataset) if limit is None else min(limit, len(dataset))
@@ -89,13 +108,10 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
                 labels = [s[task] for s in samples]
                 if all(label.shape[-2:] == labels[0].shape[-2:] for label in labels):
                     target = torch.stack(labels)
-                    if tuple(pred.shape[-2:]) != tuple(target.shape[-2:]):
-                        pred = F.interpolate(pred, size=tuple(target.shape[-2:]), mode="bilinear", align_corners=False)
-                    metrics[task].update(pred, target)
+                    metrics[task].update(_to_label_size(task_objs[task], pred, target.shape[-2:], protocol), target)
                 else:
                     for i, label in enumerate(labels):
-                        one = F.interpolate(pred[i:i + 1], size=tuple(label.shape[-2:]), mode="bilinear",
-                                            align_corners=False)
+                        one = _to_label_size(task_objs[task], pred[i:i + 1], label.shape[-2:], protocol)
                         metrics[task].update(one, label[None])
         return {t: {k: float(v) for k, v in metrics[t].compute().items()} for t in tasks}
     finally:

@@ -11,11 +11,12 @@
     OUT/final/                   the trained model: model.safetensors + config.yaml (with "run", "step")
 
 The loss of a step is ``sum_t w_t * L_t + aux_weight * aux`` (+ ``cross_task_weight`` times the
-weighted losses of the optional training-only cross-task head). A step checkpoint is written inside
+weighted losses of every prediction of the optional training-only cross-task module:
+``engine.cross_task``, the official TAM or ``CrossTaskHead``). A step checkpoint is written inside
 one temporary directory that is renamed when complete, so a checkpoint directory exists only whole;
 ``trainer.pt`` holds everything else a resume needs (optimizer, schedule step, GradScaler, the
 torch/numpy/python RNG states of every process, the data order: epoch and position, the cross-task
-head). ``resume=True`` continues from the newest complete checkpoint and, on CPU with the same
+module). ``resume=True`` continues from the newest complete checkpoint and, on CPU with the same
 thread count, ends with bit-identical weights to an uninterrupted run: the data order is a
 permutation drawn from ``(train.seed, epoch)`` and augmentation a pure function of
 ``(data.seed, index, epoch)``, so nothing depends on where a run was interrupted.
@@ -57,13 +58,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, WEIGHTS, save_checkpoint,
-                                 write_checkpoint_files)
-from ..models.config import ConfigError
-from ..utils.errors import M3ViTError, OutputError
+                                 task_embed_layout_error, write_checkpoint_files)
+from ..models.config import REFERENCE_OPTIONS, ConfigError
+from ..utils.errors import M3ViTError
 from ..utils.io import FolderLock, atomic_directory, remove_output, write_bytes, write_text
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
-from .cross_task import CrossTaskHead
+from .cross_task import CrossTaskHead, TaskAttention
 from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier, cleanup_distributed,
                           convert_sync_batchnorm, env_rank, gather_objects, init_distributed)
 from .schedules import LRSchedule, StepScheduler, build_optimizer
@@ -258,6 +259,10 @@ def _check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
         raise RunDirectoryError(f"--resume: {saved_path} is not valid YAML") from None
     if not isinstance(saved, dict):
         raise RunDirectoryError(f"--resume: {saved_path} is not a run config")
+    try:  # keys added since the run was written take their defaults, which keep the earlier behaviour
+        saved = RunConfig.from_dict(saved, source=str(saved_path)).to_dict()
+    except ConfigError:
+        pass  # compared as written: the differences name what changed
     changed = [d for d in config_differences(saved, cfg.to_dict()) if d[0] not in RESUMABLE_KEYS]
     if changed:
         key, before, after = changed[0]
@@ -327,20 +332,44 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The module trained: model (+ training-only cross-task head), so DDP covers both.
+# The module trained: model (+ training-only cross-task module), so DDP covers both.
 
 
 class _TrainModule(nn.Module):
-    def __init__(self, model: nn.Module, cross_task_head: CrossTaskHead | None):
+    """``forward(images) -> (outputs, aux, extra)``: ``extra`` is None or a list of ``{task: prediction}``
+    made by the cross-task module (one per TAM level, or the refined predictions)."""
+
+    def __init__(self, model: nn.Module, cross_task_head: CrossTaskHead | TaskAttention | None):
         super().__init__()
         self.model = model
         self.cross_task_head = cross_task_head
 
     def forward(self, images: torch.Tensor):
-        outputs = self.model(images)
-        aux = self.model.aux_loss()
-        refined = self.cross_task_head(outputs) if self.cross_task_head is not None else None
-        return outputs, aux, refined
+        head = self.cross_task_head
+        if isinstance(head, TaskAttention):
+            outputs, stages = self.model.forward_with_head_features(images)
+            extra = head(stages, tuple(images.shape[-2:]))
+        else:
+            outputs = self.model(images)
+            extra = None if head is None else [head(outputs)]
+        return outputs, self.model.aux_loss(), extra
+
+
+def _build_cross_task_module(cfg: RunConfig, model: nn.Module, task_channels: dict[str, int]):
+    """The training-only cross-task module of ``train.cross_task_head`` / ``cross_task_module`` (or None)."""
+    tcfg = cfg.train
+    if not tcfg.cross_task_head:
+        return None
+    if tcfg.cross_task_module == "predictions":
+        return CrossTaskHead(task_channels)
+    if len(task_channels) < 2:
+        raise ConfigError(f"train.cross_task_module: tam needs at least two tasks, got {list(task_channels)}")
+    stages = model.config.head_stages
+    too_deep = [level for level in tcfg.tam_levels if level + 1 >= stages]
+    if too_deep:
+        raise ConfigError(f"train.tam_levels: level {too_deep[0]} reads head stage {too_deep[0] + 1} but the model's "
+                          f"heads have head_stages={stages} (allowed levels 0..{stages - 2})")
+    return TaskAttention(task_channels, model.config.head_channels, tcfg.tam_levels)
 
 
 class _LossWindow:
@@ -439,16 +468,19 @@ class _Trainer:
         self.model = build_model(cfg, task_channels)
         self.tasks = build_tasks(task_channels, self.dataset)
         self.weights = loss_weights(cfg, list(task_channels))
-        head = CrossTaskHead(task_channels) if tcfg.cross_task_head else None
+        head = _build_cross_task_module(cfg, self.model, task_channels)
         if info.distributed:
             self.model.heads = convert_sync_batchnorm(self.model.heads, device.type)
+            if head is not None:
+                head = convert_sync_batchnorm(head, device.type)
         self.module = _TrainModule(self.model, head).to(device)
         if info.distributed:  # the same initial weights everywhere (by seed, and DDP broadcasts), then
             torch.manual_seed(tcfg.seed + 7919 * info.rank)  # per-process randomness (drop path, router noise)
         self.sampler = GlobalBatchSampler(len(self.dataset), tcfg.batch_size, tcfg.seed, info.rank, info.world_size)
         self.total_steps = tcfg.steps if tcfg.steps is not None else tcfg.epochs * self.sampler.batches_per_epoch
         self.optimizer = build_optimizer(tcfg, {"model": self.model, **({"cross_task_head": head} if head else {})})
-        self.scheduler = StepScheduler(self.optimizer, LRSchedule.from_config(tcfg, self.total_steps))
+        self.scheduler = StepScheduler(self.optimizer, LRSchedule.from_config(tcfg, self.total_steps,
+                                                                              self.sampler.batches_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=tcfg.amp == "fp16" and device.type == "cuda")
         self.step, self.epoch, self.position, self.elapsed = 0, 0, 0, 0.0
         self.checkpoint = checkpoint
@@ -470,12 +502,23 @@ class _Trainer:
     def _restore(self, directory: Path) -> None:
         state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
         weights = load_file(str(directory / WEIGHTS), device="cpu")
-        self.model.load_state_dict(weights, strict=True)
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        layout = task_embed_layout_error(f"--resume: {directory}", missing, unexpected)
+        if layout is not None:
+            raise layout
+        if missing or unexpected:
+            raise RunDirectoryError(f"--resume: {directory}: the weights do not match the run's model (missing "
+                                    f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        self._warn_new_model_options(directory)
         head = self.module.cross_task_head
         if head is not None:
             if state.get("cross_task_head") is None:
                 raise RunDirectoryError(f"{directory}: no cross-task head state to resume (train.cross_task_head)")
-            head.load_state_dict(state["cross_task_head"])
+            try:
+                head.load_state_dict(state["cross_task_head"])
+            except RuntimeError:
+                raise RunDirectoryError(f"--resume: {directory}: the saved cross-task module does not match "
+                                        f"train.cross_task_module={self.cfg.train.cross_task_module!r}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -493,6 +536,17 @@ class _Trainer:
                         self.info.world_size)
             torch.manual_seed(self.cfg.train.seed + 7919 * self.info.rank + self.step)
         log.info("resumed from %s (step %d, epoch %d, batch %d)", directory, self.step, self.epoch, self.position)
+
+    def _warn_new_model_options(self, directory: Path) -> None:
+        """A checkpoint written before the reference options existed resumes with today's values: say so."""
+        try:
+            saved = yaml.safe_load((directory / CONFIG).read_text()).get("model", {})
+        except (OSError, yaml.YAMLError, AttributeError):
+            return
+        absent = {k: getattr(self.model.config, k) for k in REFERENCE_OPTIONS if k not in saved}
+        if absent:
+            log.warning("%s was written before the model options %s existed; resuming with %s", directory,
+                        sorted(absent), absent)
 
     def _save_step_checkpoint(self) -> None:
         state = self._trainer_state()  # collective (gathers RNG states): every process calls it
@@ -546,12 +600,13 @@ class _Trainer:
         targets = {t: batch[t].to(self.device, non_blocking=True) for t in self.tasks}
         lr = self.scheduler.apply()
         with _autocast(tcfg.amp, self.device):
-            outputs, aux, refined = wrapped(images)
+            outputs, aux, extra = wrapped(images)
         losses = {t: self.tasks[t].loss(outputs[t].float(), targets[t]) for t in self.tasks}
         total = sum(self.weights[t] * losses[t] for t in self.tasks) + tcfg.aux_weight * aux.float()
         cross = None
-        if refined is not None:
-            cross = sum(self.weights[t] * self.tasks[t].loss(refined[t].float(), targets[t]) for t in self.tasks)
+        if extra is not None:  # every extra prediction with the main task weights (the official TAM loss)
+            cross = sum(self.weights[t] * self.tasks[t].loss(level[t].float(), targets[t])
+                        for level in extra for t in self.tasks)
             total = total + tcfg.cross_task_weight * cross
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()

@@ -15,11 +15,13 @@ import yaml
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from ..utils.errors import CheckpointError
 from ..utils.io import OutputKind, atomic_directory, write_bytes, write_text
 from .config import ConfigError, ModelConfig
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "write_checkpoint_files",
-           "is_checkpoint_config", "CHECKPOINT", "CHECKPOINT_FILES", "WEIGHTS", "CONFIG", "TRAINER_STATE"]
+           "is_checkpoint_config", "task_embed_layout_error", "CHECKPOINT", "CHECKPOINT_FILES", "WEIGHTS",
+           "CONFIG", "TRAINER_STATE"]
 
 FORMAT = "m3vit-checkpoint"
 VERSION = 1
@@ -93,6 +95,20 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
     return meta
 
 
+def task_embed_layout_error(where: str, missing, unexpected) -> CheckpointError | None:
+    """A clear error when weights and config disagree on where the task embedding lives (one per
+    model: ``backbone.task_embed.*``; one per MoE layer: ``...mlp.router.task_embed.*``), else None."""
+    per_layer = any(".mlp.router.task_embed." in k for k in unexpected)
+    per_model = any(k.startswith("backbone.task_embed.") for k in unexpected)
+    if per_layer and any(k.startswith("backbone.task_embed.") for k in missing):
+        return CheckpointError(f"{where}: the weights hold one task embedding per MoE layer (m3vit's earlier layout) "
+                               f"but the model config has task_embed: model; set task_embed: layer in the model config")
+    if per_model and any(".mlp.router.task_embed." in k for k in missing):
+        return CheckpointError(f"{where}: the weights hold one task embedding for the model but the model config has "
+                               f"task_embed: layer; set task_embed: model in the model config")
+    return None
+
+
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """Rebuild the model saved in ``directory`` and load its weights; returned in eval mode."""
     from .m3vit import MultiTaskModel
@@ -101,6 +117,9 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
     model = MultiTaskModel(ModelConfig.from_dict(meta["model"]))
     state = load_file(str(Path(directory) / WEIGHTS), device=str(map_location))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    layout = task_embed_layout_error(f"{directory}", missing, unexpected)
+    if layout is not None:
+        raise layout
     if missing or unexpected:
         raise ConfigError(
             f"{directory}: weights do not match config.yaml (missing {sorted(missing)[:5]}, "

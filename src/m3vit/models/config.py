@@ -6,12 +6,24 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 
 from ..nn.dispatch import STRATEGIES
+from ..nn.moe import BALANCE_LOSSES, MOE_INITS
 from ..nn.routers import ROUTERS
 from ..utils.errors import ConfigError
 
-__all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX"]
+__all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX", "TASK_EMBED_SCOPES", "POS_EMBED_RESIZE",
+           "PRETRAINED_EXPERTS", "REFERENCE_OPTIONS"]
 
 GATE_SOFTMAX = ("all", "kept")
+#: Where a task-conditioned model keeps its task embedding: one per model (official) or one per MoE layer.
+TASK_EMBED_SCOPES = ("model", "layer")
+#: Interpolation of the positional-embedding grid (pretrained loading and run-time resizing).
+POS_EMBED_RESIZE = ("bilinear", "bicubic")
+#: How ``load_pretrained_vit`` fills the experts: copies of the dense MLP, or left at their init.
+PRETRAINED_EXPERTS = ("upcycle", "init")
+#: The official M³ViT's choices (docs/reference.md), set by the registered models; the field
+#: defaults below keep m3vit's earlier behaviour so that an older config.yaml means what it meant.
+REFERENCE_OPTIONS = {"balance_loss": "reference", "init": "reference", "task_embed": "model",
+                     "pos_embed_resize": "bilinear"}
 
 
 @dataclass
@@ -28,6 +40,12 @@ class ModelConfig:
     softmax runs: ``"all"`` keeps every expert's gate row so a held expert's combine weight is
     unchanged (exact extraction), ``"kept"`` keeps only the held experts' rows (the routing is
     renormalised over them).
+
+    Options that follow the official M³ViT code (``docs/reference.md``; the registered ``m3vit_*``
+    models set ``REFERENCE_OPTIONS``, ``mvit_*`` its ``pos_embed_resize``): ``balance_loss``
+    (``reference`` | ``vmoe``), ``init`` of the experts and gates (``reference`` | ``trunc_normal``),
+    ``task_embed`` (``model``: one task embedding for the model, ``layer``: one per MoE layer),
+    ``pos_embed_resize`` (``bilinear`` | ``bicubic``) and ``pretrained_experts`` (``upcycle`` | ``init``).
     """
 
     name: str = "custom"
@@ -55,6 +73,11 @@ class ModelConfig:
     head_stages: int = 4
     expert_subsets: dict[int, list[int]] = field(default_factory=dict)
     gate_softmax: str = "all"
+    balance_loss: str = "vmoe"
+    init: str = "trunc_normal"
+    task_embed: str = "layer"
+    pos_embed_resize: str = "bicubic"
+    pretrained_experts: str = "upcycle"
 
     @property
     def expert_hidden(self) -> int:
@@ -102,6 +125,10 @@ class ModelConfig:
             raise ConfigError(f"dispatch={self.dispatch!r} is not allowed; choose one of {list(STRATEGIES)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router={self.router!r} is not allowed; choose one of {sorted(ROUTERS)}")
+        for key, allowed in (("balance_loss", BALANCE_LOSSES), ("init", MOE_INITS), ("task_embed", TASK_EMBED_SCOPES),
+                             ("pos_embed_resize", POS_EMBED_RESIZE), ("pretrained_experts", PRETRAINED_EXPERTS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}")
         for key in ("mlp_ratio", "expert_ratio"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")

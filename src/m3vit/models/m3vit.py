@@ -15,18 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import Block, Mlp, MoE, SETRPUPHead
-from .config import ModelConfig
+from ..nn import Block, Mlp, MoE, SETRPUPHead, TaskEmbedding
+from .config import REFERENCE_OPTIONS, ModelConfig
 from .registry import register_model
 
 __all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed"]
 
 
-def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
-    """Bicubically resize the grid part of ``pos_embed [1, prefix + h*w, D]`` to ``new_grid``.
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix: int = 1,
+                       mode: str = "bicubic") -> Tensor:
+    """Resize the grid part of ``pos_embed [1, prefix + h*w, D]`` to ``new_grid`` (``mode``: ``"bicubic"``
+    or ``"bilinear"``, the official M³ViT's; ``align_corners=False``).
 
     The source grid must be square (as ImageNet ViTs are) or already ``new_grid``.
     """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     n = grid.shape[1]
     if n == new_grid[0] * new_grid[1]:
@@ -36,7 +40,7 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix:
         raise ValueError(f"cannot resample a positional embedding of {n} grid tokens (not a square grid)")
     dim = grid.shape[-1]
     grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 
@@ -63,6 +67,9 @@ class VisionTransformer(nn.Module):
     stacks one copy of the tokens per task along the batch, each copy carrying its task id, and runs
     the remaining blocks in one batched pass. Output: ``[T, B, 1 + h*w, D]`` (``T = 1`` when the
     backbone is task-agnostic: dense or shared router) and the token grid ``(h, w)``.
+
+    A task-conditioned backbone with ``cfg.task_embed == "model"`` owns one ``TaskEmbedding``
+    (``self.task_embed``) that every MoE layer's router uses, as the official code does.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -75,6 +82,9 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], dim))
         drop_path = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         num_tasks = max(1, len(cfg.tasks))
+        shared = cfg.router == "task_conditioned" and cfg.task_embed == "model" and bool(cfg.moe_blocks)
+        # The official embedding MLP ends in LayerNorm(eps=1e-6).
+        self.task_embed = TaskEmbedding(num_tasks, cfg.task_embed_dim, eps=1e-6) if shared else None
         blocks = []
         for i in range(cfg.depth):
             if i in cfg.moe_blocks:
@@ -86,7 +96,8 @@ class VisionTransformer(nn.Module):
                           min(cfg.top_k, cfg.experts_in_block(i)), num_tasks=num_tasks,
                           router=cfg.router, noise_std=cfg.noise_std, task_embed_dim=cfg.task_embed_dim,
                           renormalize=cfg.renormalize, capacity_factor=cfg.capacity_factor,
-                          dispatch=cfg.dispatch, expert_ids=None if kept_gate else held)
+                          dispatch=cfg.dispatch, expert_ids=None if kept_gate else held,
+                          balance_loss=cfg.balance_loss, init=cfg.init, task_embed=self.task_embed)
             else:
                 mlp = Mlp(dim, cfg.mlp_hidden)
             blocks.append(Block(dim, cfg.num_heads, mlp, qkv_bias=cfg.qkv_bias, drop_path=drop_path[i]))
@@ -101,6 +112,11 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        if self.task_embed is not None:
+            self.task_embed.reset_parameters()
+        if self.cfg.init == "reference":  # the loop above also reached the routers' nn.Linear gates
+            for layer in self.moe_layers:
+                layer.router.reset_gate("reference")
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -119,7 +135,8 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         x, grid = self.patch_embed(images)
-        pos = self.pos_embed if grid == self.grid else resample_pos_embed(self.pos_embed, grid)
+        pos = self.pos_embed if grid == self.grid else resample_pos_embed(self.pos_embed, grid,
+                                                                          mode=self.cfg.pos_embed_resize)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
         return x, grid
 
@@ -187,16 +204,28 @@ class MultiTaskModel(nn.Module):
             )
 
     def forward(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+        return self._forward(images, tasks, head_features=False)[0]
+
+    def forward_with_head_features(self, images: Tensor, tasks: str | Sequence[str] | None = None
+                                   ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+        """``forward`` plus each head's stage outputs (``SETRPUPHead.forward_stages``), for training-only
+        cross-task modules: ``(outputs, {task: [stage 0, stage 1, ...]})``."""
+        return self._forward(images, tasks, head_features=True)
+
+    def _forward(self, images: Tensor, tasks, head_features: bool):
         tasks = self.resolve_tasks(tasks)
         self.check_images(images)
         task_ids = [self.tasks.index(t) for t in tasks]
         features, grid = self.backbone(images, task_ids)
         size = tuple(images.shape[-2:])
-        outputs = {}
+        outputs, stages = {}, {}
         for i, task in enumerate(tasks):
             tokens = features[i] if features.shape[0] > 1 else features[0]
-            outputs[task] = self.heads[task](tokens, grid, size)
-        return outputs
+            if head_features:
+                outputs[task], stages[task] = self.heads[task].forward_stages(tokens, grid, size)
+            else:
+                outputs[task] = self.heads[task](tokens, grid, size)
+        return outputs, stages
 
     @property
     def moe_layers(self) -> list[MoE]:
@@ -212,9 +241,11 @@ class MultiTaskModel(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Named configurations. ``m3vit_*``: MoE in every other block (1, 3, ...), 16 experts, top-4,
-# expert hidden = width (a token's active MLP compute equals the dense MLP's), multi-gate routing.
-# ``mvit_*``: the dense multi-task baseline. ``*_micro`` is a CPU-scale config (width 96, 6 blocks)
-# for demos and tests; it is not a paper configuration.
+# expert hidden = width (a token's active MLP compute equals the dense MLP's), multi-gate routing,
+# and the official code's balance loss, initialisation, shared task embedding and bilinear
+# positional-embedding resize (REFERENCE_OPTIONS, docs/reference.md). ``mvit_*``: the dense
+# multi-task baseline (bilinear resize, the one option that applies to it). ``*_micro`` is a
+# CPU-scale config (width 96, 6 blocks) for demos and tests; it is not a paper configuration.
 # ----------------------------------------------------------------------------------------------
 _SIZES = {
     "micro": dict(embed_dim=96, depth=6, num_heads=3, head_channels=64),
@@ -225,8 +256,8 @@ _SIZES = {
 
 for _size, _arch in _SIZES.items():
     _moe = dict(_arch, moe_blocks=tuple(range(1, _arch["depth"], 2)), num_experts=16, top_k=4,
-                expert_ratio=1.0, router="multi_gate")
+                expert_ratio=1.0, router="multi_gate", **REFERENCE_OPTIONS)
     register_model(f"m3vit_{_size}", ModelConfig(name=f"m3vit_{_size}", **_moe),
                    f"M³ViT-{_size}: MoE ViT, {_arch['embed_dim']} wide, 16 experts top-4, multi-gate")
-    register_model(f"mvit_{_size}", ModelConfig(name=f"mvit_{_size}", **_arch),
+    register_model(f"mvit_{_size}", ModelConfig(name=f"mvit_{_size}", pos_embed_resize="bilinear", **_arch),
                    f"M-ViT-{_size}: dense multi-task ViT baseline, {_arch['embed_dim']} wide")

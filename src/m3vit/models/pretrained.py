@@ -2,10 +2,13 @@
 
 Embeddings, attention, norms and dense MLPs map one to one (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``); the positional
-embedding is bicubically resized to the model's grid (a DeiT distillation token is dropped); the
-final ``norm`` initialises every task head's LayerNorm; classifier heads are ignored.
+embedding is resized to the model's grid with ``ModelConfig.pos_embed_resize`` (bilinear, the official
+code's, for the registered models; a DeiT distillation token is dropped); the final ``norm``
+initialises every task head's LayerNorm; classifier heads are ignored.
 
-Experts of an MoE block are initialised from that block's dense MLP (routers stay random):
+With ``ModelConfig.pretrained_experts = "init"`` the experts keep their initialisation, as in the
+official code, whose DeiT loading cannot reach them (docs/reference.md). With ``"upcycle"`` (default)
+the experts of an MoE block are initialised from that block's dense MLP (routers stay random):
 
 * ``expert_hidden == mlp_hidden`` ("upcycle"): every expert is a copy of the dense MLP.
 * ``mlp_hidden = n * expert_hidden`` ("split"): the dense hidden units are cut into ``n``
@@ -121,7 +124,7 @@ def load_pretrained_vit(model: MultiTaskModel, path_or_state: str | os.PathLike 
     if pos.shape[-1] != cfg.embed_dim:
         raise ConfigError(f"pretrained 'pos_embed' has width {pos.shape[-1]} but embed_dim={cfg.embed_dim}")
     try:
-        pos = resample_pos_embed(pos, model.backbone.grid)
+        pos = resample_pos_embed(pos, model.backbone.grid, mode=cfg.pos_embed_resize)
     except ValueError as exc:
         raise ConfigError(f"pretrained 'pos_embed' ({grid_tokens} grid tokens): {exc}") from None
     put("backbone.pos_embed", pos, "pos_embed")
@@ -130,6 +133,9 @@ def load_pretrained_vit(model: MultiTaskModel, path_or_state: str | os.PathLike 
     for i, block in enumerate(model.backbone.blocks):
         for key in _BLOCK_KEYS:
             put(f"backbone.blocks.{i}.{key}", take(f"blocks.{i}.{key}"), f"blocks.{i}.{key}")
+        if block.is_moe and cfg.pretrained_experts == "init":
+            rule = ("init", 0)
+            continue  # the experts keep their initialisation; this block's dense MLP is reported as ignored
         dense = [take(f"blocks.{i}.{key}") for key in _MLP_KEYS]
         if block.is_moe:
             moe = block.mlp

@@ -38,12 +38,21 @@ class SETRPUPHead(nn.Module):
         self.classifier = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, tokens: Tensor, grid: tuple[int, int], out_size: tuple[int, int]) -> Tensor:
+        return self.forward_stages(tokens, grid, out_size)[0]
+
+    def forward_stages(self, tokens: Tensor, grid: tuple[int, int],
+                       out_size: tuple[int, int]) -> tuple[Tensor, list[Tensor]]:
+        """The prediction and every stage's output before its upsampling (conv + BN + ReLU, ``channels``
+        wide, stage ``i`` at ``2^i`` times the token grid). A training-only cross-task module reads them."""
         batch, _, dim = tokens.shape
         x = self.norm(tokens[:, 1:])
         x = x.transpose(1, 2).reshape(batch, dim, grid[0], grid[1])
+        features = []
         for stage in self.stages:
-            x = F.interpolate(stage(x), scale_factor=2, mode="bilinear", align_corners=False)
+            x = stage(x)
+            features.append(x)
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
         x = self.classifier(x)
         if tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
-        return x
+        return x, features

@@ -1,16 +1,37 @@
-"""The task-level sparse mixture-of-experts MLP: V-MoE gating, balance loss, reordered dispatch."""
+"""The task-level sparse mixture-of-experts MLP: V-MoE gating, balance loss, reordered dispatch.
+
+Balance loss of one group of tokens (``balance_loss``): ``cv²(importance) + cv²(load)`` with ``cv²(v) =
+var(v) / (mean(v)² + 1e-10)``. Two forms (``kind``):
+
+* ``"reference"`` (the official M³ViT gate): importance = Σ over tokens of the *sparse* gate vector,
+  the top-k combine weights scattered into zeros; ``var`` unbiased (N − 1); 0 for a single expert.
+* ``"vmoe"``: importance = Σ of the full softmax probabilities; population ``var``.
+
+Load is the number of (token, choice) pairs each expert receives, or with gate noise the smooth
+in-top-k probability mass. Expert initialisation (``init``): ``"reference"`` draws ``w1`` and ``w2``
+from ``U(±1/√(dim·hidden))`` (FastMoE's ``FMoELinear``: ``kaiming_uniform_(a=√5)`` on an
+``[E, out, in]`` weight, fan-in out·in), so the experts start near zero; ``"trunc_normal"`` uses a
+normal with std 0.02 truncated at ±2. Biases start at 0 either way; the gate follows ``init`` too
+(``m3vit.nn.routers``).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .dispatch import STRATEGIES, dispatch_to_experts, expert_capacity
-from .routers import ROUTERS, build_router
+from .routers import GATE_INITS, ROUTERS, TaskEmbedding, build_router
 
-__all__ = ["MoE", "cv_squared", "top_k_gate", "balance_loss"]
+__all__ = ["MoE", "cv_squared", "top_k_gate", "balance_loss", "BALANCE_LOSSES", "MOE_INITS"]
+
+#: Balance-loss forms (see the module docstring).
+BALANCE_LOSSES = ("reference", "vmoe")
+#: Expert and gate initialisations (see the module docstring).
+MOE_INITS = GATE_INITS
 
 
 def _at_least_float32(t: Tensor) -> Tensor:
@@ -18,10 +39,16 @@ def _at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def cv_squared(v: Tensor) -> Tensor:
-    """Squared coefficient of variation ``var(v) / (mean(v)^2 + 1e-10)`` (population variance)."""
+def cv_squared(v: Tensor, unbiased: bool = False) -> Tensor:
+    """Squared coefficient of variation ``var(v) / (mean(v)^2 + 1e-10)``.
+
+    ``unbiased=False``: population variance; ``unbiased=True``: sample variance (N − 1), and 0 for a
+    single value (the official M³ViT gate's convention).
+    """
     v = _at_least_float32(v)
-    return v.var(unbiased=False) / (v.mean() ** 2 + 1e-10)
+    if unbiased and v.numel() < 2:
+        return v.new_zeros(())
+    return v.var(unbiased=unbiased) / (v.mean() ** 2 + 1e-10)
 
 
 def top_k_gate(logits: Tensor, top_k: int, renormalize: bool = False,
@@ -57,18 +84,27 @@ def _prob_in_top_k(clean: Tensor, noisy: Tensor, top_k: int, noise_scale: float)
     return torch.special.ndtr((clean - threshold) / noise_scale)
 
 
-def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None) -> Tensor:
-    """``cv^2(importance) + cv^2(load)`` over one group of tokens.
+def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None, *, weights: Tensor | None = None,
+                 kind: str = "vmoe") -> Tensor:
+    """``cv^2(importance) + cv^2(load)`` over one group of tokens (see the module docstring).
 
-    Importance is each expert's summed gate probability; load is the smooth in-top-k probability
-    mass when given (noisy gating), else the hard count of tokens routed to each expert.
+    ``probs [S, E]`` are the gate's softmax probabilities, ``indices [S, k]`` the picked experts and
+    ``weights [S, k]`` their combine weights (``kind="reference"``; default the picked probabilities).
+    ``load`` is the smooth in-top-k probability ``[S, E]`` (noisy gating), else the hard count is used.
     """
-    importance = probs.sum(0)
+    if kind not in BALANCE_LOSSES:
+        raise ValueError(f"kind={kind!r} is not a balance loss; choose one of {list(BALANCE_LOSSES)}")
+    if kind == "reference":
+        picked = probs.gather(-1, indices) if weights is None else weights.to(probs.dtype)
+        importance = torch.zeros_like(probs).scatter(-1, indices, picked).sum(0)
+    else:
+        importance = probs.sum(0)
     if load is None:
         load = torch.bincount(indices.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
     else:
         load = load.sum(0)
-    return cv_squared(importance) + cv_squared(load)
+    unbiased = kind == "reference"
+    return cv_squared(importance, unbiased) + cv_squared(load, unbiased)
 
 
 class MoE(nn.Module):
@@ -91,6 +127,9 @@ class MoE(nn.Module):
     weight is what it was in the full layer, but top-k picks among the held ones only. Then
     ``num_experts`` is the number held (``w1.shape[0]``), ``router_experts`` the router's width, and
     ``last_routing`` indices and probs refer to the held experts.
+
+    ``balance_loss`` and ``init`` choose the loss form and the initialisation (module docstring);
+    ``task_embed`` hands a task-conditioned router the model's shared ``TaskEmbedding``.
     """
 
     def __init__(
@@ -107,6 +146,9 @@ class MoE(nn.Module):
         capacity_factor: float | None = None,
         dispatch: str = "auto",
         expert_ids: Sequence[int] | None = None,
+        balance_loss: str = "vmoe",
+        init: str = "trunc_normal",
+        task_embed: TaskEmbedding | None = None,
     ):
         super().__init__()
         if num_experts < 1:
@@ -131,23 +173,41 @@ class MoE(nn.Module):
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         if dispatch not in STRATEGIES:
             raise ValueError(f"dispatch={dispatch!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
+        if balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"balance_loss={balance_loss!r} is not allowed; choose one of {list(BALANCE_LOSSES)}")
+        if init not in MOE_INITS:
+            raise ValueError(f"init={init!r} is not allowed; choose one of {list(MOE_INITS)}")
         self.dispatch = dispatch
+        self.balance_loss_kind, self.init = balance_loss, init
         self.dim, self.hidden_dim = dim, hidden_dim
         self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
         self.noise_std, self.renormalize, self.capacity_factor = noise_std, renormalize, capacity_factor
         self.router_kind = router
         self.router_experts, self.expert_ids = router_experts, expert_ids
-        self.router = build_router(router, dim, router_experts, num_tasks, task_embed_dim)
+        self.router = build_router(router, dim, router_experts, num_tasks, task_embed_dim, task_embed=task_embed,
+                                   init=init)
         # Non-persistent: rebuilt from the config, so the state dict of a full layer is unchanged.
         self.register_buffer("_selectable", None if expert_ids is None else torch.tensor(expert_ids), persistent=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
-        nn.init.trunc_normal_(self.w1, std=0.02)
-        nn.init.trunc_normal_(self.w2, std=0.02)
+        self.reset_experts()
         self.last_routing: dict | None = None
         self._aux_loss: Tensor | None = None
+
+    def reset_experts(self) -> None:
+        """Initialise the experts per ``self.init`` (biases 0; see the module docstring)."""
+        with torch.no_grad():
+            if self.init == "reference":
+                bound = 1.0 / math.sqrt(self.dim * self.hidden_dim)
+                self.w1.uniform_(-bound, bound)
+                self.w2.uniform_(-bound, bound)
+            else:
+                nn.init.trunc_normal_(self.w1, std=0.02)
+                nn.init.trunc_normal_(self.w2, std=0.02)
+            self.b1.zero_()
+            self.b2.zero_()
 
     @property
     def task_dependent(self) -> bool:
@@ -157,7 +217,7 @@ class MoE(nn.Module):
         return (
             f"dim={self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, num_tasks={self.num_tasks}, router={self.router_kind!r}, "
-            f"noise_std={self.noise_std}"
+            f"noise_std={self.noise_std}, balance_loss={self.balance_loss_kind!r}, init={self.init!r}"
             + ("" if self.expert_ids is None else f", expert_ids={list(self.expert_ids)} of {self.router_experts}")
         )
 
@@ -200,7 +260,7 @@ class MoE(nn.Module):
             if noisy:
                 held = (lambda t: t) if self._selectable is None else (lambda t: t.index_select(-1, self._selectable))
                 load = _prob_in_top_k(held(logits), held(gate_logits), self.top_k, noise_scale)
-            self._aux_loss = self._grouped_balance_loss(probs, indices, load, token_tasks)
+            self._aux_loss = self._grouped_balance_loss(probs, indices, weights, load, token_tasks)
         else:
             self._aux_loss = None
         self.last_routing = {
@@ -213,15 +273,18 @@ class MoE(nn.Module):
         }
         return out.reshape(batch, num_tokens, self.dim)
 
-    def _grouped_balance_loss(self, probs: Tensor, indices: Tensor, load: Tensor | None, token_tasks: Tensor) -> Tensor:
+    def _grouped_balance_loss(self, probs: Tensor, indices: Tensor, weights: Tensor, load: Tensor | None,
+                              token_tasks: Tensor) -> Tensor:
+        kind = self.balance_loss_kind
         tasks = token_tasks.unique().tolist() if self.task_dependent else [None]
         if len(tasks) == 1:
-            return balance_loss(probs, indices, load)
+            return balance_loss(probs, indices, load, weights=weights, kind=kind)
         total = probs.new_zeros(())
         for task in tasks:
             rows = (token_tasks == task).nonzero().squeeze(1)
             group_load = None if load is None else load.index_select(0, rows)
-            total = total + balance_loss(probs.index_select(0, rows), indices.index_select(0, rows), group_load)
+            total = total + balance_loss(probs.index_select(0, rows), indices.index_select(0, rows), group_load,
+                                         weights=weights.index_select(0, rows), kind=kind)
         return total
 
     def aux_loss(self) -> Tensor:

@@ -3,14 +3,63 @@
 A router maps tokens ``[B, N, D]`` and their images' task ids ``[B]`` to gate logits ``[B, N, E]``.
 ``task_dependent`` tells the model whether different tasks can route the same token differently
 (and so whether a multi-task forward needs one backbone copy per task).
+
+Gate initialisation (``init``): ``"trunc_normal"`` draws every gate weight from a normal with std
+0.02 truncated at ±2; ``"reference"`` draws it from ``U(-1/√E, 1/√E)`` (E experts), as the official
+M³ViT gate does (``kaiming_uniform_(a=√5)`` on its ``[D, E]`` weight, whose fan-in PyTorch takes
+from E), so routing starts sharp (see ``docs/reference.md``).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ROUTERS", "MultiGateRouter", "TaskConditionedRouter", "SharedRouter", "build_router"]
+__all__ = ["ROUTERS", "GATE_INITS", "MultiGateRouter", "TaskConditionedRouter", "SharedRouter", "TaskEmbedding",
+           "build_router", "init_gate_"]
+
+GATE_INITS = ("reference", "trunc_normal")
+
+
+def init_gate_(weight: Tensor, num_experts: int, init: str) -> Tensor:
+    """Fill a gate weight in place: ``U(±1/√num_experts)`` (``"reference"``) or trunc-normal std 0.02."""
+    if init not in GATE_INITS:
+        raise ValueError(f"init={init!r} is not a gate initialisation; choose one of {list(GATE_INITS)}")
+    with torch.no_grad():
+        if init == "reference":
+            bound = 1.0 / math.sqrt(num_experts)
+            return weight.uniform_(-bound, bound)
+        return nn.init.trunc_normal_(weight, std=0.02)
+
+
+class TaskEmbedding(nn.Sequential):
+    """The learned task embedding of task-conditioned routing: ``one-hot(T) -> Linear(T, d) -> GELU ->
+    Linear(d, d) -> LayerNorm(d)``. ``embeddings()`` gives every task's embedding, ``[T, d]``.
+
+    One instance per model is the official layout (``ModelConfig.task_embed = "model"``): it is built
+    by the backbone and handed to every MoE layer's router, which uses it without owning it.
+    """
+
+    def __init__(self, num_tasks: int, dim: int, eps: float = 1e-5):
+        super().__init__(nn.Linear(num_tasks, dim), nn.GELU(), nn.Linear(dim, dim), nn.LayerNorm(dim, eps=eps))
+        self.num_tasks, self.dim = num_tasks, dim
+
+    def embeddings(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Tensor:
+        weight = self[0].weight
+        one_hot = torch.eye(self.num_tasks, device=device or weight.device, dtype=dtype or weight.dtype)
+        return self(one_hot)
+
+    def reset_parameters(self) -> None:
+        """Trunc-normal (std 0.02) Linear weights, zero biases, LayerNorm 1 / 0 (the ViT's own rule)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
 
 class MultiGateRouter(nn.Module):
@@ -18,10 +67,13 @@ class MultiGateRouter(nn.Module):
 
     task_dependent = True
 
-    def __init__(self, dim: int, num_experts: int, num_tasks: int):
+    def __init__(self, dim: int, num_experts: int, num_tasks: int, init: str = "trunc_normal"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_tasks, num_experts, dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        self.reset_gate(init)
+
+    def reset_gate(self, init: str) -> None:
+        init_gate_(self.weight, self.weight.shape[1], init)
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
         if bool((task_ids == task_ids[0]).all()):
@@ -32,28 +84,47 @@ class MultiGateRouter(nn.Module):
 class TaskConditionedRouter(nn.Module):
     """One gate over ``[token ; task embedding]``, the embedding an MLP of the task's one-hot.
 
+    ``task_embed`` (a ``TaskEmbedding``) is the model's shared embedding: the router uses it but does
+    not own it (it is not in the router's state dict). Without one the router builds and owns its own
+    (``self.task_embed``, m3vit's earlier per-layer layout).
+
     The embedding of every task is computed once per forward; the gate's task half then adds a
     per-task logit offset, which equals applying the gate to the concatenation.
     """
 
     task_dependent = True
 
-    def __init__(self, dim: int, num_experts: int, num_tasks: int, task_embed_dim: int = 64):
+    def __init__(self, dim: int, num_experts: int, num_tasks: int, task_embed_dim: int = 64,
+                 task_embed: TaskEmbedding | None = None, init: str = "trunc_normal"):
         super().__init__()
         self.dim = dim
         self.num_tasks = num_tasks
-        self.task_embed = nn.Sequential(
-            nn.Linear(num_tasks, task_embed_dim),
-            nn.GELU(),
-            nn.Linear(task_embed_dim, task_embed_dim),
-            nn.LayerNorm(task_embed_dim),
-        )
+        if task_embed is None:
+            self.task_embed = TaskEmbedding(num_tasks, task_embed_dim)
+        else:
+            if task_embed.num_tasks != num_tasks:
+                raise ValueError(f"the shared task embedding covers {task_embed.num_tasks} tasks, "
+                                 f"the router {num_tasks}")
+            task_embed_dim = task_embed.dim
+            # Not registered: the model owns the shared embedding (one copy in its state dict).
+            object.__setattr__(self, "_shared_task_embed", task_embed)
         self.gate = nn.Linear(dim + task_embed_dim, num_experts, bias=False)
-        nn.init.trunc_normal_(self.gate.weight, std=0.02)
+        self.reset_gate(init)
+
+    @property
+    def shares_task_embed(self) -> bool:
+        return "_shared_task_embed" in self.__dict__
+
+    @property
+    def embedding(self) -> TaskEmbedding:
+        """The task embedding this router uses (its own, or the model's shared one)."""
+        return self.__dict__["_shared_task_embed"] if self.shares_task_embed else self.task_embed
+
+    def reset_gate(self, init: str) -> None:
+        init_gate_(self.gate.weight, self.gate.weight.shape[0], init)
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
-        one_hot = torch.eye(self.num_tasks, device=x.device, dtype=x.dtype)
-        task_offsets = self.task_embed(one_hot) @ self.gate.weight[:, self.dim :].t()  # [T, E]
+        task_offsets = self.embedding.embeddings(x.device, x.dtype) @ self.gate.weight[:, self.dim :].t()  # [T, E]
         token_logits = x @ self.gate.weight[:, : self.dim].t()  # [B, N, E]
         return token_logits + task_offsets.index_select(0, task_ids).unsqueeze(1)
 
@@ -63,10 +134,13 @@ class SharedRouter(nn.Module):
 
     task_dependent = False
 
-    def __init__(self, dim: int, num_experts: int, num_tasks: int = 1):
+    def __init__(self, dim: int, num_experts: int, num_tasks: int = 1, init: str = "trunc_normal"):
         super().__init__()
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        nn.init.trunc_normal_(self.gate.weight, std=0.02)
+        self.reset_gate(init)
+
+    def reset_gate(self, init: str) -> None:
+        init_gate_(self.gate.weight, self.gate.weight.shape[0], init)
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
         return self.gate(x)
@@ -79,9 +153,15 @@ ROUTERS = {
 }
 
 
-def build_router(kind: str, dim: int, num_experts: int, num_tasks: int, task_embed_dim: int = 64) -> nn.Module:
+def build_router(kind: str, dim: int, num_experts: int, num_tasks: int, task_embed_dim: int = 64,
+                 task_embed: TaskEmbedding | None = None, init: str = "trunc_normal") -> nn.Module:
+    """A router of ``kind``; ``task_embed`` (task-conditioned only) is a shared ``TaskEmbedding``."""
     if kind not in ROUTERS:
         raise ValueError(f"router={kind!r} is not a router kind; choose one of {sorted(ROUTERS)}")
+    if init not in GATE_INITS:
+        raise ValueError(f"init={init!r} is not a gate initialisation; choose one of {list(GATE_INITS)}")
     if kind == "task_conditioned":
-        return TaskConditionedRouter(dim, num_experts, num_tasks, task_embed_dim)
-    return ROUTERS[kind](dim, num_experts, num_tasks)
+        return TaskConditionedRouter(dim, num_experts, num_tasks, task_embed_dim, task_embed=task_embed, init=init)
+    if task_embed is not None:
+        raise ValueError(f"a shared task embedding is for the task-conditioned router, not {kind!r}")
+    return ROUTERS[kind](dim, num_experts, num_tasks, init=init)

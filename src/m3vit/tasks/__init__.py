@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import IGNORE, Metric, Task
-from .delta import delta_m, load_baselines
+from .delta import delta_m, load_baselines, reference_baselines_path, reference_delta_m
 from .depth import Depth
 from .edge import Edge
 from .human_parts import HumanParts
@@ -14,5 +14,6 @@ from .semseg import SemSeg
 
 __all__ = [
     "IGNORE", "Task", "Metric", "get_task", "list_tasks", "default_loss_weights", "delta_m", "load_baselines",
+    "reference_baselines_path", "reference_delta_m",
     "SemSeg", "HumanParts", "Saliency", "Normals", "Edge", "Depth",
 ]

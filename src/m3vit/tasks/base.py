@@ -24,14 +24,22 @@ a batch ``[B, C, H, W]`` (channel dim ``-3``; class labels pass through unchange
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     import numpy
 
-__all__ = ["IGNORE", "Task", "Metric", "check_batch", "check_positive_int"]
+__all__ = ["IGNORE", "Task", "Metric", "check_batch", "check_positive_int", "resize_bilinear", "quantize_8bit",
+           "PROTOCOLS"]
+
+#: Evaluation protocols: ``default`` scores float predictions upsampled bilinearly to the label;
+#: ``reference`` scores what the official M³ViT evaluation reads back from its saved files
+#: (``Task.reference_prediction``; docs/reference.md).
+PROTOCOLS = ("default", "reference")
 
 #: Label value of every ignored pixel (all channels for normals).
 IGNORE = 255
@@ -68,6 +76,9 @@ class Task(abc.ABC):
     #: Channels of a dense label (``[C, H, W]``); class labels have none (``[H, W]``).
     label_channels: ClassVar[int] = 0
 
+    #: ``new_metric`` options for the predictions ``reference_prediction`` gives.
+    reference_metric_options: ClassVar[dict] = {}
+
     #: Output channels the model head needs for this task.
     channels: int
 
@@ -85,6 +96,12 @@ class Task(abc.ABC):
 
         ``kind`` is ``"pred"``, ``"label"`` or ``"auto"`` (each task documents how it tells them apart).
         """
+
+    def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """What the official evaluation scores for raw outputs ``pred [B, C, h, w]`` (the network's
+        resolution) on labels of ``size``: by default the float map resized bilinearly (as the official
+        code does for depth); tasks whose official predictions go through 8-bit or label files override it."""
+        return resize_bilinear(pred, size)
 
     @classmethod
     def metric_higher_is_better(cls, metric: str) -> bool:
@@ -120,6 +137,21 @@ class Task(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels})"
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x [B, C, h, w]`` resized to ``size`` bilinearly with pixel centres (``align_corners=False``, no
+    antialiasing: OpenCV's ``INTER_LINEAR``); unchanged when already that size."""
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def quantize_8bit(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The 8-bit PNG the official evaluation writes: ``values`` (in [0, 255], at the network's resolution)
+    resized bilinearly to ``size`` and truncated to integers (``numpy.astype(uint8)``), as floats."""
+    return resize_bilinear(values.double(), size).floor().clamp_(0, 255)
 
 
 def check_positive_int(name: str, value: object) -> int:

@@ -1,4 +1,9 @@
-"""Multi-task gain Δm: the mean relative improvement of each task's metric over a single-task baseline."""
+"""Multi-task gain Δm: the mean relative improvement of each task's metric over a single-task baseline.
+
+The paper's single-task baselines ship with the package (``m3vit/tasks/baselines/*.json``:
+PASCAL-Context ResNet-18, NYUD-v2 ResNet-50; ``reference_baselines_path``). The official Δm
+(``reference_delta_m``) uses them and leaves edge out, as the official code never scores edge.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,15 @@ from pathlib import Path
 
 from .registry import task_class
 
-__all__ = ["delta_m", "load_baselines"]
+__all__ = ["delta_m", "load_baselines", "reference_baselines_path", "reference_delta_m", "REFERENCE_BASELINE_FILES",
+           "REFERENCE_DELTA_M_EXCLUDES"]
 
 _RUN_FILES = ("metrics.json", "results.json")
+_BASELINES_DIR = Path(__file__).resolve().parent / "baselines"
+#: Dataset name -> packaged file of the paper's single-task baselines.
+REFERENCE_BASELINE_FILES = {"pascal_context": "pascal_context_resnet18.json", "nyud": "nyud_resnet50.json"}
+#: Tasks the official Δm leaves out (its evaluation never scores edge).
+REFERENCE_DELTA_M_EXCLUDES = ("edge",)
 
 
 def delta_m(
@@ -94,3 +105,21 @@ def load_baselines(path: str | Path) -> dict[str, dict[str, float]]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     return _as_task_metrics(data, path)
+
+
+def reference_baselines_path(dataset: str) -> Path | None:
+    """The packaged baselines file of ``dataset`` (``None`` for a dataset the paper has none for)."""
+    name = REFERENCE_BASELINE_FILES.get(dataset)
+    return None if name is None else _BASELINES_DIR / name
+
+
+def reference_delta_m(results: Mapping[str, Mapping[str, float]],
+                      baselines: Mapping[str, Mapping[str, float]]) -> tuple[float, list[str]]:
+    """The official Δm: ``delta_m`` over the tasks of ``results`` except ``REFERENCE_DELTA_M_EXCLUDES``
+    (edge); returns ``(Δm in percent, the tasks it covers)``. Raises ``ValueError`` when no task is left
+    or one has no baseline."""
+    kept = {t: v for t, v in results.items() if t not in REFERENCE_DELTA_M_EXCLUDES}
+    if not kept:
+        raise ValueError(f"the official Δm leaves out {list(REFERENCE_DELTA_M_EXCLUDES)}; no other task in "
+                         f"{sorted(results)}")
+    return delta_m(kept, baselines), list(kept)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE, Metric, Task, check_batch
+from .base import IGNORE, Metric, Task, check_batch, quantize_8bit
 from .colors import as_tensor, check_kind
 
 __all__ = ["Normals", "NormalsMetric", "angular_error_deg"]
@@ -112,6 +113,12 @@ class Normals(Task):
     def new_metric(self, bin_deg: float = 0.001) -> Metric:
         """Option ``bin_deg``: histogram bin width (degrees) for the median."""
         return NormalsMetric(self, bin_deg=bin_deg)
+
+    def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The official evaluation's PNG read back: ``2q / 255 - 1`` with ``q`` the 8-bit
+        ``255·(n̂ + 1) / 2`` map of the normalised prediction (``quantize_8bit``)."""
+        unit = F.normalize(pred.double(), p=2, dim=1, eps=1e-12)
+        return 2 * quantize_8bit(255 * (unit + 1) / 2, size) / 255 - 1
 
     def colorize(self, x, kind: str = "auto") -> np.ndarray:
         """RGB = (n + 1) / 2 · 255 of the normalised vectors; pixels with 255 in all channels black.

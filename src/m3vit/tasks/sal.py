@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import IGNORE, Metric, Task, check_batch
+from .base import IGNORE, Metric, Task, check_batch, quantize_8bit
 from .colors import as_tensor, check_kind, gray_image
 
 __all__ = ["Saliency", "SaliencyMetric", "balanced_bce_with_logits", "binary_map_for_picture"]
@@ -60,15 +60,20 @@ def binary_map_for_picture(task: Task, x, kind: str) -> np.ndarray:
 class SaliencyMetric(Metric):
     """``maxF`` and ``mIoU`` (percent) of saliency over a dataset, per the field's protocol.
 
-    For each image and threshold ``t``: predicted = sigmoid(logit) > t, ground truth = label > 0.5,
-    ignored pixels excluded; precision = tp / (tp + fp + 1e-12), recall = tp / (tp + fn + 1e-12),
+    For each image and threshold ``t``: predicted = p > t with p = sigmoid(logit) (``inputs="logits"``)
+    or the prediction itself (``inputs="probabilities"``, e.g. the official 8-bit maps q / 255),
+    ground truth = label > 0.5, ignored pixels excluded; precision = tp / (tp + fp + 1e-12), recall = tp / (tp + fn + 1e-12),
     IoU = |pred ∩ gt| / |pred ∪ gt| (1 when both are empty). Precision, recall and IoU are averaged
     over images per threshold; F_t = (1 + β²) P R / (β² P + R); ``maxF`` = max_t F_t and ``mIoU`` =
     max_t of the mean IoU.
     """
 
-    def __init__(self, task: Task, thresholds: Sequence[float] | None = None, beta2: float = 0.3) -> None:
+    def __init__(self, task: Task, thresholds: Sequence[float] | None = None, beta2: float = 0.3,
+                 inputs: str = "logits") -> None:
+        if inputs not in ("logits", "probabilities"):
+            raise ValueError(f"inputs must be 'logits' or 'probabilities', got {inputs!r}")
         self.task = task
+        self.inputs = inputs
         thresholds = np.linspace(0.2, 0.9, 15) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         if thresholds.ndim != 1 or thresholds.size == 0 or ((thresholds < 0) | (thresholds > 1)).any():
             raise ValueError(f"thresholds must be a non-empty list of values in [0, 1], got {thresholds!r}")
@@ -89,7 +94,9 @@ class SaliencyMetric(Metric):
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         pred, target = check_batch(self.task, pred, target)
         thresholds = torch.as_tensor(self.thresholds, dtype=torch.float64, device=pred.device)
-        prob = torch.sigmoid(pred[:, 0].double())
+        prob = pred[:, 0].double()
+        if self.inputs == "logits":
+            prob = torch.sigmoid(prob)
         label = target[:, 0]
         for b in range(pred.shape[0]):
             valid = label[b] != IGNORE
@@ -124,6 +131,7 @@ class Saliency(Task):
     label_channels = 1
     higher_is_better = {"maxF": True, "mIoU": True}
     primary_metric = "mIoU"  # the M³ViT paper reports saliency as mIoU
+    reference_metric_options = {"inputs": "probabilities"}
 
     def __init__(self) -> None:
         self.channels = 1
@@ -132,9 +140,16 @@ class Saliency(Task):
         pred, target = check_batch(self, pred, target)
         return balanced_bce_with_logits(pred, target)
 
-    def new_metric(self, thresholds: Sequence[float] | None = None, beta2: float = 0.3) -> Metric:
-        """Options: ``thresholds`` (default 15 from 0.2 to 0.9) and ``beta2`` of the F-measure (default 0.3)."""
-        return SaliencyMetric(self, thresholds=thresholds, beta2=beta2)
+    def new_metric(self, thresholds: Sequence[float] | None = None, beta2: float = 0.3,
+                   inputs: str = "logits") -> Metric:
+        """Options: ``thresholds`` (default 15 from 0.2 to 0.9), ``beta2`` of the F-measure (default 0.3),
+        ``inputs`` (``logits`` or ``probabilities``)."""
+        return SaliencyMetric(self, thresholds=thresholds, beta2=beta2, inputs=inputs)
+
+    def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The official evaluation's PNG read back: ``q / 255`` with ``q`` the 8-bit ``255·sigmoid`` map
+        (``quantize_8bit``); probabilities, for ``new_metric(inputs="probabilities")``."""
+        return quantize_8bit(255 * torch.sigmoid(pred.double()), size) / 255
 
     def colorize(self, x, kind: str = "auto") -> np.ndarray:
         """Grey picture: sigmoid probability of logits, or the 0/1 label (ignored pixels black)."""

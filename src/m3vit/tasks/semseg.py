@@ -120,6 +120,14 @@ class SemSeg(Task):
     def new_metric(self) -> Metric:
         return ConfusionMatrixMetric(self, self.class_names, skip_without_foreground=self._skip_without_foreground)
 
+    def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """The official evaluation's label file: the argmax at the network's resolution resized
+        nearest-neighbour (OpenCV ``INTER_NEAREST``: source pixel ``floor(i * in / out)``), as one-hot scores."""
+        labels = pred.argmax(dim=1, keepdim=True).float()
+        if tuple(labels.shape[-2:]) != tuple(size):
+            labels = F.interpolate(labels, size=tuple(int(s) for s in size), mode="nearest")
+        return F.one_hot(labels[:, 0].long(), pred.shape[1]).permute(0, 3, 1, 2).to(pred.dtype)
+
     def colorize(self, x, kind: str = "auto") -> np.ndarray:
         """Palette picture of a label ``[H, W]`` (integer) or of raw logits ``[C, H, W]`` (float, argmax).
 
