@@ -330,7 +330,7 @@ def test_cli_infer_stream_experts_writes_the_same_files(tmp_path, capsys):
                 "--out", str(out), "--device", "cpu", *extra, *pictures]
         assert main(argv) == 0, capsys.readouterr().err
         outputs[mode] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-    assert len(outputs["resident"]) == 8  # 2 images x 2 tasks x (png + npy)
+    assert len(outputs["resident"]) == 9  # 2 images x 2 tasks x (png + npy), and the output manifest
     assert outputs["streaming"] == outputs["resident"]
 
 

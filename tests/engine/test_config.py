@@ -358,8 +358,8 @@ def test_shipped_configs_are_addressable_by_name_from_any_directory(tmp_path, mo
     own.parent.mkdir()
     own.write_text("model: {name: mvit_micro}\n")
     assert resolve_config_path("synthetic/m3vit_tiny.yaml") == Path("synthetic/m3vit_tiny.yaml")
-    with pytest.raises(ConfigError, match=r"'nope/x' is neither a file nor a shipped config; shipped configs: .*"
-                                          r"synthetic/m3vit_tiny"):
+    with pytest.raises(ConfigError, match=r"'nope/x' does not exist, and it is not the name of a shipped config "
+                                          r"\(.*synthetic/m3vit_tiny"):
         load_config("nope/x")
 
 

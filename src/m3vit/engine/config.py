@@ -423,8 +423,8 @@ def resolve_config_path(name_or_path: str | os.PathLike) -> Path:
     shipped = resources.files("m3vit.configs") / f"{name}.yaml"
     if shipped.is_file():
         return Path(str(shipped))
-    raise ConfigError(f"config {str(name_or_path)!r} is neither a file nor a shipped config; shipped configs: "
-                      f"{', '.join(shipped_configs())}")
+    raise ConfigError(f"config file {str(name_or_path)!r} does not exist, and it is not the name of a shipped config "
+                      f"({', '.join(shipped_configs())})")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | list[str] | None = None) -> RunConfig:
