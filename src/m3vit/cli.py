@@ -90,8 +90,7 @@ def cmd_flops(args) -> int:
 def _hw_inputs(args, need_model: bool = False):
     """(model config, traced routing or None, model or None) of ``hw simulate`` / ``hw compare``."""
     from .models import load_checkpoint, model_config
-    from .models.checkpoint import read_checkpoint_config
-    from .models.config import ModelConfig
+    from .models.checkpoint import verify_checkpoint
 
     overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k)) if v is not None}
     size = tuple(args.img_size) if args.img_size else None
@@ -103,7 +102,7 @@ def _hw_inputs(args, need_model: bool = False):
         if args.image and overrides:
             raise CLIError("--experts/--top-k cannot change the routing traced from a checkpoint; drop --image "
                            "to simulate a changed config with synthetic routing")
-        cfg = ModelConfig.from_dict(read_checkpoint_config(args.checkpoint)["model"])
+        cfg = verify_checkpoint(args.checkpoint).config  # a damaged checkpoint is refused, even for its config
         cfg = cfg.replace(**overrides, **({"img_size": size} if size else {}))
     else:
         cfg = model_config(args.model, args.tasks or PASCAL_TASKS, size or (512, 512), **overrides)
