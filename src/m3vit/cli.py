@@ -238,7 +238,9 @@ def cmd_train(args) -> int:
                  "no checkpoint was saved yet, so it starts from step 0")
         command = (f"m3vit train --config {shlex.quote(str(exc.out_dir / RUN_CONFIG))} "
                    f"--out {shlex.quote(str(exc.out_dir))} --resume")
-        print(f"interrupted at step {exc.step} of {exc.total_steps}; to resume: {command} ({where})", file=sys.stderr)
+        if exc.rank == 0:
+            print(f"interrupted at step {exc.step} of {exc.total_steps}; to resume: {command} ({where})",
+                  file=sys.stderr)
         return 130
     if result.rank == 0 and result.steps_run == 0:  # a resumed run that was already finished
         print(f"run {result.out_dir} is finished (step {result.steps} of {result.steps}); to train longer pass "

@@ -98,11 +98,13 @@ class RunDirectoryError(ValueError):
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Training was interrupted (Ctrl-C, SIGINT) at ``step``; ``checkpoint`` is the newest step checkpoint a
-    ``--resume`` of ``out_dir`` would continue from (None: none was saved yet, a resume starts over)."""
+    ``--resume`` of ``out_dir`` would continue from (None: none was saved yet, a resume starts over). Raised on
+    every process of a distributed run; ``rank`` says which."""
 
-    def __init__(self, out_dir: Path, step: int, total_steps: int, checkpoint: Path | None):
+    def __init__(self, out_dir: Path, step: int, total_steps: int, checkpoint: Path | None, rank: int = 0):
         super().__init__(f"training interrupted at step {step} of {total_steps}")
         self.out_dir, self.step, self.total_steps, self.checkpoint = out_dir, step, total_steps, checkpoint
+        self.rank = rank
 
 
 @dataclass
@@ -647,7 +649,8 @@ class _Trainer:
                 save_checkpoint(self.model, out / "final", extra={"run": cfg.to_dict(), "step": self.step})
             barrier(info)
         except KeyboardInterrupt:  # Ctrl-C: say where a resume would continue (the progress bar closes first)
-            raise TrainingInterrupted(out, self.step, self.total_steps, self._resumable_checkpoint()) from None
+            raise TrainingInterrupted(out, self.step, self.total_steps, self._resumable_checkpoint(),
+                                      info.rank) from None
         finally:
             if progress is not None:
                 progress.close()
