@@ -140,3 +140,78 @@ def test_a_bug_shows_its_traceback_and_user_errors_are_one_line(monkeypatch, cap
     monkeypatch.setattr(cli, "cmd_models", missing)
     assert cli.main(["models"]) == 2
     assert capsys.readouterr().err == "error: /nonexistent/file.yaml: No such file or directory\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# A damaged checkpoint is one line naming the file, for every command that opens one
+# ---------------------------------------------------------------------------------------------
+def _damage(directory, kind):
+    """Damage a checkpoint directory in place; returns the file the error must name."""
+    import struct
+
+    import yaml
+
+    weights, config = directory / "model.safetensors", directory / "config.yaml"
+    if kind == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:-100])
+        return weights
+    if kind == "negative data_offsets":
+        raw = weights.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + length])
+        header["heads.depth.classifier.bias"]["data_offsets"] = [-4, 0]
+        text = json.dumps(header).encode()
+        weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+        return weights
+    if kind == "garbage config":
+        config.write_bytes(bytes(range(256)))
+        return config
+    meta = yaml.safe_load(config.read_text())
+    meta["model"].update({"num_experts": {"num_experts": 8}, "embed_dim": {"embed_dim": 300000},
+                          "task channels": {"tasks": {"semseg": 5, "depth": 1}}}[kind])
+    config.write_text(yaml.safe_dump(meta))
+    return config if kind == "embed_dim" else weights
+
+
+COMMANDS = {
+    "eval": ["eval", "--checkpoint", "{ckpt}"],
+    "infer": ["infer", "--checkpoint", "{ckpt}", "--task", "depth", "--out", "{out}", "{image}"],
+    "infer --stream-experts": ["infer", "--checkpoint", "{ckpt}", "--task", "depth", "--out", "{out}",
+                               "--stream-experts", "{image}"],
+    "experts": ["experts", "--checkpoint", "{ckpt}", "--out", "{out}"],
+    "export": ["export", "--checkpoint", "{ckpt}", "--task", "depth", "--out", "{out}"],
+    "hw simulate": ["hw", "simulate", "--checkpoint", "{ckpt}"],
+    "flops": ["flops", "--checkpoint", "{ckpt}", "--img-size", "32", "32"],
+}
+DAMAGE = ["truncated weights", "negative data_offsets", "garbage config", "num_experts", "task channels", "embed_dim"]
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    import m3vit
+
+    model = m3vit.create_model("m3vit_micro", {"semseg": 4, "depth": 1}, img_size=(32, 32), embed_dim=32, depth=2,
+                               num_heads=2, moe_blocks=[1], num_experts=4, top_k=2, head_channels=8)
+    return m3vit.save_checkpoint(model, tmp_path_factory.mktemp("moe") / "ckpt")
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(moe_checkpoint, tmp_path, capsys, command, damage):
+    import shutil
+
+    from checkpoint_damage import address_space_cap  # tests/checkpoint_damage.py
+    from PIL import Image
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(moe_checkpoint, ckpt)
+    named = _damage(ckpt, damage)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    argv = [a.format(ckpt=ckpt, out=tmp_path / "out", image=image) for a in COMMANDS[command]]
+    with address_space_cap():  # embed_dim: 300000 must be refused, not allocated (1.44 TB)
+        code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {named}"), err
+    assert not (tmp_path / "out").exists()

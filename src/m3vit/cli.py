@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 PASCAL_TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
@@ -105,8 +106,7 @@ def cmd_flops(args) -> int:
 def _hw_inputs(args, need_model: bool = False):
     """(model config, traced routing or None, model or None) of ``hw simulate`` / ``hw compare``."""
     from .models import load_checkpoint, model_config
-    from .models.checkpoint import read_checkpoint_config
-    from .models.config import ModelConfig
+    from .models.checkpoint import verify_checkpoint
 
     overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k)) if v is not None}
     size = tuple(args.img_size) if args.img_size else None
@@ -118,7 +118,7 @@ def _hw_inputs(args, need_model: bool = False):
         if args.image and overrides:
             raise CLIError("--experts/--top-k cannot change the routing traced from a checkpoint; drop --image "
                            "to simulate a changed config with synthetic routing")
-        cfg = ModelConfig.from_dict(read_checkpoint_config(args.checkpoint)["model"])
+        cfg = verify_checkpoint(args.checkpoint).config  # a damaged checkpoint is refused, even for its config
         cfg = cfg.replace(**overrides, **({"img_size": size} if size else {}))
     else:
         cfg = model_config(args.model, args.tasks or PASCAL_TASKS, size or (512, 512), **overrides)
@@ -235,14 +235,27 @@ def cmd_study(args) -> int:
 
 def cmd_train(args) -> int:
     from .engine.config import load_config, parse_overrides
-    from .engine.trainer import TrainingError, train
+    from .engine.trainer import RUN_CONFIG, TrainingError, TrainingInterrupted, train
 
     cfg = load_config(args.config, parse_overrides(args.set))
     try:
         result = train(cfg, args.out, resume=args.resume)
     except TrainingError as exc:
         raise CLIError(str(exc)) from None
-    if result.rank == 0:
+    except TrainingInterrupted as exc:
+        where = (f"it continues from {exc.checkpoint}" if exc.checkpoint is not None else
+                 "no checkpoint was saved yet, so it starts from step 0")
+        command = (f"m3vit train --config {shlex.quote(str(exc.out_dir / RUN_CONFIG))} "
+                   f"--out {shlex.quote(str(exc.out_dir))} --resume")
+        if exc.rank == 0:
+            print(f"interrupted at step {exc.step} of {exc.total_steps}; to resume: {command} ({where})",
+                  file=sys.stderr)
+        return 130
+    if result.rank == 0 and result.steps_run == 0:  # a resumed run that was already finished
+        print(f"run {result.out_dir} is finished (step {result.steps} of {result.steps}); to train longer pass "
+              f"--set train.steps=N with N > {result.steps}")
+        print(f"final model: {result.final_dir} (log: {result.log_path})")
+    elif result.rank == 0:
         start = f", resumed at step {result.start_step}" if result.resumed else ""
         procs = f" on {result.world_size} processes" if result.world_size > 1 else ""
         print(f"trained {cfg.model.name} for {result.steps} steps{start}{procs} in {result.seconds:.1f} s "

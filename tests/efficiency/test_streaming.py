@@ -3,22 +3,30 @@ expert buffers are live, rows are read without the whole tensor, and errors are 
 
 from __future__ import annotations
 
+import json
+import os
+import struct
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+import yaml
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from checkpoint_damage import address_space_cap, corrupt_config, corrupt_weights  # tests/checkpoint_damage.py
 from m3vit.cli import main
 from m3vit.efficiency import ExpertStreamer, StreamingMoE, load_streaming_model
 from m3vit.efficiency.streaming import ExpertTensors, expert_weight_bytes, read_safetensors_layout
 from m3vit.models import create_model, load_checkpoint, save_checkpoint
+from m3vit.utils.errors import CheckpointError, M3ViTError
 
 TASKS = {"semseg": 5, "depth": 1, "sal": 1}
 
@@ -360,3 +368,69 @@ def test_a_checkpoint_holding_a_subset_of_the_experts(tmp_path):
         assert all(torch.equal(got[t], want[t]) for t in want)
         for ref, layer in zip(resident.moe_layers, streaming.moe_layers):
             assert torch.equal(layer.last_routing["indices"], ref.last_routing["indices"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints: the same verification as load_checkpoint, before any byte is read as a weight
+# ---------------------------------------------------------------------------------------------
+def test_negative_data_offsets_are_refused_not_read_from_the_header(tmp_path):
+    """A hand-written header moves one tensor's range to [-4, 0]: four bytes before the data, inside the JSON
+    header. The byte count still matches its shape, so a reader that only checked sizes would read header
+    text as that weight and load without complaint."""
+    path = checkpoint(tmp_path, tiny_model())
+    weights = path / "model.safetensors"
+    raw = weights.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    name = "heads.depth.classifier.bias"  # one float32
+    header[name]["data_offsets"] = [-4, 0]
+    text = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    with pytest.raises(CheckpointError, match=rf"^{weights}: negative data_offsets \[-4, 0\] for tensor '{name}'"):
+        load_streaming_model(path)
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused_before_streaming(tmp_path):
+    path = checkpoint(tmp_path, tiny_model(4))
+    meta = yaml.safe_load((path / "config.yaml").read_text())
+    meta["model"]["embed_dim"] = 300000
+    (path / "config.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(CheckpointError, match=r"config.yaml: model: embed_dim must be at most 65536, got 300000"):
+        load_streaming_model(path)
+    meta["model"].update(embed_dim=32, tasks={"semseg": 5, "depth": 2, "sal": 1})
+    (path / "config.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(CheckpointError, match=r"heads.depth.classifier.weight is \[1, 8, 1, 1\] in the file, "
+                                              r"\[2, 8, 1, 1\] in the config"):
+        load_streaming_model(path)
+
+
+@pytest.fixture(scope="module")
+def valid_moe_checkpoint(tmp_path_factory):
+    directory = checkpoint(tmp_path_factory.mktemp("valid"), tiny_model(4))
+    return (directory / "model.safetensors").read_bytes(), (directory / "config.yaml").read_text()
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 120)) // 3, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_load_streaming_model_gives_a_model_or_an_m3vit_error(valid_moe_checkpoint, data):
+    """The corruptions of tests/models/test_checkpoint.py's fuzz test, through the streaming loader."""
+    weights, config = valid_moe_checkpoint
+    damage_weights, damage_config = data.draw(st.sampled_from([(True, False), (False, True), (True, True)]))
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        (directory / "model.safetensors").write_bytes(corrupt_weights(data.draw, weights) if damage_weights
+                                                      else weights)
+        (directory / "config.yaml").write_bytes(corrupt_config(data.draw, config) if damage_config
+                                                else config.encode())
+        try:
+            with address_space_cap():
+                model = load_streaming_model(directory)
+        except M3ViTError as exc:
+            assert "\n" not in str(exc).strip()
+            return
+        try:
+            with torch.no_grad():
+                assert set(model(images(1))) == set(model.tasks)
+        finally:
+            model.expert_streamer.close()

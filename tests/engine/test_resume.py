@@ -1,8 +1,10 @@
 """Exact resume: a run SIGKILLed mid-way and resumed with --resume ends with the same weights (and log) as an
-uninterrupted run; resuming a finished run, extending one, and ignoring what a killed save left behind."""
+uninterrupted run; resuming a finished run, extending one, and ignoring what a killed save left behind; falling
+back past a damaged newest checkpoint; Ctrl-C saying how to resume."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -164,3 +166,104 @@ def test_resume_with_a_different_task_embedding_layout_is_a_clear_error(tmp_path
 
     with pytest.raises(CheckpointError, match="one task embedding per MoE layer .* set task_embed: layer"):
         train(RunConfig.from_dict(changed).replace({"train.steps": 3}), out, resume=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints: resume from the newest one that verifies, and say which one was skipped and why
+# ---------------------------------------------------------------------------------------------
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damaged", ["trainer.pt", "model.safetensors"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, tiny_config, caplog, damaged):
+    # constant schedule: a run stopped at step 4 and resumed to 6 follows a 6-step run's learning rates
+    cfg = tiny_config(train__steps=6, train__schedule="constant", train__checkpoint_every=2,
+                      train__keep_checkpoints=3)
+    train(cfg, tmp_path / "full")
+    run = tmp_path / "run"
+    train(cfg.replace({"train.steps": 4}), run)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-2", "step-4"]
+    _truncate(ckpts / "step-4" / damaged)
+
+    assert latest_checkpoint(run) == ckpts / "step-2"
+    with caplog.at_level("WARNING"):
+        result = train(cfg, run, resume=True)
+    assert result.start_step == 2 and result.steps == 6
+    skipped = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert skipped and f"skipping checkpoint step-4, newer than step-2: {ckpts / 'step-4' / damaged}" in skipped[0]
+    assert "truncated" in skipped[0]
+    assert_same_weights(tmp_path / "full" / "final", run / "final")  # exact, as from an undamaged step-2
+    assert [r["step"] for r in train_lines(run)] == list(range(1, 7))
+
+
+def test_resume_when_no_checkpoint_verifies_is_one_line(tmp_path, tiny_overrides, capsys):
+    from m3vit.cli import main
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(train__steps=4, train__keep_checkpoints=3)
+    assert main(["train", "--out", str(out), *overrides]) == 0
+    for step in (2, 4):
+        _truncate(out / "checkpoints" / f"step-{step}" / "trainer.pt")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *overrides, "--set", "train.steps=6", "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: none of the checkpoints in {out / 'checkpoints'} can be resumed from "
+                               f"(step-4, step-2; ")
+    assert f"the newest failed with: {out / 'checkpoints' / 'step-4' / 'trainer.pt'}: damaged or truncated" in lines[0]
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tmp_path, tiny_overrides, capsys):
+    from m3vit.cli import main
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(train__steps=4)
+    assert main(["train", "--out", str(out), *overrides]) == 0
+    before = weights(out / "final")
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *overrides, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == (f"run {out} is finished (step 4 of 4); to train longer pass "
+                                       f"--set train.steps=N with N > 4")
+    assert "nan" not in printed and "loss" not in printed
+    after = weights(out / "final")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sigint_exits_130_and_says_how_to_resume(tmp_path, tiny_overrides, capsys):
+    import shlex
+
+    from m3vit.cli import main
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(train__steps=400, train__checkpoint_every=2)
+    args, env = cli(out, overrides)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    try:
+        while latest_checkpoint(out) is None:
+            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert not (out / "final").exists(), "the run finished before the interrupt; the test proves nothing"
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1, err
+    resumable = latest_checkpoint(out)
+    command = f"m3vit train --config {out / 'config.yaml'} --out {out} --resume"
+    assert re.fullmatch(rf"interrupted at step (\d+) of 400; to resume: {re.escape(command)} "
+                        rf"\(it continues from {re.escape(str(resumable))}\)", lines[0]), lines[0]
+
+    # the command it prints resumes the run (here shortened: train.steps may change on resume)
+    at = int(resumable.name.split("-")[1])
+    capsys.readouterr()
+    assert main([*shlex.split(command)[1:], "--set", f"train.steps={at + 2}"]) == 0
+    assert f"resumed at step {at}" in capsys.readouterr().out

@@ -41,10 +41,8 @@ number of expert buffers live (being filled or computed on) at once: never more 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -55,13 +53,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from ..models.checkpoint import WEIGHTS, read_checkpoint_config
-from ..models.config import ConfigError, ModelConfig
+from ..models.checkpoint import TensorsOnMeta, build_on_meta, read_weights_into, verify_checkpoint
 from ..models.m3vit import MultiTaskModel
 from ..nn.dispatch import expert_capacity, plan_dispatch
 from ..nn.moe import MoE, top_k_gate
+from ..utils.errors import CheckpointError, InputError
+from ..utils.safetensors_layout import DTYPES as _DTYPES  # noqa: F401 - re-exported (was defined here)
+from ..utils.safetensors_layout import TensorEntry, pread_exact, read_safetensors_layout, tensor_bytes
 
 __all__ = [
     "EXPERT_PARAMS",
@@ -79,92 +78,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
-
-# safetensors dtype names (the format's header) -> torch dtypes
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading single rows of a safetensors file without mapping it
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor of a safetensors file: dtype, shape and its absolute byte range ``[begin, end)``."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def read_safetensors_layout(path: str | os.PathLike) -> dict[str, TensorEntry]:
-    """The tensors of a safetensors file by name, from its header alone (no tensor data is read).
-
-    The format: an unsigned little-endian 64-bit header length N, N bytes of JSON mapping each name to
-    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the end of the header),
-    then the data.
-    """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError
-            (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8:
-                raise ValueError
-            header = json.loads(f.read(header_len))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path}: not a safetensors file (bad header)") from None
-    data_start = 8 + header_len
-    layout = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-            shape = tuple(int(s) for s in info["shape"])
-        except KeyError as exc:
-            raise ValueError(f"{path}: tensor {name!r} has an unsupported or missing header field {exc}") from None
-        expected = dtype.itemsize * _numel(shape)
-        if end - begin != expected or data_start + end > size:
-            raise ValueError(f"{path}: tensor {name!r} has a byte range that does not fit its shape (truncated file?)")
-        layout[name] = TensorEntry(dtype, shape, data_start + begin, data_start + end)
-    return layout
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _byte_view(t: Tensor) -> memoryview:
-    """A writable byte view of a contiguous CPU tensor's memory (any dtype)."""
-    return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    """Fill ``view`` with the file's bytes from ``offset`` (short reads continued; EOF is an error)."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (truncated checkpoint?)")
-        done += n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,12 +153,12 @@ class ExpertStreamer:
         self.stats = StreamStats()
         self._cuda = self.device.type == "cuda"
         if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"expert streaming runs on 'cpu' or 'cuda', got device {str(self.device)!r}")
+            raise InputError(f"expert streaming runs on 'cpu' or 'cuda', got device {str(self.device)!r}")
         shapes = {"w1": (dim, hidden_dim), "b1": (hidden_dim,), "w2": (hidden_dim, dim), "b2": (dim,)}
         # Host buffers are what the reader writes into (pinned on CUDA); on CPU they are the compute buffers.
         self._host = [{k: torch.empty(s, dtype=dtype, pin_memory=self._cuda) for k, s in shapes.items()}
                       for _ in range(2)]
-        self._host_views = [{k: _byte_view(t) for k, t in slot.items()} for slot in self._host]
+        self._host_views = [{k: tensor_bytes(t) for k, t in slot.items()} for slot in self._host]
         if self._cuda:
             self._device_buffers = [{k: torch.empty(s, dtype=dtype, device=self.device) for k, s in shapes.items()}
                                     for _ in range(2)]
@@ -304,7 +217,7 @@ class ExpertStreamer:
             if length != len(view):
                 raise ValueError(f"{tensors.layer}.{name}: expert rows of {length} bytes do not fit the "
                                  f"{len(view)}-byte buffer (dtype or shape differs between layers)")
-            _pread_into(self._fd, view, offset, self.path)
+            pread_exact(self._fd, view, offset, self.path)
             nbytes += length
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):
@@ -371,29 +284,6 @@ def _close(fd: int, executor: ThreadPoolExecutor) -> None:
 # ----------------------------------------------------------------------------------------------
 # The streaming MoE layer
 # ----------------------------------------------------------------------------------------------
-class _TensorsOnMeta(TorchFunctionMode):
-    """Tensor factories called without a device create ``meta`` tensors: modules get built without memory.
-
-    ``torch.device("meta")`` alone would also put ``torch.linspace`` on meta, and the backbone turns one
-    into Python floats (its drop-path rates), which a meta tensor cannot give; so only the factories
-    that module constructors use for parameters and buffers are redirected. In-place initialisers
-    (``normal_``, ``trunc_normal_``, ``zero_``, ...) on meta tensors are skipped: there is nothing to
-    fill, and some of them would otherwise pull in torch's Python meta kernels (~70 MB of modules).
-    """
-
-    _FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in self._FACTORIES and kwargs.get("device") is None:
-            kwargs["device"] = "meta"
-        name = getattr(func, "__name__", "")
-        target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
-        if name.endswith("_") and not name.endswith("__") and isinstance(target, Tensor) and target.is_meta:
-            return target
-        return func(*args, **kwargs)
-
-
 class StreamingMoE(MoE):
     """An eval-only ``MoE`` whose experts stay in the checkpoint file and are streamed two at a time.
 
@@ -408,7 +298,7 @@ class StreamingMoE(MoE):
         # of the experts (an extracted task) keeps its router width and its held expert ids.
         expert_ids = getattr(moe, "expert_ids", None)
         subset = {} if expert_ids is None else {"expert_ids": expert_ids}
-        with _TensorsOnMeta():
+        with TensorsOnMeta():
             super().__init__(moe.dim, moe.hidden_dim, self._router_width(moe), moe.top_k, num_tasks=moe.num_tasks,
                              router=moe.router_kind, noise_std=moe.noise_std, renormalize=moe.renormalize,
                              capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
@@ -512,43 +402,6 @@ def expert_weight_bytes(model: nn.Module) -> tuple[int, int]:
     return total, expert
 
 
-def _materialise(model: nn.Module, device: torch.device) -> set[str]:
-    """Give every meta parameter and buffer uninitialised storage on ``device`` (the state dict's entries are
-    read from the file next); tensors already real (non-persistent buffers built from the config) move.
-
-    Not ``Module.to_empty``: ``empty_like`` of a meta tensor runs torch's Python meta kernels, whose
-    first use imports ~70 MB of modules (sympy among them) into the process. Returns the names of the
-    tensors that were on meta (each must then be read from the file).
-    """
-    were_meta: set[str] = set()
-
-    def real(qualified: str, t: Tensor) -> Tensor:
-        if not t.is_meta:
-            return t.to(device)
-        were_meta.add(qualified)
-        return torch.empty(t.shape, dtype=t.dtype, device=device)
-
-    for prefix, module in model.named_modules():
-        dot = f"{prefix}." if prefix else ""
-        for name, param in list(module.named_parameters(recurse=False)):
-            setattr(module, name, nn.Parameter(real(dot + name, param.data), requires_grad=param.requires_grad))
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            setattr(module, name, real(dot + name, buffer))
-    return were_meta
-
-
-def _read_tensor(fd: int, path: Path, entry: TensorEntry, name: str, target: Tensor) -> None:
-    if tuple(target.shape) != entry.shape:
-        raise ConfigError(f"{path}: {name} has shape {list(entry.shape)} in the file but {list(target.shape)} "
-                          f"in the model (weights do not match config.yaml)")
-    if target.device.type == "cpu" and target.dtype == entry.dtype and target.is_contiguous():
-        _pread_into(fd, _byte_view(target), entry.begin, path)
-        return
-    staging = torch.empty(entry.shape, dtype=entry.dtype)
-    _pread_into(fd, _byte_view(staging), entry.begin, path)
-    target.copy_(staging)
-
-
 def load_streaming_model(checkpoint_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
                          prefetch: bool = True) -> MultiTaskModel:
     """The checkpoint's model, in eval mode, with its experts streamed from ``model.safetensors``.
@@ -556,55 +409,35 @@ def load_streaming_model(checkpoint_dir: str | os.PathLike, map_location: str | 
     Same forward API as ``load_checkpoint``'s model; every MoE layer is a ``StreamingMoE`` sharing one
     ``ExpertStreamer`` (``model.expert_streamer``: its ``stats``, ``close()``). ``map_location`` is
     ``"cpu"`` or a CUDA device. ``prefetch=False`` reads each expert when needed, without overlap.
-    Raises ``FileNotFoundError`` for a missing checkpoint, ``ValueError`` for a dense model (no experts
-    to stream) and ``ConfigError`` when the weights do not match ``config.yaml``.
+    The checkpoint is checked first by ``verify_checkpoint`` (header, sizes, config against weights), so no
+    byte is read at an offset the header does not justify. Raises ``FileNotFoundError`` for a missing
+    checkpoint, ``CheckpointError`` for a damaged one or weights that do not match ``config.yaml``, and
+    ``InputError`` for a dense model (no experts to stream).
     """
-    directory = Path(checkpoint_dir)
-    meta = read_checkpoint_config(directory)
-    cfg = ModelConfig.from_dict(meta["model"])
+    verified = verify_checkpoint(checkpoint_dir)
+    directory, cfg, layout = verified.directory, verified.config, verified.layout
     if not cfg.is_moe:
-        raise ValueError(f"{directory}: model {cfg.name!r} is dense (no MoE layer); there are no experts to "
+        raise InputError(f"{directory}: model {cfg.name!r} is dense (no MoE layer); there are no experts to "
                          f"stream, load it normally")
-    weights_path = directory / WEIGHTS
-    layout = read_safetensors_layout(weights_path)
+    weights_path = verified.weights_path
     device = torch.device(map_location)
 
-    with _TensorsOnMeta():
-        model = MultiTaskModel(cfg)
+    model = build_on_meta(cfg)
     moe_layers = [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
-    expert_names = {f"{name}.{p}" for name, _ in moe_layers for p in EXPERT_PARAMS}
-    missing = sorted(n for n in expert_names if n not in layout)
-    if missing:
-        raise ConfigError(f"{weights_path}: expert weights {missing[:3]} are missing "
-                          f"(weights do not match config.yaml)")
     w1 = layout[f"{moe_layers[0][0]}.w1"]
     streamer = ExpertStreamer(weights_path, cfg.embed_dim, cfg.expert_hidden, w1.dtype, device, prefetch=prefetch)
     try:
         for name, moe in moe_layers:
             entries = {p: layout[f"{name}.{p}"] for p in EXPERT_PARAMS}
-            expected = {"w1": (moe.num_experts, moe.dim, moe.hidden_dim), "b1": (moe.num_experts, moe.hidden_dim),
-                        "w2": (moe.num_experts, moe.hidden_dim, moe.dim), "b2": (moe.num_experts, moe.dim)}
-            for p, entry in entries.items():
-                if entry.shape != expected[p] or entry.dtype != w1.dtype:
-                    raise ConfigError(f"{weights_path}: {name}.{p} is {entry.dtype} {list(entry.shape)}, expected "
-                                      f"{w1.dtype} {list(expected[p])} (weights do not match config.yaml)")
+            for p, entry in entries.items():  # shapes were verified; the two buffers need one dtype
+                if entry.dtype != w1.dtype:
+                    raise CheckpointError(f"{weights_path}: {name}.{p} is {entry.dtype}, the first expert tensor "
+                                          f"{w1.dtype}; streaming needs every expert tensor in one dtype")
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name), attr,
                     StreamingMoE(moe, ExpertTensors(layer=name, **entries), streamer))
 
-        uninitialised = _materialise(model, device)
-        state = model.state_dict(keep_vars=True)
-        not_in_state = sorted(uninitialised - set(state))
-        if not_in_state:
-            raise RuntimeError(f"cannot stream {directory}: {not_in_state[:3]} are neither saved in the checkpoint "
-                               f"nor rebuilt from its config")
-        unexpected = sorted(set(layout) - set(state) - expert_names)
-        missing = sorted(set(state) - set(layout))
-        if missing or unexpected:
-            raise ConfigError(f"{directory}: weights do not match config.yaml (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-        for name, tensor in state.items():
-            _read_tensor(streamer._fd, weights_path, layout[name], name, tensor.data)
+        read_weights_into(model, verified, device)  # everything but the experts, which the layers dropped
     except BaseException:
         streamer.close()
         raise

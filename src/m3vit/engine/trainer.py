@@ -16,10 +16,13 @@ weighted losses of every prediction of the optional training-only cross-task mod
 one temporary directory that is renamed when complete, so a checkpoint directory exists only whole;
 ``trainer.pt`` holds everything else a resume needs (optimizer, schedule step, GradScaler, the
 torch/numpy/python RNG states of every process, the data order: epoch and position, the cross-task
-module). ``resume=True`` continues from the newest complete checkpoint and, on CPU with the same
+module). ``resume=True`` continues from the newest checkpoint that verifies (``latest_checkpoint``: a
+damaged newer one, e.g. a truncated ``trainer.pt``, is skipped with a warning) and, on CPU with the same
 thread count, ends with bit-identical weights to an uninterrupted run: the data order is a
 permutation drawn from ``(train.seed, epoch)`` and augmentation a pure function of
-``(data.seed, index, epoch)``, so nothing depends on where a run was interrupted.
+``(data.seed, index, epoch)``, so nothing depends on where a run was interrupted. Resuming a finished
+run trains no step (``TrainResult.steps_run == 0``). Ctrl-C during training raises
+``TrainingInterrupted`` (a ``KeyboardInterrupt``) naming the checkpoint a resume would continue from.
 
 Distributed (``torchrun --nproc_per_node=N -m m3vit train ...``): ``train.batch_size`` is per
 process; every global batch of ``batch_size * N`` samples is the same set a single process with
@@ -40,8 +43,9 @@ import json
 import logging
 import math
 import os
-import random
 import io
+import pickle
+import random
 import re
 import shutil
 import time
@@ -54,13 +58,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 
-from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, WEIGHTS, save_checkpoint,
-                                 task_embed_layout_error, write_checkpoint_files)
+from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, read_weights_into, save_checkpoint,
+                                 task_embed_layout_error, verify_checkpoint, write_checkpoint_files)
 from ..models.config import REFERENCE_OPTIONS, ConfigError
-from ..utils.errors import M3ViTError
+from ..utils.errors import CheckpointError, M3ViTError, one_line
 from ..utils.io import FolderLock, atomic_directory, remove_output, write_bytes, write_text
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
@@ -69,8 +72,8 @@ from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier
                           convert_sync_batchnorm, env_rank, gather_objects, init_distributed)
 from .schedules import LRSchedule, StepScheduler, build_optimizer
 
-__all__ = ["train", "TrainResult", "TrainingError", "RunDirectoryError", "RESUMABLE_KEYS", "latest_checkpoint",
-           "config_differences", "resolve_device"]
+__all__ = ["train", "TrainResult", "TrainingError", "TrainingInterrupted", "RunDirectoryError", "RESUMABLE_KEYS",
+           "latest_checkpoint", "verify_step_checkpoint", "config_differences", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +85,9 @@ RESUMABLE_KEYS = frozenset({
     "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers",
 })
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# What trainer.pt must hold for a resume (see _Trainer._trainer_state).
+TRAINER_STATE_KEYS = ("step", "epoch", "position", "global_batch", "elapsed", "optimizer", "scheduler", "scaler",
+                      "rng", "cross_task_head")
 
 
 class TrainingError(M3ViTError, RuntimeError):
@@ -90,6 +96,17 @@ class TrainingError(M3ViTError, RuntimeError):
 
 class RunDirectoryError(M3ViTError, ValueError):
     """The output directory cannot be used as asked (not empty without resume, config changed ...)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C, SIGINT) at ``step``; ``checkpoint`` is the newest step checkpoint a
+    ``--resume`` of ``out_dir`` would continue from (None: none was saved yet, a resume starts over). Raised on
+    every process of a distributed run; ``rank`` says which."""
+
+    def __init__(self, out_dir: Path, step: int, total_steps: int, checkpoint: Path | None, rank: int = 0):
+        super().__init__(f"training interrupted at step {step} of {total_steps}")
+        self.out_dir, self.step, self.total_steps, self.checkpoint = out_dir, step, total_steps, checkpoint
+        self.rank = rank
 
 
 @dataclass
@@ -111,6 +128,11 @@ class TrainResult:
     def resumed(self) -> bool:
         return self.start_step > 0
 
+    @property
+    def steps_run(self) -> int:
+        """Steps this call trained: 0 when a resumed run was already finished (``last_losses`` is then empty)."""
+        return self.steps - self.start_step
+
 
 # ----------------------------------------------------------------------------------------------
 # The run directory: config check, newest complete checkpoint, log truncation.
@@ -129,21 +151,67 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str
     return out
 
 
-def _is_complete_checkpoint(path: Path) -> bool:
-    return all((path / name).is_file() for name in (WEIGHTS, CONFIG, TRAINER_STATE))
+def verify_step_checkpoint(path: str | os.PathLike) -> None:
+    """Check that ``OUT/checkpoints/step-N`` can be resumed from; raises ``CheckpointError`` saying why not.
+
+    Its model checkpoint must verify (``verify_checkpoint``: config, header, sizes, config against weights;
+    the tensors are not read), its ``config.yaml`` step (when recorded) must be N, and ``trainer.pt`` must
+    load with ``weights_only=True`` (memory-mapped: its tensors are not read) and hold every key a resume
+    needs with ``step`` equal to N.
+    """
+    path = Path(path)
+    match = _STEP_DIR.match(path.name)
+    if not match:
+        raise CheckpointError(f"{path}: not a step checkpoint (expected a folder named step-N)")
+    step = int(match.group(1))
+    try:
+        verified = verify_checkpoint(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(one_line(exc)) from None
+    recorded = verified.meta.get("step")
+    if recorded is not None and recorded != step:
+        raise CheckpointError(f"{verified.config_path}: records step {recorded!r}, not {step}")
+    state_path = path / TRAINER_STATE
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path} is missing")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch.load's failures
+        reason = one_line(exc) if not isinstance(exc, OSError) else (exc.strerror or "cannot be read")
+        raise CheckpointError(f"{state_path}: damaged or truncated ({type(exc).__name__}: {reason})") from None
+    if not isinstance(state, dict) or any(key not in state for key in TRAINER_STATE_KEYS):
+        missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{state_path}: not a trainer state (missing {missing[:3]})")
+    if not (isinstance(state["step"], int) and state["step"] == step):
+        raise CheckpointError(f"{state_path}: holds step {state['step']!r}, not {step}")
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest complete ``OUT/checkpoints/step-N`` (temporary and partial directories ignored)."""
+    """The newest ``OUT/checkpoints/step-N`` that verifies (``verify_step_checkpoint``), or None when there is none.
+
+    Newer ones that do not verify (a truncated ``trainer.pt`` or weights) are skipped, with one warning each
+    saying why; when step checkpoints exist but none verifies, one ``CheckpointError`` says so and why the
+    newest failed (no warnings). Hidden temporary directories (an interrupted save or prune) are not step
+    checkpoints.
+    """
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and _is_complete_checkpoint(path):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+    skipped: list[tuple[Path, CheckpointError]] = []
+    for _, path in reversed(_step_dirs(root)):
+        try:
+            verify_step_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path, exc))
+            continue
+        for bad, exc in skipped:
+            log.warning("skipping checkpoint %s, newer than %s: %s", bad.name, path.name, one_line(exc))
+        return path
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped)
+        raise CheckpointError(f"none of the checkpoints in {root} can be resumed from ({names}; move them away to "
+                              f"start over); the newest failed with: {one_line(skipped[0][1])}")
+    return None
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
@@ -413,7 +481,7 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
           callbacks: Sequence[Callable[[dict], None]] | None = None) -> TrainResult:
     """Train the model of ``cfg`` into ``out_dir`` (see the module docstring for the layout).
 
-    ``resume=True`` continues the run in ``out_dir`` from its newest complete checkpoint (a config
+    ``resume=True`` continues the run in ``out_dir`` from its newest checkpoint that verifies (a config
     that differs in anything but ``RESUMABLE_KEYS`` is refused); without it ``out_dir`` must be empty
     or absent. ``callbacks`` are called on rank 0 with every record written to ``log.jsonl``.
     ``cfg.train.progress`` turns the tqdm bar on or off.
@@ -500,15 +568,26 @@ class _Trainer:
         }
 
     def _restore(self, directory: Path) -> None:
+        """Continue from a step checkpoint that ``latest_checkpoint`` verified: weights read once, into the live
+        parameters (the optimizer keeps them), then the trainer state."""
+        verified = verify_checkpoint(directory)  # header and config only: cheap
+        # Options added after the checkpoint was written are absent from its config.yaml: they resume with
+        # today's values (a warning says so); any other difference means another run's checkpoint.
+        added_since = {k for k in REFERENCE_OPTIONS if k not in verified.meta["model"]}
+        diff = [d for d in config_differences(verified.config.to_dict(), self.model.config.to_dict())
+                if d[0] not in added_since]
+        if diff:
+            key, saved, now = diff[0]
+            raise CheckpointError(f"{verified.config_path}: model.{key} is {saved!r} there but {now!r} in this run; "
+                                  f"it is not a checkpoint of this run")
+        own, in_file = set(self.model.state_dict()), set(verified.layout)
+        if own != in_file:  # an option that moves weights (e.g. task_embed) differs from the checkpoint's
+            missing, unexpected = sorted(own - in_file), sorted(in_file - own)
+            raise task_embed_layout_error(f"--resume: {directory}", missing, unexpected) or CheckpointError(
+                f"--resume: {directory}: the weights do not match the run's model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})")
+        read_weights_into(self.model, verified, self.device)
         state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
-        weights = load_file(str(directory / WEIGHTS), device="cpu")
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        layout = task_embed_layout_error(f"--resume: {directory}", missing, unexpected)
-        if layout is not None:
-            raise layout
-        if missing or unexpected:
-            raise RunDirectoryError(f"--resume: {directory}: the weights do not match the run's model (missing "
-                                    f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
         self._warn_new_model_options(directory)
         head = self.module.cross_task_head
         if head is not None:
@@ -635,6 +714,8 @@ class _Trainer:
             if self.step > self.total_steps:
                 raise RunDirectoryError(f"--resume: the newest checkpoint ({self.checkpoint.name}) is past the run's "
                                         f"length of {self.total_steps} steps; set train.steps >= {self.step}")
+            if self.step == self.total_steps:
+                log.info("%s is finished (step %d of %d): no step to train", out, self.step, self.total_steps)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             _clean_temporaries(out / "checkpoints")
@@ -692,6 +773,9 @@ class _Trainer:
             if info.is_main and (self.step > start_step or not (out / "final" / "model.safetensors").is_file()):
                 save_checkpoint(self.model, out / "final", extra={"run": cfg.to_dict(), "step": self.step})
             barrier(info)
+        except KeyboardInterrupt:  # Ctrl-C: say where a resume would continue (the progress bar closes first)
+            raise TrainingInterrupted(out, self.step, self.total_steps, self._resumable_checkpoint(),
+                                      info.rank) from None
         finally:
             if progress is not None:
                 progress.close()
@@ -703,6 +787,12 @@ class _Trainer:
                            images_per_s=run_images / run_seconds if run_seconds > 0 else 0.0,
                            last_losses=all_reduce_mean(self.last_losses, info) if self.last_losses else {},
                            rank=info.rank, world_size=info.world_size)
+
+    def _resumable_checkpoint(self) -> Path | None:
+        try:
+            return latest_checkpoint(self.out)
+        except CheckpointError:  # none verifies: a resume would say so
+            return None
 
     def _after_step(self, record: dict, window: _LossWindow, progress) -> None:
         tcfg, step = self.cfg.train, self.step

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
 from ..nn.dispatch import STRATEGIES
@@ -24,6 +27,16 @@ PRETRAINED_EXPERTS = ("upcycle", "init")
 #: defaults below keep m3vit's earlier behaviour so that an older config.yaml means what it meant.
 REFERENCE_OPTIONS = {"balance_loss": "reference", "init": "reference", "task_embed": "model",
                      "pos_embed_resize": "bilinear"}
+
+# Sanity bounds, far above any real model, that keep a damaged config from describing an absurd one
+# (every tensor's byte count then fits in 64 bits, and building the model stays quick).
+MAX_WIDTH = 65536  # embed_dim, head_channels, task_embed_dim, in_chans, num_experts, task channels, num_heads
+MAX_HIDDEN = 262144  # an MLP's or expert's hidden units
+MAX_DEPTH = 1024  # transformer blocks
+MAX_IMAGE_SIDE = 65536  # img_size, per side
+_INT_LIMITS = {"patch_size": 1024, "in_chans": MAX_WIDTH, "embed_dim": MAX_WIDTH, "depth": MAX_DEPTH,
+               "num_heads": MAX_WIDTH, "num_experts": MAX_WIDTH, "top_k": MAX_WIDTH, "task_embed_dim": MAX_WIDTH,
+               "head_channels": MAX_WIDTH, "head_stages": 16}
 
 
 @dataclass
@@ -108,15 +121,42 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> "ModelConfig":
+        """Check every field's type and range (normalising ``img_size``, ``moe_blocks``, ``tasks``); returns self.
+
+        Sizes are bounded (``MAX_WIDTH``, ``MAX_DEPTH``, ...) far above any real model, so that a damaged
+        config (a checkpoint's ``config.yaml`` with ``embed_dim: 300000``) fails here, with its key named.
+        """
         self.img_size = _pair("img_size", self.img_size)
-        self.moe_blocks = tuple(int(b) for b in self.moe_blocks)
-        self.tasks = {str(t): int(c) for t, c in dict(self.tasks).items()}
-        positive = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_experts", "top_k",
-                    "task_embed_dim", "head_channels", "head_stages")
-        for key in positive:
+        if any(side > MAX_IMAGE_SIDE for side in self.img_size):
+            raise ConfigError(f"img_size must be at most {MAX_IMAGE_SIDE} per side, got {list(self.img_size)}")
+        self.moe_blocks = _int_tuple("moe_blocks", self.moe_blocks)
+        if not isinstance(self.tasks, Mapping):
+            raise ConfigError(f"tasks must map task names to output channels, got {self.tasks!r:.80}")
+        self.tasks = {str(t): c for t, c in self.tasks.items()}
+        for task, channels in self.tasks.items():
+            if not _is_int(channels) or not 1 <= channels <= MAX_WIDTH:
+                raise ConfigError(f"task {task!r} needs an integer number of output channels in [1, {MAX_WIDTH}], "
+                                  f"got {channels!r}")
+        self.tasks = {t: int(c) for t, c in self.tasks.items()}
+        for key, top in _INT_LIMITS.items():
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+            if value > top:
+                raise ConfigError(f"{key} must be at most {top}, got {value!r}")
+            setattr(self, key, int(value))
+        for key in ("name", "router", "dispatch", "gate_softmax"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key} must be a string, got {getattr(self, key)!r:.80}")
+        for key in ("qkv_bias", "renormalize"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r:.80}")
+        for key in ("mlp_ratio", "expert_ratio", "drop_path_rate", "noise_std"):
+            if not _is_real(getattr(self, key)):
+                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)!r:.80}")
+        if self.capacity_factor is not None and not _is_real(self.capacity_factor):
+            raise ConfigError(f"capacity_factor must be a number > 0 or null (dropless), "
+                              f"got {self.capacity_factor!r:.80}")
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not self.top_k <= self.num_experts:
@@ -132,9 +172,14 @@ class ModelConfig:
         for key in ("mlp_ratio", "expert_ratio"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        for key, hidden in (("mlp_ratio", round(self.mlp_ratio * self.embed_dim)),
+                            ("expert_ratio", round(self.expert_ratio * self.embed_dim))):
+            if hidden > MAX_HIDDEN:
+                raise ConfigError(f"{key}={getattr(self, key)!r} makes a hidden layer of {hidden} units for "
+                                  f"embed_dim={self.embed_dim}; at most {MAX_HIDDEN}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
-        if self.noise_std < 0:
+        if not self.noise_std >= 0:
             raise ConfigError(f"noise_std must be >= 0, got {self.noise_std!r}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError(f"capacity_factor must be > 0 or null (dropless), got {self.capacity_factor!r}")
@@ -144,9 +189,6 @@ class ModelConfig:
         for dim, size in zip("HW", self.img_size):
             if size % self.patch_size:
                 raise ConfigError(f"img_size {dim}={size} is not divisible by patch_size={self.patch_size}")
-        for task, channels in self.tasks.items():
-            if channels < 1:
-                raise ConfigError(f"task {task!r} needs >= 1 output channel, got {channels}")
         self._validate_expert_subsets()
         return self
 
@@ -161,8 +203,8 @@ class ModelConfig:
         for block, ids in self.expert_subsets.items():
             try:
                 block, ids = int(block), [int(e) for e in ids]
-            except (TypeError, ValueError):
-                raise ConfigError(f"expert_subsets: {block!r}: {ids!r} must be a block index and a list of "
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"expert_subsets: {block!r}: {ids!r:.80} must be a block index and a list of "
                                   f"expert ids") from None
             if block not in self.moe_blocks:
                 raise ConfigError(f"expert_subsets: block {block} is not an MoE block "
@@ -190,13 +232,32 @@ class ModelConfig:
         return cls(**data).validate()
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_tuple(key: str, value) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{key} must be a list of integers, got {value!r:.80}")
+    items = tuple(value)
+    if not all(_is_int(v) for v in items):
+        raise ConfigError(f"{key} must be a list of integers, got {list(items)!r:.80}")
+    return tuple(int(v) for v in items)
+
+
 def _pair(key: str, value) -> tuple[int, int]:
-    if isinstance(value, int):
+    if _is_int(value):
         value = (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r}") from None
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r:.80}")
+    value = tuple(value)
+    if len(value) != 2 or not all(_is_int(v) for v in value):
+        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r:.80}")
+    h, w = (int(v) for v in value)
     if h < 1 or w < 1:
         raise ConfigError(f"{key} must be positive, got {value!r}")
     return (h, w)
