@@ -331,7 +331,7 @@ def test_apply_overrides_does_not_mutate_its_input():
 
 
 def test_file_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="missing.yaml' does not exist"):  # nor is it a shipped config name
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")

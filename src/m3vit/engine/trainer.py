@@ -573,6 +573,12 @@ class _Trainer:
         verified = verify_checkpoint(directory)  # header and config only: cheap
         # Options added after the checkpoint was written are absent from its config.yaml: they resume with
         # today's values (a warning says so); any other difference means another run's checkpoint.
+        own, in_file = set(self.model.state_dict()), set(verified.layout)
+        if own != in_file:  # an option that moves weights (e.g. task_embed) differs from the checkpoint's
+            missing, unexpected = sorted(own - in_file), sorted(in_file - own)
+            raise task_embed_layout_error(f"--resume: {directory}", missing, unexpected) or CheckpointError(
+                f"--resume: {directory}: the weights do not match the run's model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})")
         added_since = {k for k in REFERENCE_OPTIONS if k not in verified.meta["model"]}
         diff = [d for d in config_differences(verified.config.to_dict(), self.model.config.to_dict())
                 if d[0] not in added_since]
@@ -580,12 +586,6 @@ class _Trainer:
             key, saved, now = diff[0]
             raise CheckpointError(f"{verified.config_path}: model.{key} is {saved!r} there but {now!r} in this run; "
                                   f"it is not a checkpoint of this run")
-        own, in_file = set(self.model.state_dict()), set(verified.layout)
-        if own != in_file:  # an option that moves weights (e.g. task_embed) differs from the checkpoint's
-            missing, unexpected = sorted(own - in_file), sorted(in_file - own)
-            raise task_embed_layout_error(f"--resume: {directory}", missing, unexpected) or CheckpointError(
-                f"--resume: {directory}: the weights do not match the run's model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]})")
         read_weights_into(self.model, verified, self.device)
         state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
         self._warn_new_model_options(directory)
