@@ -1,17 +1,81 @@
-"""Typed, validated configuration of a multi-task (MoE) ViT: everything needed to rebuild a model."""
+"""Typed, validated configuration of a multi-task (MoE) ViT: everything needed to rebuild a model.
+
+Also the one rule for network input sizes (``check_input_size``), used by ``img_size``, ``data.size``,
+``m3vit infer --size``, ``m3vit flops --img-size`` and ``m3vit hw --img-size``: each side a positive
+multiple of the patch size, at most ``MAX_INPUT_SIDE`` pixels, and at most ``MAX_INPUT_TOKENS`` patch
+tokens in all.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..nn.dispatch import STRATEGIES
 from ..nn.routers import ROUTERS
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, M3ViTError
 
-__all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX"]
+__all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX", "MAX_INPUT_SIDE", "MAX_INPUT_TOKENS", "MAX_RATIO",
+           "check_input_size", "parse_number"]
 
 GATE_SOFTMAX = ("all", "kept")
+
+#: Largest side, in pixels, of a network input (``img_size``, ``data.size``, ``--size``, ``--img-size``).
+MAX_INPUT_SIDE = 4096
+#: Most patch tokens of a network input, ``(H / patch) * (W / patch)``. Attention costs grow with its
+#: square and every decoder holds ``head_channels x H x W`` floats, so 16384 (2048x2048 at patch 16,
+#: ~4 GB of decoder activations per task for ViT-S) is already far past the paper's 512x512 (1024 tokens)
+#: and 480x640 (1200 tokens).
+MAX_INPUT_TOKENS = 16384
+#: Largest ``mlp_ratio`` / ``expert_ratio`` (hidden width / embed_dim); larger only exhausts memory.
+MAX_RATIO = 64.0
+
+
+def parse_number(value: Any) -> float | None:
+    """A config value as a float: an int, a float or a numeric string (YAML 1.1 reads ``1e-3`` as a
+    string); None for anything else, booleans included. NaN and inf come back as they are."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def check_input_size(size: Any, patch_size: int, key: str = "img_size",
+                     error: type[M3ViTError] = ConfigError) -> tuple[int, int]:
+    """``size`` (an int or a pair H, W) as a validated ``(H, W)`` network input size, or ``error`` naming ``key``.
+
+    Each side must be a positive multiple of ``patch_size`` and at most ``MAX_INPUT_SIDE``; the patch
+    tokens ``(H / patch) * (W / patch)`` must not exceed ``MAX_INPUT_TOKENS``.
+    """
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size, size)
+    if (isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in size)):
+        raise error(f"{key} must be (H, W), two positive integers, got {size!r}")
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise error(f"{key} {h}x{w} must be positive")
+    if h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE:
+        raise error(f"{key} {h}x{w}: each side must be <= {MAX_INPUT_SIDE} pixels (m3vit's input-size limit)")
+    if h % patch_size or w % patch_size:
+        near = [max(patch_size, round(s / patch_size) * patch_size) for s in (h, w)]
+        raise error(f"{key} {h}x{w} is not divisible by the patch size {patch_size}; use multiples of "
+                    f"{patch_size}, e.g. {near[0]}x{near[1]}")
+    tokens = (h // patch_size) * (w // patch_size)
+    if tokens > MAX_INPUT_TOKENS:
+        raise error(f"{key} {h}x{w} at patch size {patch_size} gives {tokens} patch tokens; at most "
+                    f"{MAX_INPUT_TOKENS} are allowed (e.g. 2048x2048 at patch 16)")
+    return h, w
 
 
 @dataclass
@@ -85,7 +149,6 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> "ModelConfig":
-        self.img_size = _pair("img_size", self.img_size)
         self.moe_blocks = tuple(int(b) for b in self.moe_blocks)
         self.tasks = {str(t): int(c) for t, c in dict(self.tasks).items()}
         positive = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_experts", "top_k",
@@ -102,9 +165,17 @@ class ModelConfig:
             raise ConfigError(f"dispatch={self.dispatch!r} is not allowed; choose one of {list(STRATEGIES)}")
         if self.router not in ROUTERS:
             raise ConfigError(f"router={self.router!r} is not allowed; choose one of {sorted(ROUTERS)}")
+        for key in ("mlp_ratio", "expert_ratio", "drop_path_rate", "noise_std", "capacity_factor"):
+            value = getattr(self, key)
+            if key == "capacity_factor" and value is None:
+                continue
+            number = parse_number(value)
+            if number is None or not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            setattr(self, key, number)
         for key in ("mlp_ratio", "expert_ratio"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+            if not 0 < getattr(self, key) <= MAX_RATIO:
+                raise ConfigError(f"{key} must be in (0, {MAX_RATIO:g}], got {getattr(self, key)!r}")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
         if self.noise_std < 0:
@@ -114,9 +185,7 @@ class ModelConfig:
         bad = [b for b in self.moe_blocks if not 0 <= b < self.depth]
         if bad or len(set(self.moe_blocks)) != len(self.moe_blocks):
             raise ConfigError(f"moe_blocks={list(self.moe_blocks)} must be distinct block indices in [0, {self.depth})")
-        for dim, size in zip("HW", self.img_size):
-            if size % self.patch_size:
-                raise ConfigError(f"img_size {dim}={size} is not divisible by patch_size={self.patch_size}")
+        self.img_size = check_input_size(self.img_size, self.patch_size, "img_size")
         for task, channels in self.tasks.items():
             if channels < 1:
                 raise ConfigError(f"task {task!r} needs >= 1 output channel, got {channels}")
@@ -162,14 +231,3 @@ class ModelConfig:
             raise ConfigError(f"unknown model option(s) {unknown}; allowed: {cls.keys()}")
         return cls(**data).validate()
 
-
-def _pair(key: str, value) -> tuple[int, int]:
-    if isinstance(value, int):
-        value = (value, value)
-    try:
-        h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r}") from None
-    if h < 1 or w < 1:
-        raise ConfigError(f"{key} must be positive, got {value!r}")
-    return (h, w)
