@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..utils.errors import ConfigError
+from .images import MAX_PIXELS, ImageReadError, ImageTooLargeError, read_image
 from .nyud import NYUD_CLASSES, NYUDMT
 from .pascal_context import VOC_CLASSES, PascalContextMT
 from .synthetic import SyntheticScenes
@@ -28,7 +30,8 @@ from .transforms import (
 __all__ = [
     "DATASETS", "build_dataset", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
     "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
-    "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms",
+    "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms", "read_image", "ImageReadError",
+    "ImageTooLargeError", "MAX_PIXELS",
 ]
 
 #: Dataset name -> class (the names configs and the CLI use).
@@ -45,16 +48,16 @@ def build_dataset(name: str, split: str = "train", *, root: str | None = None, s
     (labels nearest, image not normalised). ``transform`` is applied as given otherwise.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
     if name == "synthetic":
         if root is not None:
-            raise ValueError("the synthetic dataset is rendered, not read: drop --root / data.root")
+            raise ConfigError("the synthetic dataset is rendered, not read: drop --root / data.root")
         return SyntheticScenes(split, size=(128, 128) if size is None else size, length=1000 if length is None else length,
                                seed=seed, tasks=tasks, transform=transform)
     if root is None:
-        raise ValueError(f"dataset {name!r} needs its root folder (--root / data.root)")
+        raise ConfigError(f"dataset {name!r} needs its root folder (--root / data.root)")
     if length is not None:
-        raise ValueError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
+        raise ConfigError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
     if transform is None and size is not None:
         transform = Resize(size)
     return DATASETS[name](root, split, tasks=tasks, transform=transform, seed=seed)
