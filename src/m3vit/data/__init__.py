@@ -1,4 +1,5 @@
-"""Datasets and joint transforms: procedural ``SyntheticScenes``, ``PascalContextMT``, ``NYUDMT``.
+"""Datasets, image reading and joint transforms: procedural ``SyntheticScenes``, ``PascalContextMT``, ``NYUDMT``,
+and ``read_image`` (``m3vit.data.images``), the one image reader of m3vit.
 
 Every dataset returns samples ``{"image": float32 [3, H, W] in [0, 1], <task>: label, "meta": {...}}``
 with labels in the format of ``m3vit.tasks.base`` and exposes ``tasks``, ``task_channels`` (what
