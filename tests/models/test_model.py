@@ -357,6 +357,8 @@ def test_float_options_accept_numeric_strings_and_bound_the_ratios():
         m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), noise_std="lots")
     with pytest.raises(ConfigError, match=r"mlp_ratio must be in \(0, 64\]"):
         m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), mlp_ratio=1e9)
+    with pytest.raises(ConfigError, match="expert_ratio must be a finite number"):  # an int beyond any float
+        m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), expert_ratio=10**400)
 
 
 @pytest.mark.parametrize("size, fragment", [

@@ -46,7 +46,10 @@ def parse_number(value: Any) -> float | None:
         except ValueError:
             return None
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond any float
+            return math.copysign(math.inf, value)
     return None
 
 
