@@ -49,7 +49,7 @@ def parse_number(value: Any) -> float | None:
         try:
             return float(value)
         except OverflowError:  # an int beyond any float
-            return math.copysign(math.inf, value)
+            return math.inf if value > 0 else -math.inf
     return None
 
 
