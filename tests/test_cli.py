@@ -42,7 +42,9 @@ def test_flops_from_checkpoint(tmp_path, capsys):
     [
         (["flops", "--model", "nope"], "unknown model 'nope'"),
         (["flops", "--model", "m3vit_micro", "--tasks", "bogus"], "unknown task(s) ['bogus']"),
-        (["flops", "--model", "m3vit_micro", "--img-size", "30", "32"], "not divisible by patch_size=16"),
+        (["flops", "--model", "m3vit_micro", "--img-size", "30", "32"], "img_size 30x32 is not divisible by the patch size 16"),
+        (["flops", "--model", "m3vit_micro", "--img-size", "1600000", "16"], "img_size 1600000x16: each side must be <= 4096"),
+        (["flops", "--model", "m3vit_micro", "--img-size", "4096", "4096"], "gives 65536 patch tokens; at most 16384"),
         (["flops", "--model", "m3vit_micro", "--set", "top_k=99"], "top_k=99 must be <= num_experts=16"),
         (["flops", "--model", "m3vit_micro", "--set", "nonsense"], "--set expects key=value"),
         (["flops", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
@@ -91,6 +93,7 @@ def test_data_show_writes_a_png_grid(tmp_path, capsys):
         (["data", "show", "--tasks", "bogus"], "bogus"),
         (["data", "show", "--split", "nope"], "nope"),
         (["data", "show", "--num", "0"], "argument --num: must be >= 1"),
+        (["data", "show", "--size", "16000", "16000"], "each side must be <= 4096"),
         (["data", "show", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     ],
 )
@@ -215,3 +218,36 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file(moe_checkpoint, tmp_pa
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {named}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_flops_of_a_checkpoint_checks_the_size_before_running(tmp_path, capsys):
+    import m3vit
+
+    model = m3vit.create_model("mvit_micro", ["edge"], img_size=(32, 32), embed_dim=32, depth=2, num_heads=2,
+                               head_channels=8)
+    m3vit.save_checkpoint(model, tmp_path / "ckpt")
+    assert main(["flops", "--checkpoint", str(tmp_path / "ckpt"), "--img-size", "1600000", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: img_size 1600000x16: each side must be <= 4096 pixels (m3vit's input-size limit)\n"
+
+
+def test_train_config_that_is_a_directory_or_binary_is_one_line(tmp_path, capsys):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    for config, message in [(tmp_path, f"error: config {str(tmp_path)!r} is a directory, not a YAML file"),
+                            (binary, f"error: {binary}: not a YAML text file (it is not UTF-8 text)")]:
+        assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+        assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.momentum=.nan", "train.momentum: must be a finite number"),
+    ("model.noise_std=.nan", "noise_std must be a finite number"),
+    ("train.seed=1180591620717411303424", "train.seed: must be <= 4294967295"),
+])
+def test_train_rejects_nan_and_huge_seeds_in_one_line(tmp_path, capsys, override, message):
+    assert main(["train", "--out", str(tmp_path / "run"), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()

@@ -457,9 +457,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_infer(args) -> int:
-    from .engine.inference import infer_files
+    from .engine.inference import MAX_PIXELS, infer_files
     from .models import load_checkpoint
 
+    if args.max_pixels is not None and args.max_pixels < 0:
+        raise CLIError(f"--max-pixels must be >= 1 (or 0 for no limit but PIL's own), got {args.max_pixels}")
+    max_pixels = MAX_PIXELS if args.max_pixels is None else (args.max_pixels or None)
     if args.stream_experts:
         from .efficiency import load_streaming_model
 
@@ -467,7 +470,8 @@ def cmd_infer(args) -> int:
     else:
         model = load_checkpoint(args.checkpoint, map_location=_device(args.device))
     tasks = model.resolve_tasks(args.task)
-    result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy)
+    result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy,
+                         max_pixels=max_pixels)
     for _, reason in result.failed:
         print(f"error: {reason}", file=sys.stderr)
     print(f"wrote {len(result.written)} files for {len(result.processed)} image(s) x {len(tasks)} task(s) "
@@ -761,7 +765,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <stem>_<task>.npy: class ids (uint8), probabilities (sal, edge), unit "
                         "normals [3,H,W] or depth, at the image's size")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
-                   help="network input size (default: the model's img_size; multiples of the patch size)")
+                   help="network input size (default: the model's img_size; multiples of the patch size, "
+                        "each side at most 4096)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse images with more than N pixels, from their header, before decoding (default "
+                        "m3vit.data.images.MAX_PIXELS: 50000000; 0: no limit but PIL's own)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--stream-experts", action="store_true",
                    help="keep expert weights in the checkpoint file and read them two at a time per MoE layer "

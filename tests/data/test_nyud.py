@@ -141,3 +141,41 @@ def test_dataloader_collates_after_eval_transforms(nyud_tree):
     assert batch["semseg"].shape == (2, 12, 16) and batch["depth"].shape == (2, 1, 12, 16)
     assert batch["normals"].shape == (2, 3, 12, 16) and batch["edge"].shape == (2, 1, 12, 16)
     assert list(batch["meta"]["id"]) == ds.ids and batch["meta"]["index"].tolist() == [0, 1]
+
+
+def test_errors_are_m3vit_errors_naming_the_file(nyud_tree):
+    from m3vit.utils.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError):
+        NYUDMT(nyud_tree.root, split="trainval")
+    with pytest.raises(ConfigError):
+        NYUDMT(nyud_tree.root, tasks=["human_parts"])
+    Image.fromarray(np.full((H, W), 41, np.uint8)).save(f"{nyud_tree.root}/segmentation/0003.png")
+    with pytest.raises(DataError, match="0003.png: label value 41"):
+        NYUDMT(nyud_tree.root, split="val")[0]
+    # corrupt label files: one DataError naming the file, not a decoder's message
+    corrupt = {"segmentation/0003.png": ["semseg"], "depth/0003.npy": ["depth"]}
+    for rel, tasks in corrupt.items():
+        path = f"{nyud_tree.root}/{rel}"
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n garbage" if rel.endswith(".png") else b"\x93NUMPY garbage")
+        with pytest.raises(DataError) as err:
+            NYUDMT(nyud_tree.root, split="val", tasks=tasks)[0]
+        assert str(err.value).startswith(f"{path}: not a readable label file") and "\n" not in str(err.value)
+    # a 16-bit image is read by its real values, like inference reads it
+    image = np.random.default_rng(0).integers(0, 65536, (H, W), dtype=np.uint16)
+    os.remove(_image_path(nyud_tree.root, "0003"))
+    Image.fromarray(image).save(f"{nyud_tree.root}/images/0003.png")
+    sample = NYUDMT(nyud_tree.root, split="val", tasks=["edge"])[0]
+    np.testing.assert_allclose(sample["image"][1].numpy(), image / 65535, atol=1e-7)
+
+
+def test_a_split_file_that_is_not_text_names_the_file(nyud_tree):
+    from m3vit.utils.errors import DataError
+
+    path = f"{nyud_tree.root}/gt_sets/val.txt"
+    with open(path, "wb") as f:
+        f.write(bytes(range(128, 256)))
+    with pytest.raises(DataError) as err:
+        NYUDMT(nyud_tree.root, split="val")
+    assert str(err.value) == f"split file {path} is not UTF-8 text (one image id per line expected)"

@@ -258,3 +258,17 @@ def test_label_map_mat_without_labelmap_key(pascal_tree):
 
 def test_voc_classes():
     assert VOC_CLASSES[0] == "background" and VOC_CLASSES[20] == "tvmonitor" and len(VOC_CLASSES) == 21
+
+
+@pytest.mark.parametrize("task, folder", [("edge", "pascal-context/trainval"), ("human_parts", "human_parts")])
+@pytest.mark.parametrize("content", [b"MATLAB 5.0 MAT-file garbage", b"", bytes(range(256))])
+def test_a_corrupt_mat_file_is_one_data_error_naming_it(pascal_tree, task, folder, content):
+    from m3vit.utils.errors import DataError
+
+    ds = PascalContextMT(pascal_tree.root, split="train", tasks=[task])
+    path = f"{pascal_tree.root}/{folder}/{ds.ids[0]}.mat"
+    with open(path, "wb") as f:
+        f.write(content)
+    with pytest.raises(DataError) as err:
+        ds[0]
+    assert str(err.value).startswith(f"{path}: not a readable label file") and "\n" not in str(err.value)

@@ -807,3 +807,13 @@ def test_body_parts_follow_the_kinematic_chain(dataset):
                     assert any(touch(p, q) for q in others), (index, inst, child)
             checked += 1
     assert checked >= 5
+
+
+def test_size_is_bounded_and_errors_are_config_errors():
+    from m3vit.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="each side must be <= 4096"):
+        SyntheticScenes("train", size=(16000, 16000))
+    for kwargs in (dict(split="holdout"), dict(size=(8, 8)), dict(tasks=["bogus"]), dict(length=0)):
+        with pytest.raises(ConfigError):
+            SyntheticScenes(**{"split": "train", **kwargs})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,7 +231,13 @@ ERRORS = [
     (["infer", "--checkpoint", "{moe}", "--task", "bogus", "--out", "{root}/o", "a.png"],
      "unknown task(s) ['bogus']; this model's tasks are"),
     (["infer", "--checkpoint", "{moe}", "--task", "sal", "--out", "{root}/o", "--size", "30", "30", "a.png"],
-     "multiples of the model's patch size 16"),
+     "size 30x30 is not divisible by the patch size 16"),
+    (["infer", "--checkpoint", "{moe}", "--task", "sal", "--out", "{root}/o", "--size", "16000", "16000", "a.png"],
+     "size 16000x16000: each side must be <= 4096"),
+    (["infer", "--checkpoint", "{moe}", "--task", "sal", "--out", "{root}/o", "--size", "4096", "4096", "a.png"],
+     "gives 65536 patch tokens; at most 16384"),
+    (["infer", "--checkpoint", "{moe}", "--task", "sal", "--out", "{root}/o", "--max-pixels", "-1", "a.png"],
+     "--max-pixels must be >= 1"),
     (["infer", "--checkpoint", "{moe}", "--task", "sal", "--out", "{root}/o"], "required: IMAGE"),
     (["experts", "--checkpoint", "{dense}", "--out", "{root}/e"], "is dense (no MoE layer)"),
     (["experts", "--checkpoint", "{empty}", "--out", "{root}/e"], "is not an m3vit checkpoint"),
@@ -293,3 +300,26 @@ def test_load_run_errors_name_the_checkpoint(checkpoints, tmp_path):
         load_run(broken)
     with pytest.raises(ConfigError, match="^model.top_k: cannot override the model of a trained checkpoint"):
         load_run(checkpoints["moe"], ["model.top_k=1"])
+
+
+
+def test_infer_refuses_a_huge_image_quickly_in_one_line(checkpoints, capsys, tmp_path, huge_png):
+    """The issue's 13000x13000 PNG (small on disk) used to allocate 5.4 GB and die with a traceback."""
+    good = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(good)
+    out = tmp_path / "pred"
+    start = time.perf_counter()
+    code, stdout, err = _run(["infer", "--checkpoint", checkpoints["moe"], "--task", "sal", "--out", out,
+                              huge_png, good], capsys)
+    assert time.perf_counter() - start < 30
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {huge_png}: 13000x13000 is 169.0 M pixels")
+    assert sorted(p.name for p in out.iterdir()) == ["photo_sal.png"]  # the other image is still written
+    # a limit of our own choosing: the small image alone is refused too, and 0 lifts the limit
+    code, _, err = _run(["infer", "--checkpoint", checkpoints["moe"], "--task", "sal", "--out", out,
+                         "--max-pixels", "100", good], capsys)
+    assert code == 1 and "above the limit of 0.0001 M" in err
+    code, _, err = _run(["infer", "--checkpoint", checkpoints["moe"], "--task", "sal", "--out", out,
+                         "--max-pixels", "0", good], capsys)
+    assert code == 0 and err == ""

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -382,3 +384,72 @@ def test_a_plain_install_ships_the_configs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     first, second = done.stdout.split()
     assert first.startswith(str(target)) and second == "m3vit_small"
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite numbers, seeds, sizes and unreadable files
+# ----------------------------------------------------------------------------------------------
+FLOAT_KEYS = ["train.lr", "train.momentum", "train.weight_decay", "train.poly_power", "train.min_lr",
+              "train.grad_clip", "train.aux_weight", "train.cross_task_weight", "eval.edge_max_dist"]
+MODEL_FLOAT_KEYS = ["model.mlp_ratio", "model.expert_ratio", "model.drop_path_rate", "model.noise_std",
+                    "model.capacity_factor"]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS + MODEL_FLOAT_KEYS + ["train.betas", "train.loss_weights.semseg"])
+@pytest.mark.parametrize("value, text", [(float("nan"), ".nan"), (float("inf"), ".inf"), (float("-inf"), "-.inf")])
+def test_every_float_rejects_nan_and_inf(key, value, text):
+    """As a Python value and as YAML text in --set (the issue: NaN was accepted for train.momentum)."""
+    if key == "train.betas":
+        cases = [{key: [0.9, value]}, [f"{key}=[0.9, {text}]"]]
+    elif key == "train.loss_weights.semseg":
+        cases = [{"train.loss_weights": {"semseg": value}}, [f"train.loss_weights={{semseg: {text}}}"]]
+    else:
+        cases = [{key: value}, [f"{key}={text}"]]
+    for overrides in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, overrides)
+        message = str(err.value)
+        assert key.split(".")[-1 if key.startswith("model") else 1] in message, message
+        assert "finite number" in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("key", ["train.seed", "data.seed"])
+def test_seeds_are_bounded_to_what_every_generator_accepts(key, tmp_path):
+    from m3vit.engine.config import MAX_SEED
+
+    assert MAX_SEED == 2**32 - 1
+    for bad in (2**70, 2**32, -1):
+        with pytest.raises(ConfigError, match=f"^{key}: must be "):
+            load_config(None, {key: bad})
+    cfg = load_config(None, {key: MAX_SEED})
+    assert (cfg.train.seed if key == "train.seed" else cfg.data.seed) == MAX_SEED
+    # the largest seed works where seeds go: torch (plus the trainer's rank/step offsets), numpy, the data RNG
+    torch.manual_seed(MAX_SEED + 7919 * 7 + 10**6)
+    np.random.seed(MAX_SEED % 2**32)
+    np.random.default_rng(np.random.SeedSequence([MAX_SEED, 1, 2, 3, 1]))
+
+
+def test_data_size_is_bounded():
+    with pytest.raises(ConfigError, match=r"^data.size: must be <= 4096, got 16000"):
+        load_config(None, {"data.size": [16000, 16000]})
+    with pytest.raises(ConfigError, match=r"^model \(at data.size=\[4096, 4096\]\).*65536 patch tokens"):
+        load_config(None, {"data.size": [4096, 4096]})
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path)
+    assert str(err.value) == f"config {str(tmp_path)!r} is a directory, not a YAML file"
+
+
+def test_a_binary_config_file_names_the_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: not a YAML text file") and "\n" not in str(err.value)
+
+
+def test_yaml_11_number_strings_are_numbers():
+    cfg = load_config(None, {"train.lr": "1e-3", "model.noise_std": "1e-2"})
+    assert cfg.train.lr == 1e-3

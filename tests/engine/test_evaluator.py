@@ -12,6 +12,7 @@ from m3vit.data import SyntheticScenes
 from m3vit.engine import builders
 from m3vit.engine.evaluator import evaluate, prepare_images
 from m3vit.models import ModelConfig, create_model
+from m3vit.utils.errors import DataError
 
 TASKS = ["semseg", "human_parts", "sal", "normals", "edge", "depth"]
 MICRO = dict(embed_dim=32, depth=2, num_heads=2, head_channels=8, num_experts=4, top_k=2)
@@ -226,7 +227,7 @@ def test_bad_arguments(small_model, scenes, kwargs, fragment):
 
 def test_a_task_the_dataset_has_no_labels_for(small_model):
     depth_only = SyntheticScenes("val", size=(32, 32), length=1, tasks=["depth"])
-    with pytest.raises(ValueError, match=r"no labels for task\(s\) \['semseg'\]; it provides \['depth'\]"):
+    with pytest.raises(DataError, match=r"no labels for task\(s\) \['semseg'\]; it provides \['depth'\]"):
         evaluate(small_model, depth_only, ["semseg", "depth"])
 
 

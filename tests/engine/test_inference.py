@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from m3vit.engine.builders import build_tasks
@@ -17,8 +19,10 @@ from m3vit.engine.inference import (
     output_stems,
     predict,
     read_image,
+    upsample_rows,
 )
 from m3vit.models import create_model
+from m3vit.utils.errors import InputError
 
 TASKS = {"semseg": 8, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1, "depth": 1}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -175,8 +179,9 @@ def test_input_size(model, images, tmp_path):
     # another input size gives another prediction (the network really saw 48x64)
     default = predict(model, read_image(images["rgb"]), ["depth"])["depth"][0].numpy()
     assert not np.allclose(np.load(out / "room_depth.npy"), default)
-    for size in [(30, 32), (32, 0)]:
-        with pytest.raises(ValueError, match="multiples of the model's patch size 16"):
+    for size, message in [((30, 32), "size 30x32 is not divisible by the patch size 16"),
+                          ((32, 0), "size 32x0 must be positive")]:
+        with pytest.raises(InputError, match=message):
             infer_files(model, [images["rgb"]], ["depth"], out, size=size)
 
 
@@ -184,3 +189,58 @@ def test_unknown_task_lists_the_models_tasks(model, images, tmp_path):
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['bogus'\]; this model's tasks are \['semseg'"):
         infer_files(model, [images["rgb"]], ["bogus"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Large images: strips of rows instead of the whole upsampled output
+# ----------------------------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(channels=st.integers(1, 4), low=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       high=st.tuples(st.integers(1, 40), st.integers(1, 40)), cut=st.integers(1, 40), seed=st.integers(0, 2**31))
+def test_upsample_rows_equals_a_slice_of_the_whole_interpolation(channels, low, high, cut, seed):
+    pred = torch.randn(channels, *low, generator=torch.Generator().manual_seed(seed))
+    whole = F.interpolate(pred[None], size=high, mode="bilinear", align_corners=False)[0]
+    start = min(cut, high[0] - 1)
+    for begin, end in ((0, start), (start, high[0])):
+        if begin < end:
+            rows = upsample_rows(pred, high, begin, end)
+            torch.testing.assert_close(rows, whole[:, begin:end], rtol=1e-5, atol=1e-5)
+
+
+def test_strips_give_the_same_files_as_one_piece(model, tmp_path, monkeypatch):
+    """infer_files draws pointwise-coloured tasks strip by strip: the files match predict() + colorize."""
+    import m3vit.engine.inference as inference
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(path)
+    monkeypatch.setattr(inference, "_STRIP_PIXELS", 53 * 5)  # 5 rows per strip: 8 strips
+    infer_files(model, [path], list(TASKS), tmp_path / "out", save_npy=True)
+    preds = predict(model, read_image(path))
+    task_objs = build_tasks(TASKS)
+    for task in TASKS:
+        picture = np.asarray(Image.open(tmp_path / "out" / f"wide_{task}.png"), dtype=int)
+        reference = task_objs[task].colorize(preds[task], kind="pred").astype(int)
+        assert (np.abs(picture - reference) > 1).mean() < 0.005, task
+        array = np.load(tmp_path / "out" / f"wide_{task}.npy")
+        expected = decode_prediction(task_objs[task], preds[task])
+        assert array.shape == expected.shape and array.dtype == expected.dtype
+        if array.dtype == np.uint8:
+            assert (array == expected).mean() > 0.995
+        else:
+            np.testing.assert_allclose(array, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sixteen_bit_image_predicts_like_its_eight_bit_twin(model, tmp_path):
+    values = np.random.default_rng(4).integers(0, 256, (30, 40), dtype=np.uint16)
+    Image.fromarray(values.astype(np.uint8)).save(tmp_path / "a8.png")
+    Image.fromarray(values * 257).save(tmp_path / "a16.png")  # the same picture at 16 bits
+    eight, sixteen = (predict(model, read_image(tmp_path / n), ["sal"])["sal"] for n in ("a8.png", "a16.png"))
+    torch.testing.assert_close(eight, sixteen, rtol=1e-5, atol=1e-5)
+
+
+def test_infer_skips_an_image_above_max_pixels(model, images, tmp_path, huge_png):
+    result = infer_files(model, [huge_png, images["rgb"]], ["sal"], tmp_path / "out")
+    assert [p for p, _ in result.failed] == [huge_png] and result.processed == [images["rgb"]]
+    assert "13000x13000" in result.failed[0][1]
+    result = infer_files(model, [images["rgb"]], ["sal"], tmp_path / "out", max_pixels=50 * 70 - 1)
+    assert [p for p, _ in result.failed] == [images["rgb"]] and "above the limit" in result.failed[0][1]

@@ -218,3 +218,20 @@ def test_cli_train_errors_are_one_line(tmp_path, tiny_overrides, capsys, case):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1.0])
+def test_a_non_finite_loss_advises_only_what_is_not_already_set(tmp_path, tiny_config, grad_clip):
+    """A loss weight of 1e308 overflows the total loss to inf at the first step."""
+    from m3vit.engine.trainer import TrainingError
+
+    cfg = tiny_config(train__steps=2, train__grad_clip=grad_clip, data__tasks=["semseg"],
+                      train__loss_weights={"semseg": 1e308})
+    with pytest.raises(TrainingError) as err:
+        train(cfg, tmp_path / "run")
+    message = str(err.value)
+    assert message.startswith("the loss is not finite at step 1") and "\n" not in message
+    if grad_clip is None:
+        assert "set train.grad_clip" in message
+    else:
+        assert "set train.grad_clip" not in message and "train.grad_clip (now 1)" in message

@@ -82,6 +82,11 @@ def test_compare_adds_measured_cpu(capsys):
     (["hw", "compare", *TINY], "--cpu-power"),
     (["hw", "compare", *TINY, "--cpu-power", "-1"], "must be > 0"),
     (["hw"], "hw"),
+    (["hw", "simulate", "--model", "m3vit_micro", "--img-size", "16000", "16000"],
+     "img_size 16000x16000: each side must be <= 4096"),
+    (["hw", "simulate", "--model", "m3vit_micro", "--img-size", "4096", "4096"], "65536 patch tokens"),
+    (["hw", "simulate", *TINY, "--seed", "-1"], "routing seed must be an integer >= 0"),
+    (["hw", "simulate", *TINY, "--routing-alpha", "nan"], "routing alpha must be a finite number > 0"),
 ])
 def test_errors_are_one_line_exit_2(capsys, argv, message):
     code, out, err = _run(capsys, *argv)
@@ -101,3 +106,46 @@ def test_traced_checkpoint_rejects_routing_overrides(capsys, checkpoint):
     directory, image = checkpoint
     code, _, err = _run(capsys, "hw", "simulate", "--checkpoint", directory, "--image", image, "--experts", "8")
     assert code == 2 and "cannot change the routing" in err
+
+
+def test_checkpoint_img_size_is_checked_before_building(capsys, checkpoint):
+    directory, _ = checkpoint
+    code, _, err = _run(capsys, "hw", "compare", "--checkpoint", directory, "--img-size", "16000", "16000",
+                        "--cpu-power", "10")
+    assert code == 2 and "each side must be <= 4096" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("clock_mhz: 1e308", "clock_mhz must be in [1, 10000], got 1e+308"),
+    ("dram_bandwidth_gbs: 5.0e-324", "dram_bandwidth_gbs must be in [0.001, 100000]"),
+])
+def test_extreme_platform_numbers_are_one_line(capsys, tmp_path, text, message):
+    data = m3vit.hardware.load_platform("zcu104").to_dict()
+    key = text.split(":")[0]
+    del data[key]
+    path = tmp_path / "board.yaml"
+    path.write_text(yaml.safe_dump(data) + text + "\n")
+    code, _, err = _run(capsys, "hw", "simulate", *TINY, "--platform", str(path))
+    assert code == 2 and message in err and str(path) in err and err.count("\n") == 1, err
+
+
+def test_binary_platform_file_is_one_line_naming_it(capsys, tmp_path):
+    path = tmp_path / "board.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    code, _, err = _run(capsys, "hw", "simulate", *TINY, "--platform", str(path))
+    assert code == 2 and err == f"error: {path}: not a YAML text file (it is not UTF-8 text)\n"
+
+
+def test_sixteen_bit_image_is_traced_by_its_real_values(capsys, checkpoint, tmp_path):
+    """hw --image reads through the one image reader: a 16-bit PNG routes like its 8-bit twin."""
+    directory, _ = checkpoint
+    values = np.random.default_rng(0).integers(0, 256, (40, 30), dtype=np.uint16)
+    eight, sixteen = tmp_path / "a8.png", tmp_path / "a16.png"
+    Image.fromarray(values.astype(np.uint8)).save(eight)
+    Image.fromarray(values * 257).save(sixteen)  # the same picture at 16 bits: v * 65535 / 255
+    routes = []
+    for image in (eight, sixteen):
+        code, out, _ = _run(capsys, "hw", "simulate", "--checkpoint", directory, "--image", str(image), "--json")
+        assert code == 0
+        routes.append({d: v["latency_ms"] for d, v in json.loads(out)["designs"].items()})
+    assert routes[0] == routes[1]

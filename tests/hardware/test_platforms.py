@@ -1,5 +1,7 @@
 """Platform files: the packaged boards, derived quantities, and one-line validation errors."""
 
+import math
+
 import pytest
 import yaml
 
@@ -68,3 +70,74 @@ def test_unreadable_platforms(tmp_path):
         load_platform(str(bad))
     with pytest.raises(PlatformError):
         Platform.from_dict({})
+
+
+# ---------------------------------------------------------------------------------------------
+# Every number finite and in range, so nothing overflows or divides by zero later
+# ---------------------------------------------------------------------------------------------
+def _write(tmp_path, text: str):
+    path = tmp_path / "board.yaml"
+    path.write_text(text)
+    return path
+
+
+def _with(key: str, literal: str) -> str:
+    """The zcu104 file as YAML text with ``key: literal`` (the literal as a user would type it)."""
+    data = _zcu104_dict()
+    lines = [f"{k}: {literal if k == key else yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+             for k, v in data.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("key, literal, fragment", [
+    ("clock_mhz", "1e308", "clock_mhz must be in [1, 10000], got 1e+308"),  # YAML 1.1 reads 1e308 as a string
+    ("clock_mhz", "1.0e+308", "clock_mhz must be in [1, 10000]"),
+    ("dram_bandwidth_gbs", "1.0e-300", "dram_bandwidth_gbs must be in [0.001, 100000]"),
+    ("dram_bandwidth_gbs", "5e-324", "dram_bandwidth_gbs must be in [0.001, 100000]"),
+    ("pe_utilisation", "1.0e-300", "pe_utilisation must be in [0.001, 1]"),
+    ("board_power_w", ".nan", "board_power_w must be a finite number"),
+    ("dsp_slices", ".inf", "dsp_slices must be a finite number"),
+    ("weight_bits", "4096", "weight_bits must be in [1, 64]"),
+])
+def test_out_of_range_numbers_are_refused(tmp_path, key, literal, fragment):
+    path = _write(tmp_path, _with(key, literal))
+    with pytest.raises(PlatformError) as err:
+        load_platform(str(path))
+    message = str(err.value)
+    assert message.startswith(str(path)) and fragment in message and "\n" not in message, message
+
+
+def test_extreme_but_allowed_platforms_simulate_finitely(tmp_path):
+    """The corners of every range give finite latency, traffic and energy for a real model."""
+    from m3vit.hardware import simulate
+    from m3vit.hardware.spec import LIMITS
+    from m3vit.models import model_config
+
+    data = _zcu104_dict()
+    slow = {k: (lo if k not in ("clock_mhz",) else hi) for k, (lo, hi) in LIMITS.items()}
+    fast = {k: (hi if k not in ("clock_mhz",) else lo) for k, (lo, hi) in LIMITS.items()}
+    cfg = model_config("m3vit_small", ["semseg"], (512, 512))
+    for corner in (slow, fast):
+        platform = Platform.from_dict(data | corner, source="corner")
+        for design in simulate(cfg, platform).designs.values():
+            for value in (design.latency_ms, design.energy_j, design.dram_bytes, design.onchip_mib):
+                assert math.isfinite(value) and value >= 0
+
+
+def test_yaml_number_strings_are_numbers(tmp_path):
+    path = _write(tmp_path, _with("clock_mhz", "3e2"))
+    assert load_platform(str(path)).clock_mhz == 300.0
+
+
+def test_a_binary_platform_file_names_the_file(tmp_path):
+    path = tmp_path / "board.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(PlatformError) as err:
+        load_platform(str(path))
+    assert str(err.value) == f"{path}: not a YAML text file (it is not UTF-8 text)"
+
+
+def test_platform_errors_are_config_errors():
+    from m3vit.utils.errors import ConfigError
+
+    assert issubclass(PlatformError, ConfigError)

@@ -1,10 +1,16 @@
 """MultiTaskModel: task-batched forward equals per-task runs, sparse single-task pathways, sizes, errors."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import m3vit
-from m3vit.models import ConfigError, ModelConfig, MultiTaskModel
+from m3vit.models import ConfigError, ModelConfig, MultiTaskModel, resample_pos_embed
+from m3vit.utils.errors import InputError
 
 TASKS = {"semseg": 5, "depth": 1, "normals": 3}
 
@@ -152,7 +158,7 @@ def test_overrides_apply():
         (dict(tasks=["semseg", "bogus"]), r"unknown task\(s\) \['bogus'\]; known tasks"),
         (dict(top_k=17), r"top_k=17 must be <= num_experts=16"),
         (dict(router="soft"), r"router='soft' is not allowed; choose one of"),
-        (dict(img_size=(100, 64)), r"img_size H=100 is not divisible by patch_size=16"),
+        (dict(img_size=(100, 64)), r"img_size 100x64 is not divisible by the patch size 16; use multiples of 16"),
         (dict(moe_blocks=[12]), r"moe_blocks=\[12\] must be distinct block indices in \[0, 12\)"),
         (dict(num_expert=3), r"unknown model option\(s\) \['num_expert'\]; allowed:"),
         (dict(dispatch="fast"), r"dispatch='fast' is not allowed; choose one of \['auto', 'per_expert', 'batched'\]"),
@@ -295,3 +301,188 @@ def test_run_time_pos_embed_resize_follows_the_option(mode):
         x, _ = model.backbone.embed(torch.zeros(1, 3, 48, 64))
         patches, _ = model.backbone.patch_embed(torch.zeros(1, 3, 48, 64))
     torch.testing.assert_close(x[:, 1:] - patches, expected)
+
+
+# Positional embeddings of non-square grids (built at one size, run at another)
+# ----------------------------------------------------------------------------------------------
+def bicubic_reference(grid: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """float64 loop reference of PyTorch's bicubic resize (align_corners=False, a = -0.75, border
+    indices clamped) of ``grid [h, w, D]`` to ``out_size``."""
+    a = -0.75
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    def taps(out_index, in_size, out_size_):
+        source = (out_index + 0.5) * in_size / out_size_ - 0.5
+        first = math.floor(source)
+        t = source - first
+        weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+        return [(min(max(first - 1 + i, 0), in_size - 1), weights[i]) for i in range(4)]
+
+    h, w, dim = grid.shape
+    out = np.zeros((*out_size, dim))
+    for y in range(out_size[0]):
+        for x in range(out_size[1]):
+            for row, wy in taps(y, h, out_size[0]):
+                for col, wx in taps(x, w, out_size[1]):
+                    out[y, x] += wy * wx * grid[row, col]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(old=st.tuples(st.integers(1, 7), st.integers(1, 7)), new=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+       prefix=st.integers(0, 2), seed=st.integers(0, 2**31))
+def test_resample_pos_embed_matches_a_float64_reference(old, new, prefix, seed):
+    dim = 3
+    pos = torch.randn(1, prefix + old[0] * old[1], dim, generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.float64)
+    out = resample_pos_embed(pos, new, old, num_prefix=prefix)
+    assert out.dtype == torch.float64 and out.shape == (1, prefix + new[0] * new[1], dim)
+    assert torch.equal(out[:, :prefix], pos[:, :prefix])
+    expected = bicubic_reference(pos[0, prefix:].reshape(*old, dim).numpy(), new).reshape(-1, dim)
+    np.testing.assert_allclose(out[0, prefix:].numpy(), expected, rtol=1e-12, atol=1e-12)
+    if tuple(new) == tuple(old):
+        assert out is pos
+
+
+def test_resample_pos_embed_square_default_and_errors():
+    pos = torch.randn(1, 1 + 16, 4)
+    # old_grid=None infers the square grid of ImageNet checkpoints; same result as naming it
+    assert torch.equal(resample_pos_embed(pos, (2, 6)), resample_pos_embed(pos, (2, 6), (4, 4)))
+    with pytest.raises(InputError, match="not a square grid"):
+        resample_pos_embed(torch.randn(1, 1 + 12, 4), (4, 4))
+    with pytest.raises(InputError, match="is not a 3x5 grid"):
+        resample_pos_embed(pos, (4, 4), (3, 5))
+
+
+NON_SQUARE_BUILDS = [(64, 96), (96, 64), (48, 64), (32, 80)]  # (48, 64) is NYUD's 480x640 shape, scaled
+
+
+@pytest.fixture(scope="module", params=NON_SQUARE_BUILDS, ids=lambda s: f"{s[0]}x{s[1]}")
+def non_square_model(request):
+    torch.manual_seed(0)
+    return m3vit.create_model("m3vit_micro", {"semseg": 3, "depth": 1}, img_size=request.param, embed_dim=32,
+                              depth=2, num_heads=2, moe_blocks=(1,), num_experts=4, top_k=2,
+                              head_channels=8).eval()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(grid=st.tuples(st.integers(1, 7), st.integers(1, 7)))
+def test_a_non_square_model_runs_at_every_size_divisible_by_the_patch(non_square_model, grid):
+    model = non_square_model
+    size = (16 * grid[0], 16 * grid[1])
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert {t: tuple(o.shape) for t, o in out.items()} == {"semseg": (1, 3, *size), "depth": (1, 1, *size)}
+    # the positional embedding used is the stored one resized from the model's own grid
+    backbone = model.backbone
+    used = backbone.embed(torch.zeros(1, 3, *size))[0] - backbone.cls_token.new_zeros(())
+    patches = backbone.patch_embed(torch.zeros(1, 3, *size))[0]
+    pos = used[:, 1:] - patches
+    stored = backbone.pos_embed[0, 1:].detach().double().reshape(*backbone.grid, -1).numpy()
+    expected = bicubic_reference(stored, grid).reshape(1, -1, stored.shape[-1])
+    np.testing.assert_allclose(pos.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_transposed_grid_is_resampled_not_reused():
+    """Built at 64x96 (grid 4x6) and run at 96x64 (grid 6x4): the same token count, another grid."""
+    torch.manual_seed(0)
+    model = m3vit.create_model("mvit_micro", {"sal": 1}, img_size=(64, 96), embed_dim=32, depth=1, num_heads=2,
+                               head_channels=8)
+    x = torch.zeros(1, 3, 96, 64)
+    pos = model.backbone.embed(x)[0] - torch.cat([model.backbone.cls_token, model.backbone.patch_embed(x)[0]], 1)
+    stored = model.backbone.pos_embed[0, 1:].detach().double().reshape(4, 6, -1).numpy()
+    expected = bicubic_reference(stored, (6, 4)).reshape(24, -1)
+    np.testing.assert_allclose(pos[0, 1:].detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_running_at_the_build_size_uses_the_stored_embedding_unchanged():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens, grid = model.backbone.embed(x)
+    manual = torch.cat([model.backbone.cls_token.expand(2, -1, -1), model.backbone.patch_embed(x)[0]], 1)
+    assert grid == model.backbone.grid and torch.equal(tokens, manual + model.backbone.pos_embed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Empty batches
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("router", ["multi_gate", "task_conditioned", "shared", None])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_gives_empty_outputs(router, training):
+    model = tiny(router=router, noise_std=1.0) if router else tiny("mvit_micro")
+    model.train(training)
+    stats = {name: b.clone() for name, b in model.named_buffers()}
+    for tasks in (None, ["depth"]):
+        out = model(torch.zeros(0, 3, 64, 64), tasks=tasks)
+        expected = {t: (0, TASKS[t], 64, 64) for t in (tasks or TASKS)}
+        assert {t: tuple(o.shape) for t, o in out.items()} == expected
+        aux = model.aux_loss()
+        assert torch.isfinite(aux) and aux.item() == 0.0
+    if training:
+        sum(o.sum() for o in out.values()).backward()
+    # BatchNorm running statistics are untouched (only its num_batches_tracked counter moves)
+    assert all(torch.equal(b, stats[name]) for name, b in model.named_buffers() if "num_batches" not in name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors a user causes are M3ViTError subclasses
+# ----------------------------------------------------------------------------------------------
+def test_bad_inputs_are_input_errors():
+    model = tiny().eval()
+    for call in (lambda: model(torch.randn(1, 4, 32, 32)), lambda: model(torch.randn(1, 3, 33, 32)),
+                 lambda: model(torch.randn(1, 3, 32, 32), tasks=["edge"]), lambda: model.resolve_tasks([])):
+        with pytest.raises(InputError):
+            call()
+    with pytest.raises(ConfigError, match="at least one task"):
+        MultiTaskModel(ModelConfig(tasks={}))
+
+
+@pytest.mark.parametrize("key", ["mlp_ratio", "expert_ratio", "drop_path_rate", "noise_std", "capacity_factor"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_float_options_reject_nan_and_inf(key, value):
+    with pytest.raises(ConfigError, match=f"^{key} must be a finite number"):
+        m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), **{key: value})
+
+
+def test_float_options_accept_numeric_strings_and_bound_the_ratios():
+    """YAML 1.1 reads 1e-3 as a string; a checkpoint or run config may hold one."""
+    cfg = m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), noise_std="1e-3", mlp_ratio="2")
+    assert cfg.noise_std == 1e-3 and cfg.mlp_ratio == 2.0
+    with pytest.raises(ConfigError, match="noise_std must be a finite number, got 'lots'"):
+        m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), noise_std="lots")
+    with pytest.raises(ConfigError, match=r"mlp_ratio must be in \(0, 64\]"):
+        m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), mlp_ratio=1e9)
+    with pytest.raises(ConfigError, match="expert_ratio must be a finite number"):  # an int beyond any float
+        m3vit.models.model_config("m3vit_micro", ["semseg"], (32, 32), expert_ratio=10**400)
+
+
+@pytest.mark.parametrize("size, fragment", [
+    ((16000, 16000), "img_size 16000x16000: each side must be <= 4096"),
+    ((4096, 16), None),  # one long side is fine: 256 tokens
+    ((4096, 4096), "gives 65536 patch tokens; at most 16384"),
+    ((2048, 2048), None),
+    ((2048, 2064), "gives 16512 patch tokens"),
+    ((0, 32), "must be positive"),
+    ((32, 33), "is not divisible by the patch size 16; use multiples of 16, e.g. 32x32"),
+    ((32.0, 32), "must be (H, W), two positive integers"),
+    ("big", "must be (H, W), two positive integers"),
+])
+def test_one_input_size_rule(size, fragment):
+    from m3vit.models.config import MAX_INPUT_SIDE, MAX_INPUT_TOKENS, check_input_size
+
+    assert (MAX_INPUT_SIDE, MAX_INPUT_TOKENS) == (4096, 16384)
+    if fragment is None:
+        assert check_input_size(size, 16) == tuple(size)
+        assert m3vit.models.model_config("m3vit_micro", ["sal"], size).img_size == tuple(size)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_input_size(size, 16)
+    assert fragment in str(err.value)
+    with pytest.raises(ConfigError) as err:  # the model config applies the same rule before building
+        m3vit.models.model_config("m3vit_micro", ["sal"], size)
+    assert fragment in str(err.value)

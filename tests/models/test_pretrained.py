@@ -185,3 +185,19 @@ def test_create_model_pretrained_argument(tmp_path):
     model = m3vit.create_model("m3vit_micro", ["semseg"], img_size=(64, 64), pretrained=path, embed_dim=DIM,
                                depth=DEPTH, num_heads=HEADS, moe_blocks=(1, 3), num_experts=8, head_channels=8)
     assert torch.equal(model.backbone.cls_token, timm_state_dict()["cls_token"])
+
+
+def test_unreadable_checkpoints_are_checkpoint_errors(tmp_path):
+    from m3vit.utils.errors import CheckpointError
+
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"garbage" * 3)
+    listing = tmp_path / "list.pth"
+    torch.save([torch.zeros(2)], listing)
+    for path, fragment in [(bad, "cannot read"), (broken, "as a safetensors file"), (listing, "state dict"),
+                           (tmp_path, "is a directory")]:
+        with pytest.raises(CheckpointError) as err:
+            load_pretrained_vit(make(), path)
+        assert fragment in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)

@@ -849,3 +849,30 @@ def test_trunc_normal_init_is_kept_as_an_option(router):
 def test_moe_rejects_unknown_reference_options(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         MoE(4, 5, 4, 2, **kwargs)
+
+
+# Zero tokens
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("router", ROUTER_KINDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 0, 4), (0, 0, 4)])
+@pytest.mark.parametrize("task_ids", [1, "tensor"])
+@pytest.mark.parametrize("training", [True, False])
+def test_moe_with_zero_tokens_returns_an_empty_output(router, shape, task_ids, training):
+    moe = make_moe(router=router, noise_std=0.5).train(training)
+    if task_ids == "tensor":
+        task_ids = torch.ones(shape[0], dtype=torch.long)
+    x = torch.zeros(*shape, dtype=F64)
+    out = moe(x, task_ids)
+    assert out.shape == shape and out.dtype == F64
+    routing = moe.last_routing
+    assert routing["indices"].shape == (0, 2) and routing["probs"].shape == (0, 4)
+    assert sum(routing["counts"]) == 0 and routing["dropped"] == 0
+    aux = moe.aux_loss()
+    assert torch.isfinite(aux) and aux.item() == 0.0
+
+
+def test_moe_checks_an_int_task_id_without_building_a_tensor():
+    moe = make_moe(num_tasks=3)
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=r"task ids must lie in \[0, 3\)"):
+            moe(make_x(0, 2, 4), bad)

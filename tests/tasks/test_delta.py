@@ -122,3 +122,20 @@ def test_official_delta_m_leaves_edge_out():
     assert delta_m(mvit, baselines) == pytest.approx(-1.77, abs=5e-3)
     with pytest.raises(ValueError, match="leaves out"):
         reference_delta_m({"edge": {"odsF": 70.0}}, baselines)
+
+
+def test_file_and_value_errors_are_data_errors(tmp_path):
+    from m3vit.utils.errors import ConfigError, DataError
+
+    bad = tmp_path / "bad.json"
+    for content in (b"{not json", json.dumps({"semseg": 66.2}).encode(), bytes(range(128, 256))):
+        bad.write_bytes(content)
+        with pytest.raises(DataError) as err:
+            load_baselines(bad)
+        assert str(err.value).startswith(str(bad)) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no baseline for task 'depth'"):
+        delta_m({"depth": {"rmse": 0.5}}, {"semseg": {"mIoU": 60.0}})
+    with pytest.raises(DataError, match="finite non-zero baseline"):
+        delta_m({"depth": {"rmse": 0.5}}, {"depth": {"rmse": 0.0}})
+    with pytest.raises(ConfigError, match="unknown task 'bogus'"):
+        delta_m({"bogus": {"x": 1.0}}, {"bogus": {"x": 1.0}})

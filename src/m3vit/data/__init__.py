@@ -1,4 +1,5 @@
-"""Datasets and joint transforms: procedural ``SyntheticScenes``, ``PascalContextMT``, ``NYUDMT``.
+"""Datasets, image reading and joint transforms: procedural ``SyntheticScenes``, ``PascalContextMT``, ``NYUDMT``,
+and ``read_image`` (``m3vit.data.images``), the one image reader of m3vit.
 
 Every dataset returns samples ``{"image": float32 [3, H, W] in [0, 1], <task>: label, "meta": {...}}``
 with labels in the format of ``m3vit.tasks.base`` and exposes ``tasks``, ``task_channels`` (what
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ..utils.errors import ConfigError
+from .images import MAX_PIXELS, ImageReadError, ImageTooLargeError, read_image
 from .nyud import NYUD_CLASSES, NYUDMT
 from .pascal_context import VOC_CLASSES, PascalContextMT
 from .synthetic import SyntheticScenes
@@ -31,7 +34,7 @@ __all__ = [
     "DATASETS", "build_dataset", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
     "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
     "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms", "SCALE_ROTATE_RECIPES",
-    "scale_rotate_options",
+    "scale_rotate_options", "read_image", "ImageReadError", "ImageTooLargeError", "MAX_PIXELS",
 ]
 
 #: Dataset name -> class (the names configs and the CLI use).
@@ -61,16 +64,16 @@ def build_dataset(name: str, split: str = "train", *, root: str | None = None, s
     (labels nearest, image not normalised). ``transform`` is applied as given otherwise.
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
     if name == "synthetic":
         if root is not None:
-            raise ValueError("the synthetic dataset is rendered, not read: drop --root / data.root")
+            raise ConfigError("the synthetic dataset is rendered, not read: drop --root / data.root")
         return SyntheticScenes(split, size=(128, 128) if size is None else size, length=1000 if length is None else length,
                                seed=seed, tasks=tasks, transform=transform)
     if root is None:
-        raise ValueError(f"dataset {name!r} needs its root folder (--root / data.root)")
+        raise ConfigError(f"dataset {name!r} needs its root folder (--root / data.root)")
     if length is not None:
-        raise ValueError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
+        raise ConfigError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
     if transform is None and size is not None:
         transform = Resize(size)
     return DATASETS[name](root, split, tasks=tasks, transform=transform, seed=seed)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..tasks.base import IGNORE
+from ..utils.errors import ConfigError, DataError, InputError
+from .images import read_image
 
 __all__ = [
-    "FolderDataset", "read_image", "read_png", "read_split_file", "sample_rng", "resize_nearest", "mask_invalid",
+    "FolderDataset", "read_image", "read_png", "label_file", "read_split_file", "sample_rng", "resize_nearest", "mask_invalid",
     "unit_vectors",
 ]
 
@@ -29,16 +32,29 @@ logger = logging.getLogger(__name__)
 _MAX_LISTED_MISSING = 5
 
 
-def read_image(path: str) -> torch.Tensor:
-    """An image file as RGB ``float32 [3, H, W]`` in [0, 1]."""
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+#: What readers (PIL, numpy, scipy) raise for a file they cannot decode.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, Image.DecompressionBombError)
+
+
+@contextmanager
+def label_file(path: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Turn a reader's failure on label file ``path`` into one ``DataError`` naming it (a missing file
+    stays ``FileNotFoundError``); ``errors`` adds exception types a reader raises beyond the usual."""
+    try:
+        yield
+    except (FileNotFoundError, DataError):
+        raise
+    except (*_DECODE_ERRORS, *errors) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{path}: not a readable label file ({reason})") from None
 
 
 def read_png(path: str, mode: str | None = None) -> np.ndarray:
-    """The pixel values of a PNG (palette PNGs give their indices), optionally converted to ``mode``."""
-    with Image.open(path) as img:
+    """The pixel values of a label PNG (palette PNGs give their indices), optionally converted to ``mode``.
+
+    A file that cannot be decoded raises ``DataError`` naming it (a missing one ``FileNotFoundError``).
+    """
+    with label_file(path), Image.open(path) as img:
         if mode is not None and img.mode != mode:
             img = img.convert(mode)
         return np.array(img)
@@ -46,11 +62,14 @@ def read_png(path: str, mode: str | None = None) -> np.ndarray:
 
 def read_split_file(path: str) -> list[str]:
     """Image ids of a split file: one id per line, surrounding whitespace and blank lines dropped."""
-    with open(path, encoding="utf-8") as f:
-        ids = [line.strip() for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            ids = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise DataError(f"split file {path} is not UTF-8 text (one image id per line expected)") from None
     ids = [i for i in ids if i]
     if not ids:
-        raise ValueError(f"split file {path} lists no image ids")
+        raise DataError(f"split file {path} lists no image ids")
     return ids
 
 
@@ -100,14 +119,14 @@ class FolderDataset(torch.utils.data.Dataset):
         """Validate everything and resolve every file; ``extra_files`` maps task -> other file kinds it reads."""
         self.root = os.fspath(root)
         if split not in self.splits:
-            raise ValueError(f"split must be one of {list(self.splits)}, got {split!r}")
+            raise ConfigError(f"split must be one of {list(self.splits)}, got {split!r}")
         self.split = split
         self.tasks = self._resolve_tasks(tasks)
         if transform is not None and not callable(transform):
             raise ValueError(f"transform must be callable as transform(sample, rng), got {transform!r}")
         self.transform = transform
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
         self.seed = int(seed)
         self.epoch = 0
         self.task_channels = {t: self.channels[t] for t in self.tasks}
@@ -139,7 +158,7 @@ class FolderDataset(torch.utils.data.Dataset):
         tasks = list(dict.fromkeys(tasks))
         unknown = [t for t in tasks if t not in self.all_tasks]
         if unknown or not tasks:
-            raise ValueError(f"tasks must be a non-empty subset of {list(self.all_tasks)}, got {tasks!r}")
+            raise ConfigError(f"tasks must be a non-empty subset of {list(self.all_tasks)}, got {tasks!r}")
         return tasks
 
     def _folders(self, kind: str) -> list[str]:
@@ -187,7 +206,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation stream: the transform RNG depends on (seed, split, index, epoch)."""
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+            raise InputError(f"epoch must be a non-negative int, got {epoch!r}")
         self.epoch = int(epoch)
 
     def __len__(self) -> int:

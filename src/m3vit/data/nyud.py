@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ..tasks.base import IGNORE
-from ._io import FolderDataset, mask_invalid, read_png, unit_vectors
+from ..utils.errors import DataError
+from ._io import FolderDataset, label_file, mask_invalid, read_png, unit_vectors
 
 __all__ = ["NYUDMT", "NYUD_CLASSES"]
 
@@ -54,7 +55,10 @@ NYUD_MT/
 
 
 def _load_array(path: str) -> np.ndarray:
-    return np.load(path, allow_pickle=False) if path.endswith(".npy") else read_png(path)
+    if not path.endswith(".npy"):
+        return read_png(path)
+    with label_file(path):
+        return np.load(path, allow_pickle=False)
 
 
 class NYUDMT(FolderDataset):
@@ -96,13 +100,13 @@ class NYUDMT(FolderDataset):
             values = _two_dimensional(values, path).astype(np.int64)
             bad = (values < 0) | (values > len(NYUD_CLASSES))
             if bad.any():
-                raise ValueError(f"{path}: label value {int(values[bad][0])} is outside 0..{len(NYUD_CLASSES)}")
+                raise DataError(f"{path}: label value {int(values[bad][0])} is outside 0..{len(NYUD_CLASSES)}")
             return torch.from_numpy(np.where(values == 0, IGNORE, values - 1))
         if task == "depth":
             depth = _two_dimensional(values, path).astype(np.float32)
             invalid = ~np.isfinite(depth) | (depth == 0)
             if (depth[~invalid] < 0).any():
-                raise ValueError(f"{path}: negative depth values (metres expected, 0 for unknown)")
+                raise DataError(f"{path}: negative depth values (metres expected, 0 for unknown)")
             return torch.from_numpy(mask_invalid(depth, invalid))[None]
         if task == "edge":
             edges = _two_dimensional(values, path)
@@ -116,13 +120,13 @@ def _two_dimensional(values: np.ndarray, path: str) -> np.ndarray:
     if values.ndim == 3 and values.shape[-1] == 1:
         values = values[..., 0]
     if values.ndim != 2:
-        raise ValueError(f"{path}: expected a single-channel [H, W] map, got shape {values.shape}")
+        raise DataError(f"{path}: expected a single-channel [H, W] map, got shape {values.shape}")
     return values
 
 
 def _decode_normals(values: np.ndarray, path: str) -> np.ndarray:
     if values.ndim != 3 or values.shape[-1] != 3:
-        raise ValueError(f"{path}: normals must be [H, W, 3], got shape {values.shape}")
+        raise DataError(f"{path}: normals must be [H, W, 3], got shape {values.shape}")
     if path.endswith(".png"):
         black = (values[..., 0] == 0) & (values[..., 1] == 0) & (values[..., 2] == 0)
         return unit_vectors(values * (2.0 / 255.0) - 1.0, black)

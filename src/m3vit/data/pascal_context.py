@@ -45,11 +45,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import scipy.io
+from scipy.io.matlab import MatReadError
 import torch
 from skimage.morphology import thin
 
 from ..tasks.base import IGNORE
-from ._io import FolderDataset, read_png, unit_vectors
+from ..utils.errors import DataError
+from ._io import FolderDataset, label_file, read_png, unit_vectors
 
 __all__ = [
     "PascalContextMT", "VOC_CLASSES", "PART_GROUPS", "PERSON_CLASS_ID", "NORMALS_VALID_CLASSES",
@@ -102,9 +104,10 @@ PASCAL_MT/
 
 def read_label_map(path: str) -> np.ndarray:
     """The ``LabelMap`` of a PASCAL-Context ``.mat`` file (``int64 [H, W]``)."""
-    contents = scipy.io.loadmat(path)
+    with label_file(path, MatReadError, NotImplementedError):
+        contents = scipy.io.loadmat(path)
     if "LabelMap" not in contents:
-        raise ValueError(f"{path}: no 'LabelMap' variable (a PASCAL-Context label file is expected)")
+        raise DataError(f"{path}: no 'LabelMap' variable (a PASCAL-Context label file is expected)")
     return np.asarray(contents["LabelMap"]).astype(np.int64)
 
 
@@ -116,7 +119,7 @@ def context_edges(label_map: np.ndarray) -> np.ndarray:
     """
     label_map = np.asarray(label_map)
     if label_map.ndim != 2:
-        raise ValueError(f"label_map must be 2-D [H, W], got shape {label_map.shape}")
+        raise DataError(f"label_map must be 2-D [H, W], got shape {label_map.shape}")
     candidate = np.zeros(label_map.shape, dtype=bool)
     vertical = label_map[1:, :] != label_map[:-1, :]
     candidate[1:, :] |= vertical
@@ -135,11 +138,12 @@ def _field(record: np.void, name: str, position: int):
 
 def read_human_parts(path: str) -> tuple[tuple[int, np.ndarray, list[tuple[str, np.ndarray]]], ...]:
     """Objects of a PASCAL-Part ``.mat``: ``(class_ind, mask, [(part_name, part_mask), ...])`` each."""
-    contents = scipy.io.loadmat(path)
+    with label_file(path, MatReadError, NotImplementedError):
+        contents = scipy.io.loadmat(path)
     try:
         objects = _field(contents["anno"][0, 0], "objects", 1)
     except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"{path}: no 'anno.objects' struct (a PASCAL-Part annotation is expected)") from err
+        raise DataError(f"{path}: no 'anno.objects' struct (a PASCAL-Part annotation is expected)") from err
     parsed = []
     for obj in np.asarray(objects).reshape(-1):
         class_ind = int(np.asarray(_field(obj, "class_ind", 1)).reshape(-1)[0])
@@ -164,9 +168,9 @@ def human_parts_label(objects: Iterable[tuple[int, np.ndarray, Sequence[tuple[st
             continue
         for name, mask in parts:
             if name not in PART_GROUPS:
-                raise ValueError(f"{source}: unknown person part {name!r}; known parts are {sorted(PART_GROUPS)}")
+                raise DataError(f"{source}: unknown person part {name!r}; known parts are {sorted(PART_GROUPS)}")
             if mask.shape != tuple(shape):
-                raise ValueError(f"{source}: part mask {name!r} is {mask.shape}, expected {tuple(shape)}")
+                raise DataError(f"{source}: part mask {name!r} is {mask.shape}, expected {tuple(shape)}")
             label[mask] = PART_GROUPS[name]
     if not (label > 0).any():
         label[:] = IGNORE
@@ -216,10 +220,10 @@ class PascalContextMT(FolderDataset):
         if task == "semseg":
             values = read_png(path).astype(np.int64)
             if values.ndim != 2:
-                raise ValueError(f"{path}: semseg PNG must be single-channel, got shape {values.shape}")
+                raise DataError(f"{path}: semseg PNG must be single-channel, got shape {values.shape}")
             bad = (values >= len(VOC_CLASSES)) & (values != IGNORE)
             if bad.any():
-                raise ValueError(f"{path}: label value {int(values[bad][0])} is neither a class id 0..20 nor 255")
+                raise DataError(f"{path}: label value {int(values[bad][0])} is neither a class id 0..20 nor 255")
             return torch.from_numpy(values)
         if task == "edge":
             edges = context_edges(read_label_map(path))
@@ -242,7 +246,7 @@ class PascalContextMT(FolderDataset):
         if self.normals_valid_classes is not None:
             label_map = read_label_map(self._paths["label_map"][index])
             if label_map.shape != invalid.shape:
-                raise ValueError(f"{self._paths['label_map'][index]}: LabelMap is {label_map.shape}, "
+                raise DataError(f"{self._paths['label_map'][index]}: LabelMap is {label_map.shape}, "
                                  f"normals {path} are {invalid.shape}")
             invalid |= ~np.isin(label_map, self.normals_valid_classes)
         return unit_vectors(rgb * (2.0 / 255.0) - 1.0, invalid)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..tasks import get_task
+from ..utils.errors import InputError
 
 __all__ = ["dataset_tasks", "render_grid", "save_figure"]
 
@@ -54,7 +55,7 @@ def render_grid(dataset, indices: Sequence[int], path: str | os.PathLike, *, cel
     from matplotlib.figure import Figure
 
     if not indices:
-        raise ValueError("render_grid needs at least one sample index")
+        raise InputError("render_grid needs at least one sample index")
     tasks = dataset_tasks(dataset)
     columns = ["image", *tasks]
     fig = Figure(figsize=(cell * len(columns), cell * len(indices) + 0.3), dpi=dpi)

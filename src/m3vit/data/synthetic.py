@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..models.config import MAX_INPUT_SIDE
 from ..tasks.base import IGNORE
+from ..utils.errors import ConfigError
 from ._geometry import ROOM_SURFACES, Box, Capsule, Cone, Cylinder, Ellipsoid, Primitive, RayCaster, Sphere
 
 __all__ = [
@@ -711,7 +713,7 @@ def render_scene(scene: Scene, caster: RayCaster, noise_field: np.ndarray | None
 # ---------------------------------------------------------------------------------------------
 def _positive_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -773,17 +775,19 @@ class SyntheticScenes(Dataset):
         transform: Callable[[dict, np.random.Generator], dict] | None = None,
     ):
         if split not in SPLIT_CODES:
-            raise ValueError(f"unknown split {split!r}; allowed splits are {list(SPLIT_CODES)}")
+            raise ConfigError(f"unknown split {split!r}; allowed splits are {list(SPLIT_CODES)}")
         if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
-            raise ValueError(f"size must be a pair (H, W) of ints >= 16, got {size!r}")
+            raise ConfigError(f"size must be a pair (H, W) of ints >= 16, got {size!r}")
         height, width = (_positive_int("size", s, 16) for s in size)
+        if max(height, width) > MAX_INPUT_SIDE:
+            raise ConfigError(f"size {height}x{width}: each side must be <= {MAX_INPUT_SIDE} pixels")
         if tasks is None:
             tasks = SYNTHETIC_TASKS
         elif isinstance(tasks, str):
             tasks = [tasks]
         unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; SyntheticScenes provides {list(SYNTHETIC_TASKS)}")
+            raise ConfigError(f"unknown task(s) {unknown}; SyntheticScenes provides {list(SYNTHETIC_TASKS)}")
         if transform is not None and not callable(transform):
             raise ValueError(f"transform must be callable as transform(sample, rng), got {transform!r}")
         self.split = split

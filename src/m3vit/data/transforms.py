@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..tasks import get_task, list_tasks
 from ..tasks.base import IGNORE, Task
+from ..utils.errors import ConfigError
 from ._io import resize_nearest
 
 __all__ = [
@@ -63,10 +64,10 @@ def _as_size(size, name: str = "size") -> tuple[int, int]:
     try:
         h, w = size
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an int or a pair (height, width) of positive ints, got {size!r}") from None
+        raise ConfigError(f"{name} must be an int or a pair (height, width) of positive ints, got {size!r}") from None
     for v in (h, w):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be an int or a pair (height, width) of positive ints, got {size!r}")
+            raise ConfigError(f"{name} must be an int or a pair (height, width) of positive ints, got {size!r}")
     return int(h), int(w)
 
 
@@ -74,12 +75,12 @@ def _as_range(value, name: str, lower: float | None = None, lower_inclusive: boo
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (low, high) of numbers, got {value!r}") from None
+        raise ConfigError(f"{name} must be a pair (low, high) of numbers, got {value!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"{name} must be a finite pair with low <= high, got {value!r}")
+        raise ConfigError(f"{name} must be a finite pair with low <= high, got {value!r}")
     if lower is not None and (lo < lower or (lo == lower and not lower_inclusive)):
         bound = ">=" if lower_inclusive else ">"
-        raise ValueError(f"{name} must be {bound} {lower}, got {value!r}")
+        raise ConfigError(f"{name} must be {bound} {lower}, got {value!r}")
     return lo, hi
 
 
@@ -88,10 +89,10 @@ def _as_range(value, name: str, lower: float | None = None, lower_inclusive: boo
 def _entries(sample: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, Task]]]:
     """The image and ``{key: (label, task)}`` of a sample, checked for a common size."""
     if "image" not in sample:
-        raise ValueError(f"sample has no 'image' entry (keys: {sorted(sample)})")
+        raise ConfigError(f"sample has no 'image' entry (keys: {sorted(sample)})")
     image = sample["image"]
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
-        raise ValueError(f"sample['image'] must be a tensor [C, H, W], got {getattr(image, 'shape', type(image))}")
+        raise ConfigError(f"sample['image'] must be a tensor [C, H, W], got {getattr(image, 'shape', type(image))}")
     size = tuple(image.shape[-2:])
     known = set(list_tasks())
     labels = {}
@@ -100,12 +101,12 @@ def _entries(sample: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, 
             continue
         if key not in known:
             if isinstance(value, torch.Tensor):
-                raise ValueError(f"sample[{key!r}] is not a known task ({sorted(known)}); cannot transform it")
+                raise ConfigError(f"sample[{key!r}] is not a known task ({sorted(known)}); cannot transform it")
             continue
         task = get_task(key)
         expected_ndim = 2 if task.label_kind == "class" else 3
         if not isinstance(value, torch.Tensor) or value.ndim != expected_ndim or tuple(value.shape[-2:]) != size:
-            raise ValueError(
+            raise ConfigError(
                 f"sample[{key!r}] must be a tensor with {expected_ndim} dims and spatial size {size}, "
                 f"got {getattr(value, 'shape', type(value))}"
             )
@@ -129,7 +130,7 @@ class Compose:
         self.transforms = list(transforms)
         for t in self.transforms:
             if not callable(t):
-                raise ValueError(f"transforms must be callables t(sample, rng), got {t!r}")
+                raise ConfigError(f"transforms must be callables t(sample, rng), got {t!r}")
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         for t in self.transforms:
@@ -146,7 +147,7 @@ class RandomHorizontalFlip:
 
     def __init__(self, p: float = 0.5) -> None:
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+            raise ConfigError(f"p must be a probability in [0, 1], got {p!r}")
         self.p = float(p)
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
@@ -328,9 +329,9 @@ class Normalize:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != len(self.std) or not self.mean:
-            raise ValueError(f"mean and std must have one value per channel, got {mean!r} and {std!r}")
+            raise ConfigError(f"mean and std must have one value per channel, got {mean!r} and {std!r}")
         if not all(math.isfinite(s) and s > 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {std!r}")
+            raise ConfigError(f"std must be positive, got {std!r}")
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         image = sample.get("image")
@@ -362,7 +363,7 @@ def train_transforms(size, flip: bool = True, scales: Sequence[float] = (0.75, 1
     """
     size = _as_size(size)
     if mode not in ("crop", "resize"):
-        raise ValueError(f"mode must be 'crop' or 'resize', got {mode!r}")
+        raise ConfigError(f"mode must be 'crop' or 'resize', got {mode!r}")
     steps: list[Transform] = []
     if flip:
         steps.append(RandomHorizontalFlip(0.5))

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils import flop_counter as fc
 
+from ..models.config import check_input_size
+from ..utils.errors import InputError
+
 __all__ = ["FlopReport", "count_flops", "COMPONENTS"]
 
 COMPONENTS = ("patch_embed", "attention", "dense_mlp", "router", "experts", "decoder", "other")
@@ -106,13 +109,14 @@ def count_flops(model, img_size: Sequence[int] | int, tasks: Sequence[str] | str
     """Count the FLOPs of a real forward of ``model`` on a random ``[batch_size, C, H, W]`` input.
 
     Runs once with all requested tasks and once per task alone; the model's train/eval mode is
-    restored afterwards (counting runs in eval mode).
+    restored afterwards (counting runs in eval mode). ``img_size`` must pass the input-size rule
+    (``m3vit.models.config.check_input_size``), checked before anything is allocated.
     """
-    if isinstance(img_size, int):
-        img_size = (img_size, img_size)
-    img_size = tuple(int(v) for v in img_size)
-    tasks = model.resolve_tasks(tasks)
     cfg = model.config
+    img_size = check_input_size(img_size, cfg.patch_size, "img_size", error=InputError)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    tasks = model.resolve_tasks(tasks)
     gen = torch.Generator().manual_seed(seed)
     param = next(model.parameters())
     images = torch.randn(batch_size, cfg.in_chans, *img_size, generator=gen).to(param.device, param.dtype)

@@ -10,6 +10,7 @@ the dotted key and what is allowed.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from importlib import resources
 from dataclasses import dataclass, field, fields
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS, SCALE_ROTATE_RECIPES
-from ..models.config import ConfigError, ModelConfig
+from ..models.config import MAX_INPUT_SIDE, ConfigError, ModelConfig, parse_number
 from ..models.registry import list_models, model_config
 from ..tasks import list_tasks
 from .cross_task import CROSS_TASK_MODULES
@@ -27,7 +28,7 @@ from .schedules import LR_UPDATES, WEIGHT_DECAY_EXCLUDES
 
 __all__ = [
     "RunConfig", "ModelSection", "DataSection", "TrainSection", "EvalSection", "ConfigError",
-    "load_config", "parse_overrides", "apply_overrides", "resolve_config_path", "shipped_configs",
+    "load_config", "parse_overrides", "apply_overrides", "resolve_config_path", "shipped_configs", "MAX_SEED",
 ]
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -35,6 +36,10 @@ SCHEDULES = ("poly", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 AUGMENTATIONS = ("crop", "resize", "none")
 DEVICES = ("auto", "cpu", "cuda")
+
+#: Seeds (``train.seed``, ``data.seed``) lie in [0, MAX_SEED]: what every generator they feed accepts
+#: (``numpy.random.seed`` takes 32 bits; ``torch.manual_seed`` 64, and the trainer adds rank and step).
+MAX_SEED = 2**32 - 1
 
 # ModelConfig fields a config may not set under ``model``: they come from the data section.
 _MODEL_FROM_DATA = ("tasks", "img_size", "name")
@@ -44,24 +49,28 @@ def _fail(key: str, message: str) -> ConfigError:
     return ConfigError(f"{key}: {message}")
 
 
-def _check_int(key: str, value: Any, minimum: int | None = None) -> int:
+def _check_int(key: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _fail(key, f"must be an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise _fail(key, f"must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise _fail(key, f"must be <= {maximum}, got {value}")
     return value
+
+
+def _check_seed(key: str, value: Any) -> int:
+    return _check_int(key, value, 0, MAX_SEED)
 
 
 def _check_float(key: str, value: Any, minimum: float | None = None, strict: bool = False,
                  maximum: float | None = None) -> float:
-    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise _fail(key, f"must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    number = parse_number(value)  # YAML 1.1 reads 1e-3 (no dot) as a string: accepted
+    if number is None:
         raise _fail(key, f"must be a number, got {value!r}")
-    value = float(value)
+    if not math.isfinite(number):
+        raise _fail(key, f"must be a finite number, got {value!r}")
+    value = number
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise _fail(key, f"must be {'>' if strict else '>='} {minimum}, got {value}")
     if maximum is not None and value > maximum:
@@ -88,11 +97,13 @@ def _check_opt_str(key: str, value: Any) -> str | None:
 
 
 def _check_size(key: str, value: Any) -> tuple[int, int]:
+    """[H, W] with each side in 1..MAX_INPUT_SIDE; ``RunConfig.validate`` checks the rest of the input-size
+    rule (multiples of the model's patch size, bounded tokens) once the model is known."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise _fail(key, f"must be [H, W] (two positive integers), got {value!r}")
-    return tuple(_check_int(key, v, 1) for v in value)
+    return tuple(_check_int(key, v, 1, MAX_INPUT_SIDE) for v in value)
 
 
 @dataclass
@@ -150,7 +161,7 @@ class DataSection:
         if self.name == "synthetic" and self.root is not None:
             raise _fail(f"{prefix}.root", "the synthetic dataset is rendered, not read: set it to null")
         self.size = _check_size(f"{prefix}.size", self.size)
-        _check_int(f"{prefix}.seed", self.seed, 0)
+        _check_seed(f"{prefix}.seed", self.seed)
         if self.tasks is not None:
             if isinstance(self.tasks, str):
                 self.tasks = [self.tasks]
@@ -221,7 +232,7 @@ class TrainSection:
         if self.epochs is not None:
             _check_int(f"{prefix}.epochs", self.epochs, 1)
         _check_int(f"{prefix}.batch_size", self.batch_size, 1)
-        _check_int(f"{prefix}.seed", self.seed, 0)
+        _check_seed(f"{prefix}.seed", self.seed)
         _check_choice(f"{prefix}.optimizer", self.optimizer, OPTIMIZERS)
         self.lr = _check_float(f"{prefix}.lr", self.lr, 0.0, strict=True)
         self.momentum = _check_float(f"{prefix}.momentum", self.momentum, 0.0, maximum=1.0)
@@ -435,10 +446,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if path is not None:
         path = resolve_config_path(path)
         source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"config {source!r} is a directory, not a YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {source!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{source}: not a YAML text file (it is not UTF-8 text)") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML ({exc.__class__.__name__}: {exc})".splitlines()[0]) from None
         if not isinstance(data, dict):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..tasks import Task
 from ..tasks.base import PROTOCOLS
+from ..utils.errors import ConfigError, DataError
 from .builders import build_tasks
 
 __all__ = ["evaluate", "metric_options", "prepare_images"]
@@ -71,17 +72,17 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
     ``protocol="reference"`` scores each prediction as the official evaluation does (module docstring).
     """
     if pathway not in ("single", "all"):
-        raise ValueError(f"pathway must be 'single' or 'all', got {pathway!r}")
+        raise ConfigError(f"pathway must be 'single' or 'all', got {pathway!r}")
     if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
+        raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     tasks = model.resolve_tasks(tasks)
     missing = [t for t in tasks if t not in getattr(dataset, "tasks", ())]
     if missing:
-        raise ValueError(f"the dataset has no labels for task(s) {missing}; it provides {list(dataset.tasks)}")
+        raise DataError(f"the dataset has no labels for task(s) {missing}; it provides {list(dataset.tasks)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 (or None for the whole dataset), got {limit}")
+        raise ConfigError(f"limit must be >= 1 (or None for the whole dataset), got {limit}")
     size = tuple(model.config.img_size if size is None else size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)

@@ -701,8 +701,10 @@ class _Trainer:
         record = dict(zip(names, values))
         if not math.isfinite(record["loss"]) and not self.scaler.is_enabled():
             bad = [k for k, v in record.items() if not math.isfinite(v)]
-            raise TrainingError(f"the loss is not finite at step {self.step + 1} ({', '.join(bad)}); lower train.lr, "
-                                f"set train.grad_clip or check the loss weights")
+            advice = ("lower train.lr, set train.grad_clip" if tcfg.grad_clip is None else
+                      f"lower train.lr or train.grad_clip (now {tcfg.grad_clip:g})")
+            raise TrainingError(f"the loss is not finite at step {self.step + 1} ({', '.join(bad)}); {advice} "
+                                f"or check the loss weights")
         record["lr"] = lr
         return record
 

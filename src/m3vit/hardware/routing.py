@@ -14,10 +14,13 @@ Synthetic routing (the default of ``m3vit hw simulate``), seeded and reproducibl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..utils.errors import ConfigError, InputError
 
 __all__ = ["Routing", "synthetic_routing", "trace_routing"]
 
@@ -32,7 +35,7 @@ class Routing:
     def __post_init__(self):
         for i, layer in enumerate(self.indices):
             if layer.ndim != 2:
-                raise ValueError(f"routing of MoE layer {i} must be [tokens, k], got shape {list(layer.shape)}")
+                raise InputError(f"routing of MoE layer {i} must be [tokens, k], got shape {list(layer.shape)}")
 
     def prefix(self, tokens: int) -> "Routing":
         """The routing of the first ``tokens`` tokens only."""
@@ -43,11 +46,13 @@ def synthetic_routing(num_layers: int, num_tokens: int, num_experts: int, top_k:
                       alpha: float | None = None) -> Routing:
     """Seeded synthetic routing (see the module docstring); ``alpha=None`` is uniform."""
     if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        raise ConfigError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
     if num_tokens < 0 or num_layers < 0:
-        raise ValueError("num_tokens and num_layers must be >= 0")
-    if alpha is not None and not alpha > 0:
-        raise ValueError(f"routing alpha must be > 0 (or None for uniform), got {alpha}")
+        raise ConfigError("num_tokens and num_layers must be >= 0")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ConfigError(f"routing alpha must be a finite number > 0 (or None for uniform), got {alpha}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"routing seed must be an integer >= 0, got {seed!r}")
     layers = []
     for layer in range(num_layers):
         # one generator per layer: the routing of the first n tokens does not depend on how many follow
@@ -72,7 +77,7 @@ def trace_routing(model, image, task: str, size: Sequence[int] | None = None) ->
 
     task = model.resolve_tasks([task])[0]
     if not model.moe_layers:
-        raise ValueError(f"model {model.config.name!r} has no MoE layer: there is no routing to trace")
+        raise InputError(f"model {model.config.name!r} has no MoE layer: there is no routing to trace")
     size = check_input_size(model, size)
     device = next(model.parameters()).device
     was_training = model.training

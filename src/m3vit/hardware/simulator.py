@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..models.config import ModelConfig
+from ..utils.errors import ConfigError, InputError
 from .routing import Routing, synthetic_routing
 from .spec import Platform
 from .workload import Layer, Workload, build_workload, dense_twin
@@ -69,7 +70,7 @@ def lru_expert_misses(indices: np.ndarray, cache_size: int) -> np.ndarray:
     loaded expert is used at once, so no expert the token still needs is ever evicted.
     """
     if cache_size < 1:
-        raise ValueError(f"the expert cache must hold >= 1 expert, got {cache_size}")
+        raise ConfigError(f"the expert cache must hold >= 1 expert, got {cache_size}")
     cache: OrderedDict[int, None] = OrderedDict()
     misses = np.zeros(len(indices), dtype=np.int64)
     for t, choices in enumerate(np.asarray(indices)):
@@ -219,10 +220,10 @@ def _static_stage(layer: Layer, p: Platform) -> _Stage:
 def _moe_stage(layer: Layer, design: str, routing: np.ndarray, p: Platform, cache_experts: int) -> _Stage:
     experts, k = layer.num_experts, layer.top_k
     if routing.shape[1] != k or (routing.size and (routing.min() < 0 or routing.max() >= experts)):
-        raise ValueError(f"{layer.name}: routing must be [tokens, {k}] expert ids in [0, {experts}), "
+        raise InputError(f"{layer.name}: routing must be [tokens, {k}] expert ids in [0, {experts}), "
                          f"got shape {list(routing.shape)}")
     if routing.shape[0] != layer.tokens:
-        raise ValueError(f"{layer.name}: routing covers {routing.shape[0]} tokens, the layer has {layer.tokens}")
+        raise InputError(f"{layer.name}: routing covers {routing.shape[0]} tokens, the layer has {layer.tokens}")
     expert_bytes = layer.expert_params * p.weight_bytes
     load = expert_bytes / p.dram_bytes_per_cycle
     per_token = layer.expert_macs_per_token / p.macs_per_cycle
@@ -298,19 +299,19 @@ def simulate(cfg: ModelConfig, platform: Platform, *, task: str | None = None, r
     """
     unknown = [d for d in designs if d not in DESIGNS]
     if unknown or not designs:
-        raise ValueError(f"unknown design(s) {unknown or list(designs)}; choose from {list(DESIGNS)}")
+        raise ConfigError(f"unknown design(s) {unknown or list(designs)}; choose from {list(DESIGNS)}")
     workload = build_workload(cfg, task, include_heads)
     moe = workload.moe_layers
     if not moe and any(d != "dense" for d in designs):
-        raise ValueError(f"model {cfg.name!r} has no MoE block; only the 'dense' design applies "
+        raise ConfigError(f"model {cfg.name!r} has no MoE block; only the 'dense' design applies "
                          "(choose an m3vit_* model or set moe_blocks)")
     cache = cfg.top_k if cache_experts is None else int(cache_experts)
     if cache < 1:
-        raise ValueError(f"the expert cache must hold >= 1 expert, got {cache}")
+        raise ConfigError(f"the expert cache must hold >= 1 expert, got {cache}")
     if routing is None and moe:
         routing = synthetic_routing(len(moe), workload.tokens, cfg.num_experts, cfg.top_k, seed, routing_alpha)
     if moe and len(routing.indices) != len(moe):
-        raise ValueError(f"routing has {len(routing.indices)} MoE layers, the model has {len(moe)}")
+        raise InputError(f"routing has {len(routing.indices)} MoE layers, the model has {len(moe)}")
     results = {}
     for design in designs:
         if design == "dense":

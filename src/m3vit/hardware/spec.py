@@ -23,6 +23,10 @@ its value (the packaged files cite their datasheets in comments):
 * ``activation_bits`` - activation word in the on-chip token buffers and at the multiplier input.
 * ``token_buffers`` - number of ``N x D`` token buffers kept on chip (2: the residual stream and the
   attention-output / MoE-accumulator buffer; a layer cannot overwrite its own input).
+
+Every number must lie in its range in ``LIMITS`` (far beyond any real board, but finite, so no latency,
+traffic or energy can overflow or divide by zero); a value outside, NaN or inf raises ``PlatformError``
+naming the file, the key and the range.
 """
 
 from __future__ import annotations
@@ -36,12 +40,32 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["Platform", "PlatformError", "load_platform", "list_platforms"]
+from ..models.config import parse_number
+from ..utils.errors import ConfigError
+
+__all__ = ["Platform", "PlatformError", "LIMITS", "load_platform", "list_platforms"]
 
 _PACKAGE_DIR = "platforms"
 
 
-class PlatformError(ValueError):
+#: Allowed range ``(low, high)`` of every numeric platform key, both ends included.
+LIMITS: dict[str, tuple[float, float]] = {
+    "clock_mhz": (1.0, 10_000.0),
+    "dsp_slices": (1, 1_000_000),
+    "bram_mbit": (0.001, 1_000_000.0),
+    "uram_mbit": (0.0, 1_000_000.0),
+    "dram_bandwidth_gbs": (0.001, 100_000.0),
+    "board_power_w": (0.001, 100_000.0),
+    "macs_per_dsp_per_cycle": (0.01, 64.0),
+    "pe_utilisation": (0.001, 1.0),
+    "dram_efficiency": (0.001, 1.0),
+    "weight_bits": (1, 64),
+    "activation_bits": (1, 64),
+    "token_buffers": (1, 64),
+}
+
+
+class PlatformError(ConfigError):
     """A platform file is missing, unreadable or has a bad value; the message names the file and key."""
 
 
@@ -119,17 +143,21 @@ class Platform:
                     raise PlatformError(f"{source}: {f.name} must be a non-empty string, got {value!r}")
                 values[f.name] = value
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = parse_number(value)  # YAML 1.1 reads 1e308 (no dot) as a string: accepted
+            if number is None:
                 raise PlatformError(f"{source}: {f.name} must be a number, got {value!r}")
-            if f.type == "int" and value != int(value):
+            if not math.isfinite(number):
+                raise PlatformError(f"{source}: {f.name} must be a finite number, got {value!r}")
+            if f.type == "int" and number != int(number):
                 raise PlatformError(f"{source}: {f.name} must be a whole number, got {value!r}")
-            lowest_ok = 0.0 if f.name == "uram_mbit" else None
-            if (lowest_ok is None and value <= 0) or (lowest_ok is not None and value < lowest_ok):
-                bound = ">= 0" if lowest_ok is not None else "> 0"
-                raise PlatformError(f"{source}: {f.name} must be {bound}, got {value!r}")
-            if f.name in ("pe_utilisation", "dram_efficiency") and value > 1:
-                raise PlatformError(f"{source}: {f.name} is a fraction and must be in (0, 1], got {value!r}")
-            values[f.name] = int(value) if f.type == "int" else float(value)
+            low, high = LIMITS[f.name]
+            if f.name in ("pe_utilisation", "dram_efficiency") and not 0 < number <= 1:
+                raise PlatformError(f"{source}: {f.name} is a fraction and must be in (0, 1], got {number:g}")
+            if number <= 0 and (low > 0 or number < 0):
+                raise PlatformError(f"{source}: {f.name} must be {'> 0' if low > 0 else '>= 0'}, got {number:g}")
+            if not low <= number <= high:
+                raise PlatformError(f"{source}: {f.name} must be in [{low:g}, {high:g}], got {number:g}")
+            values[f.name] = int(number) if f.type == "int" else number
         return cls(**values)
 
 
@@ -154,7 +182,9 @@ def load_platform(name_or_path: str | os.PathLike) -> Platform:
                             "nor an existing YAML file")
     source = path.name if packaged else str(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PlatformError(f"{source}: not a YAML text file (it is not UTF-8 text)") from None
     except yaml.YAMLError as exc:
         raise PlatformError(f"{source}: not valid YAML ({exc.__class__.__name__})") from None
     except OSError as exc:

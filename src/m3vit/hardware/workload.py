@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..models.config import ModelConfig
+from ..utils.errors import InputError
 
 __all__ = ["Layer", "Workload", "build_workload", "dense_twin"]
 
@@ -97,7 +98,7 @@ def build_workload(cfg: ModelConfig, task: str | None = None, include_heads: boo
     if task is None:
         task = next(iter(cfg.tasks), "")
     elif task not in cfg.tasks:
-        raise ValueError(f"task {task!r} is not one of the model's tasks {list(cfg.tasks)}")
+        raise InputError(f"task {task!r} is not one of the model's tasks {list(cfg.tasks)}")
     dim, heads, patch = cfg.embed_dim, cfg.num_heads, cfg.patch_size
     grid = (cfg.img_size[0] // patch, cfg.img_size[1] // patch)
     patches = grid[0] * grid[1]

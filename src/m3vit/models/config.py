@@ -1,20 +1,28 @@
-"""Typed, validated configuration of a multi-task (MoE) ViT: everything needed to rebuild a model."""
+"""Typed, validated configuration of a multi-task (MoE) ViT: everything needed to rebuild a model.
+
+Also the one rule for network input sizes (``check_input_size``), used by ``img_size``, ``data.size``,
+``m3vit infer --size``, ``m3vit flops --img-size`` and ``m3vit hw --img-size``: each side a positive
+multiple of the patch size, at most ``MAX_INPUT_SIDE`` pixels, and at most ``MAX_INPUT_TOKENS`` patch
+tokens in all.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..nn.dispatch import STRATEGIES
 from ..nn.moe import BALANCE_LOSSES, MOE_INITS
 from ..nn.routers import ROUTERS
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, M3ViTError
 
 __all__ = ["ModelConfig", "ConfigError", "GATE_SOFTMAX", "TASK_EMBED_SCOPES", "POS_EMBED_RESIZE",
-           "PRETRAINED_EXPERTS", "REFERENCE_OPTIONS"]
+           "PRETRAINED_EXPERTS", "REFERENCE_OPTIONS", "MAX_INPUT_SIDE", "MAX_INPUT_TOKENS", "MAX_RATIO",
+           "check_input_size", "parse_number"]
 
 GATE_SOFTMAX = ("all", "kept")
 #: Where a task-conditioned model keeps its task embedding: one per model (official) or one per MoE layer.
@@ -33,10 +41,65 @@ REFERENCE_OPTIONS = {"balance_loss": "reference", "init": "reference", "task_emb
 MAX_WIDTH = 65536  # embed_dim, head_channels, task_embed_dim, in_chans, num_experts, task channels, num_heads
 MAX_HIDDEN = 262144  # an MLP's or expert's hidden units
 MAX_DEPTH = 1024  # transformer blocks
-MAX_IMAGE_SIDE = 65536  # img_size, per side
 _INT_LIMITS = {"patch_size": 1024, "in_chans": MAX_WIDTH, "embed_dim": MAX_WIDTH, "depth": MAX_DEPTH,
                "num_heads": MAX_WIDTH, "num_experts": MAX_WIDTH, "top_k": MAX_WIDTH, "task_embed_dim": MAX_WIDTH,
                "head_channels": MAX_WIDTH, "head_stages": 16}
+
+#: Largest side, in pixels, of a network input (``img_size``, ``data.size``, ``--size``, ``--img-size``).
+MAX_INPUT_SIDE = 4096
+#: Most patch tokens of a network input, ``(H / patch) * (W / patch)``. Attention costs grow with its
+#: square and every decoder holds ``head_channels x H x W`` floats, so 16384 (2048x2048 at patch 16,
+#: ~4 GB of decoder activations per task for ViT-S) is already far past the paper's 512x512 (1024 tokens)
+#: and 480x640 (1200 tokens).
+MAX_INPUT_TOKENS = 16384
+#: Largest ``mlp_ratio`` / ``expert_ratio`` (hidden width / embed_dim); larger only exhausts memory.
+MAX_RATIO = 64.0
+
+
+def parse_number(value: Any) -> float | None:
+    """A config value as a float: an int, a float or a numeric string (YAML 1.1 reads ``1e-3`` as a
+    string); None for anything else, booleans included. NaN and inf come back as they are."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Real):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond any float
+            return math.inf if value > 0 else -math.inf
+    return None
+
+
+def check_input_size(size: Any, patch_size: int, key: str = "img_size",
+                     error: type[M3ViTError] = ConfigError) -> tuple[int, int]:
+    """``size`` (an int or a pair H, W) as a validated ``(H, W)`` network input size, or ``error`` naming ``key``.
+
+    Each side must be a positive multiple of ``patch_size`` and at most ``MAX_INPUT_SIDE``; the patch
+    tokens ``(H / patch) * (W / patch)`` must not exceed ``MAX_INPUT_TOKENS``.
+    """
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size, size)
+    if (isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in size)):
+        raise error(f"{key} must be (H, W), two positive integers, got {size!r}")
+    h, w = int(size[0]), int(size[1])
+    if h < 1 or w < 1:
+        raise error(f"{key} {h}x{w} must be positive")
+    if h > MAX_INPUT_SIDE or w > MAX_INPUT_SIDE:
+        raise error(f"{key} {h}x{w}: each side must be <= {MAX_INPUT_SIDE} pixels (m3vit's input-size limit)")
+    if h % patch_size or w % patch_size:
+        near = [max(patch_size, round(s / patch_size) * patch_size) for s in (h, w)]
+        raise error(f"{key} {h}x{w} is not divisible by the patch size {patch_size}; use multiples of "
+                    f"{patch_size}, e.g. {near[0]}x{near[1]}")
+    tokens = (h // patch_size) * (w // patch_size)
+    if tokens > MAX_INPUT_TOKENS:
+        raise error(f"{key} {h}x{w} at patch size {patch_size} gives {tokens} patch tokens; at most "
+                    f"{MAX_INPUT_TOKENS} are allowed (e.g. 2048x2048 at patch 16)")
+    return h, w
 
 
 @dataclass
@@ -126,9 +189,6 @@ class ModelConfig:
         Sizes are bounded (``MAX_WIDTH``, ``MAX_DEPTH``, ...) far above any real model, so that a damaged
         config (a checkpoint's ``config.yaml`` with ``embed_dim: 300000``) fails here, with its key named.
         """
-        self.img_size = _pair("img_size", self.img_size)
-        if any(side > MAX_IMAGE_SIDE for side in self.img_size):
-            raise ConfigError(f"img_size must be at most {MAX_IMAGE_SIDE} per side, got {list(self.img_size)}")
         self.moe_blocks = _int_tuple("moe_blocks", self.moe_blocks)
         if not isinstance(self.tasks, Mapping):
             raise ConfigError(f"tasks must map task names to output channels, got {self.tasks!r:.80}")
@@ -151,12 +211,14 @@ class ModelConfig:
         for key in ("qkv_bias", "renormalize"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r:.80}")
-        for key in ("mlp_ratio", "expert_ratio", "drop_path_rate", "noise_std"):
-            if not _is_real(getattr(self, key)):
-                raise ConfigError(f"{key} must be a finite number, got {getattr(self, key)!r:.80}")
-        if self.capacity_factor is not None and not _is_real(self.capacity_factor):
-            raise ConfigError(f"capacity_factor must be a number > 0 or null (dropless), "
-                              f"got {self.capacity_factor!r:.80}")
+        for key in ("mlp_ratio", "expert_ratio", "drop_path_rate", "noise_std", "capacity_factor"):
+            value = getattr(self, key)
+            if key == "capacity_factor" and value is None:
+                continue
+            number = parse_number(value)  # YAML 1.1 reads 1e-3 as a string: numeric strings are numbers
+            if number is None or not math.isfinite(number):
+                raise ConfigError(f"{key} must be a finite number, got {value!r:.80}")
+            setattr(self, key, number)
         if self.embed_dim % self.num_heads:
             raise ConfigError(f"embed_dim={self.embed_dim} must be divisible by num_heads={self.num_heads}")
         if not self.top_k <= self.num_experts:
@@ -170,8 +232,8 @@ class ModelConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not allowed; choose one of {list(allowed)}")
         for key in ("mlp_ratio", "expert_ratio"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+            if not 0 < getattr(self, key) <= MAX_RATIO:
+                raise ConfigError(f"{key} must be in (0, {MAX_RATIO:g}], got {getattr(self, key)!r}")
         for key, hidden in (("mlp_ratio", round(self.mlp_ratio * self.embed_dim)),
                             ("expert_ratio", round(self.expert_ratio * self.embed_dim))):
             if hidden > MAX_HIDDEN:
@@ -186,9 +248,7 @@ class ModelConfig:
         bad = [b for b in self.moe_blocks if not 0 <= b < self.depth]
         if bad or len(set(self.moe_blocks)) != len(self.moe_blocks):
             raise ConfigError(f"moe_blocks={list(self.moe_blocks)} must be distinct block indices in [0, {self.depth})")
-        for dim, size in zip("HW", self.img_size):
-            if size % self.patch_size:
-                raise ConfigError(f"img_size {dim}={size} is not divisible by patch_size={self.patch_size}")
+        self.img_size = check_input_size(self.img_size, self.patch_size, "img_size")
         self._validate_expert_subsets()
         return self
 
@@ -236,10 +296,6 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _int_tuple(key: str, value) -> tuple[int, ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise ConfigError(f"{key} must be a list of integers, got {value!r:.80}")
@@ -247,17 +303,3 @@ def _int_tuple(key: str, value) -> tuple[int, ...]:
     if not all(_is_int(v) for v in items):
         raise ConfigError(f"{key} must be a list of integers, got {list(items)!r:.80}")
     return tuple(int(v) for v in items)
-
-
-def _pair(key: str, value) -> tuple[int, int]:
-    if _is_int(value):
-        value = (value, value)
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r:.80}")
-    value = tuple(value)
-    if len(value) != 2 or not all(_is_int(v) for v in value):
-        raise ConfigError(f"{key} must be an int or a pair (H, W), got {value!r:.80}")
-    h, w = (int(v) for v in value)
-    if h < 1 or w < 1:
-        raise ConfigError(f"{key} must be positive, got {value!r}")
-    return (h, w)

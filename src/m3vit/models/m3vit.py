@@ -16,30 +16,41 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import Block, Mlp, MoE, SETRPUPHead, TaskEmbedding
+from ..utils.errors import ConfigError, InputError
 from .config import REFERENCE_OPTIONS, ModelConfig
 from .registry import register_model
 
 __all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed"]
 
 
-def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], num_prefix: int = 1,
-                       mode: str = "bicubic") -> Tensor:
-    """Resize the grid part of ``pos_embed [1, prefix + h*w, D]`` to ``new_grid`` (``mode``: ``"bicubic"``
-    or ``"bilinear"``, the official M³ViT's; ``align_corners=False``).
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
+                       num_prefix: int = 1, mode: str = "bicubic") -> Tensor:
+    """Resize the grid part of ``pos_embed [1, prefix + h*w, D]`` from ``old_grid`` ``(h, w)`` to ``new_grid``
+    (``mode``: ``"bicubic"`` or ``"bilinear"``, the official M³ViT's; ``align_corners=False``); the
+    ``num_prefix`` leading (cls) tokens are kept as they are.
 
-    The source grid must be square (as ImageNet ViTs are) or already ``new_grid``.
+    ``old_grid=None`` infers a square grid from the token count (ImageNet ViT checkpoints are square).
+    The same grid returns ``pos_embed`` itself. Interpolation runs in float32 (float64 stays float64)
+    and the result has ``pos_embed``'s dtype.
     """
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
     prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
     n = grid.shape[1]
-    if n == new_grid[0] * new_grid[1]:
+    if old_grid is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise InputError(f"cannot resample a positional embedding of {n} grid tokens: not a square grid "
+                             f"(give its grid as old_grid)")
+        old_grid = (side, side)
+    old_grid, new_grid = (int(old_grid[0]), int(old_grid[1])), (int(new_grid[0]), int(new_grid[1]))
+    if old_grid[0] * old_grid[1] != n:
+        raise InputError(f"a positional embedding of {n} grid tokens is not a {old_grid[0]}x{old_grid[1]} grid")
+    if old_grid == new_grid:
         return pos_embed
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"cannot resample a positional embedding of {n} grid tokens (not a square grid)")
     dim = grid.shape[-1]
-    grid = grid.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    compute = torch.promote_types(pos_embed.dtype, torch.float32)
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).to(compute)
     grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
@@ -135,7 +146,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         x, grid = self.patch_embed(images)
-        pos = self.pos_embed if grid == self.grid else resample_pos_embed(self.pos_embed, grid,
+        pos = self.pos_embed if grid == self.grid else resample_pos_embed(self.pos_embed, grid, self.grid,
                                                                           mode=self.cfg.pos_embed_resize)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
         return x, grid
@@ -170,7 +181,7 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         cfg.validate()
         if not cfg.tasks:
-            raise ValueError("a multi-task model needs at least one task")
+            raise ConfigError("a multi-task model needs at least one task")
         self.config = cfg
         self.tasks: list[str] = list(cfg.tasks)
         self.backbone = VisionTransformer(cfg)
@@ -187,18 +198,18 @@ class MultiTaskModel(nn.Module):
         tasks = list(dict.fromkeys(tasks))
         unknown = [t for t in tasks if t not in self.heads]
         if unknown or not tasks:
-            raise ValueError(f"unknown task(s) {unknown or tasks}; this model's tasks are {self.tasks}")
+            raise InputError(f"unknown task(s) {unknown or tasks}; this model's tasks are {self.tasks}")
         return tasks
 
     def check_images(self, images: Tensor) -> None:
         cfg = self.config
         if images.dim() != 4 or images.shape[1] != cfg.in_chans:
-            raise ValueError(
+            raise InputError(
                 f"images must be [B, {cfg.in_chans}, H, W], got shape {list(images.shape)}"
             )
         h, w = images.shape[-2:]
-        if h % cfg.patch_size or w % cfg.patch_size:
-            raise ValueError(
+        if h < 1 or w < 1 or h % cfg.patch_size or w % cfg.patch_size:
+            raise InputError(
                 f"image size {h}x{w} is not divisible by the patch size {cfg.patch_size}; "
                 f"resize or pad to a multiple of {cfg.patch_size}"
             )

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..utils.errors import CheckpointError
 from .config import ConfigError
 from .m3vit import MultiTaskModel, resample_pos_embed
 
@@ -41,22 +42,31 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a ``.pth``/``.pt``/``.bin`` or ``.safetensors`` checkpoint; unwraps ``model``/``state_dict``
     containers and a ``module.`` prefix."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"pretrained checkpoint {str(path)!r} is a directory; give the weights file "
+                              f"(.pth, .pt, .bin or .safetensors)")
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"cannot read {str(path)!r} as a safetensors file: {reason}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle errors vary by torch version
-            raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint: {exc}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch checkpoint: {reason}") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{str(path)!r} does not hold a state dict of tensors")
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -222,16 +222,19 @@ class MoE(nn.Module):
         )
 
     def _task_ids(self, task_ids: int | Tensor, batch: int, device: torch.device) -> Tensor:
-        if isinstance(task_ids, int):
-            task_ids = torch.full((batch,), task_ids, dtype=torch.long, device=device)
-        elif not isinstance(task_ids, Tensor):
+        if isinstance(task_ids, int) and not isinstance(task_ids, bool):
+            if not 0 <= task_ids < self.num_tasks:  # checked on the host: no device sync
+                raise ValueError(f"task ids must lie in [0, {self.num_tasks}), got [{task_ids}]")
+            return torch.full((batch,), task_ids, dtype=torch.long, device=device)
+        if not isinstance(task_ids, Tensor):
             raise TypeError(f"task_ids must be an int or a LongTensor[B], got {type(task_ids).__name__}")
         task_ids = task_ids.to(device=device, dtype=torch.long).reshape(-1)
         if task_ids.numel() == 1 and batch != 1:
             task_ids = task_ids.expand(batch)
         if task_ids.numel() != batch:
             raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {batch} images")
-        if int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks:
+        # One host sync, and an empty batch (no ids) passes.
+        if bool(((task_ids < 0) | (task_ids >= self.num_tasks)).any()):
             raise ValueError(f"task ids must lie in [0, {self.num_tasks}), got {task_ids.unique().tolist()}")
         return task_ids
 

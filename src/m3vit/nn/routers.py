@@ -76,6 +76,8 @@ class MultiGateRouter(nn.Module):
         init_gate_(self.weight, self.weight.shape[1], init)
 
     def forward(self, x: Tensor, task_ids: Tensor) -> Tensor:
+        if task_ids.numel() == 0:  # an empty batch: [0, N, E] logits
+            return x @ self.weight[0].t()
         if bool((task_ids == task_ids[0]).all()):
             return x @ self.weight[task_ids[0]].t()
         return torch.bmm(x, self.weight.index_select(0, task_ids).transpose(1, 2))

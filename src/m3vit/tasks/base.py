@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ConfigError
+
 if TYPE_CHECKING:
     import numpy
 
@@ -82,6 +84,11 @@ class Task(abc.ABC):
     #: Output channels the model head needs for this task.
     channels: int
 
+    #: True when ``colorize(pred, kind="pred")`` colours every pixel from its own values alone, so a large
+    #: picture can be drawn in strips (``m3vit.engine.inference``); False when the colours depend on the
+    #: whole map (depth: its value range).
+    pointwise_colors: ClassVar[bool] = False
+
     @abc.abstractmethod
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Scalar loss of raw outputs ``pred [B, C, H, W]`` against labels; 0 (not NaN) with no valid pixel."""
@@ -107,7 +114,7 @@ class Task(abc.ABC):
     def metric_higher_is_better(cls, metric: str) -> bool:
         """Direction of ``metric`` for Δm and model selection; ``ValueError`` for a metric the task lacks."""
         if metric not in cls.higher_is_better:
-            raise ValueError(
+            raise ConfigError(
                 f"task {cls.name!r} has no metric {metric!r}; its metrics are {sorted(cls.higher_is_better)}"
             )
         return cls.higher_is_better[metric]
@@ -155,9 +162,9 @@ def quantize_8bit(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def check_positive_int(name: str, value: object) -> int:
-    """``value`` as an int >= 1, else ``ValueError`` naming the option."""
+    """``value`` as an int >= 1, else ``ConfigError`` naming the option."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
     return value
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..utils.errors import ConfigError, DataError
+
 __all__ = [
     "voc_palette", "human_parts_palette", "label_image", "gray_image", "colormap_image", "as_tensor", "check_kind",
 ]
@@ -73,7 +75,7 @@ def label_image(ids: torch.Tensor, palette: np.ndarray, ignore: torch.Tensor) ->
     ignore_np = ignore.numpy()
     bad = (~ignore_np) & ((ids_np < 0) | (ids_np >= len(palette)))
     if bad.any():
-        raise ValueError(f"class ids must lie in 0..{len(palette) - 1} (or be ignored), found {int(ids_np[bad][0])}")
+        raise DataError(f"class ids must lie in 0..{len(palette) - 1} (or be ignored), found {int(ids_np[bad][0])}")
     rgb = palette[np.where(ignore_np, 0, ids_np)]
     rgb[ignore_np] = IGNORED_RGB
     return rgb
@@ -92,7 +94,7 @@ def colormap_image(values: torch.Tensor, ignore: torch.Tensor, cmap: str, vmin: 
     import matplotlib  # deferred: only pictures need it
 
     if cmap not in matplotlib.colormaps:
-        raise ValueError(f"unknown matplotlib colour map {cmap!r}")
+        raise ConfigError(f"unknown matplotlib colour map {cmap!r}")
     v = values.double().numpy()
     valid = ~ignore.numpy()
     finite = valid & np.isfinite(v)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..utils.errors import ConfigError, DataError
 from .registry import task_class
 
 __all__ = ["delta_m", "load_baselines", "reference_baselines_path", "reference_delta_m", "REFERENCE_BASELINE_FILES",
@@ -36,30 +37,30 @@ def delta_m(
     in ``metrics[task]``, else its ``primary_metric`` (semseg/human_parts/sal mIoU, normals mean,
     edge odsF, depth rmse); the sign is + when higher is better and - for errors, so beating the
     baseline is always positive. A task missing from ``baselines``, a missing metric, a zero
-    baseline or an unknown task name raises ``ValueError``.
+    baseline raises ``DataError``, an unknown task name ``ConfigError`` (both ``ValueError``).
     """
     metrics = dict(metrics or {})
     if not results:
-        raise ValueError("results hold no task; Δm needs at least one")
+        raise DataError("results hold no task; Δm needs at least one")
     unused = sorted(set(metrics) - set(results))
     if unused:
-        raise ValueError(f"metrics names task(s) {unused} that are not in the results {sorted(results)}")
+        raise ConfigError(f"metrics names task(s) {unused} that are not in the results {sorted(results)}")
     gains = []
     for task, values in results.items():
         cls = task_class(task)
         metric = metrics.get(task, cls.primary_metric)
         higher = cls.metric_higher_is_better(metric)
         if task not in baselines:
-            raise ValueError(f"no baseline for task {task!r}; baselines cover {sorted(baselines)}")
+            raise DataError(f"no baseline for task {task!r}; baselines cover {sorted(baselines)}")
         if metric not in values:
-            raise ValueError(f"results for task {task!r} lack metric {metric!r} (have {sorted(values)})")
+            raise DataError(f"results for task {task!r} lack metric {metric!r} (have {sorted(values)})")
         if metric not in baselines[task]:
-            raise ValueError(f"baseline for task {task!r} lacks metric {metric!r} (has {sorted(baselines[task])})")
+            raise DataError(f"baseline for task {task!r} lacks metric {metric!r} (has {sorted(baselines[task])})")
         m, b = float(values[metric]), float(baselines[task][metric])
         if b == 0 or not math.isfinite(b):
-            raise ValueError(f"baseline {task}/{metric} is {b}; Δm needs a finite non-zero baseline")
+            raise DataError(f"baseline {task}/{metric} is {b}; Δm needs a finite non-zero baseline")
         if not math.isfinite(m):
-            raise ValueError(f"result {task}/{metric} is {m}; Δm needs a finite value")
+            raise DataError(f"result {task}/{metric} is {m}; Δm needs a finite value")
         gain = (m - b) / b * 100
         gains.append(gain if higher else -gain)
     return sum(gains) / len(gains)
@@ -69,17 +70,17 @@ def _as_task_metrics(data: object, source: Path) -> dict[str, dict[str, float]]:
     if isinstance(data, Mapping) and "metrics" in data and isinstance(data["metrics"], Mapping):
         data = data["metrics"]
     if not isinstance(data, Mapping) or not data:
-        raise ValueError(f"{source}: expected a JSON object {{task: {{metric: value}}}} (optionally under 'metrics')")
+        raise DataError(f"{source}: expected a JSON object {{task: {{metric: value}}}} (optionally under 'metrics')")
     out: dict[str, dict[str, float]] = {}
     for task, values in data.items():
         if not isinstance(values, Mapping):
-            raise ValueError(
+            raise DataError(
                 f"{source}: entry {task!r} must be an object {{metric: value}}, got {type(values).__name__}"
             )
         out[str(task)] = {}
         for metric, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{source}: {task}/{metric} must be a number, got {value!r}")
+                raise DataError(f"{source}: {task}/{metric} must be a number, got {value!r}")
             out[str(task)][str(metric)] = float(value)
     return out
 
@@ -101,9 +102,11 @@ def load_baselines(path: str | Path) -> dict[str, dict[str, float]]:
     elif not path.is_file():
         raise FileNotFoundError(f"baselines file {path} does not exist (give a JSON file or a run directory)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a JSON text file (it is not UTF-8 text)") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise DataError(f"{path}: not valid JSON ({err})") from None
     return _as_task_metrics(data, path)
 
 

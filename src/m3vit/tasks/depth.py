@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from ..utils.errors import DataError
 from .base import IGNORE, Metric, Task, check_batch
 from .colors import as_tensor, check_kind, colormap_image
 
@@ -33,7 +34,7 @@ class DepthMetric(Metric):
         p = pred.double()[valid]
         gt = target.double()[valid]
         if (gt <= 0).any():
-            raise ValueError(f"{self.task.name}: valid depth labels must be > 0 (use {IGNORE} for unknown depth)")
+            raise DataError(f"{self.task.name}: valid depth labels must be > 0 (use {IGNORE} for unknown depth)")
         self.count += int(gt.numel())
         self.sum_squared += float(((p - gt) ** 2).sum())
         self.sum_log_squared += float(((gt.log() - p.clamp_min(1e-9).log()) ** 2).sum())

@@ -34,6 +34,7 @@ import logging
 import numpy as np
 import torch
 
+from ..utils.errors import ConfigError
 from .base import IGNORE, Metric, Task, check_batch, check_positive_int
 from .sal import balanced_bce_with_logits, binary_map_for_picture
 
@@ -137,11 +138,11 @@ class EdgeMetric(Metric):
         n = check_positive_int("num_thresholds", num_thresholds)
         self.thresholds = np.arange(1, n + 1, dtype=np.float64) / (n + 1)
         if not (isinstance(max_dist, (int, float)) and 0 < max_dist < 1):
-            raise ValueError(f"max_dist must be a fraction of the image diagonal in (0, 1), got {max_dist!r}")
+            raise ConfigError(f"max_dist must be a fraction of the image diagonal in (0, 1), got {max_dist!r}")
         self.max_dist = float(max_dist)
         self.thin = bool(thin)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"workers must be an int >= 0, got {workers!r}")
+            raise ConfigError(f"workers must be an int >= 0, got {workers!r}")
         self.workers = workers
         self._executor: concurrent.futures.Executor | None = None
         self._pending: collections.deque = collections.deque()
@@ -202,6 +203,8 @@ class Edge(Task):
     Option ``pos_weight`` (0.95): weight of edge pixels in the balanced BCE (non-edges get 1 - it).
     """
 
+    pointwise_colors = True
+
     name = "edge"
     label_kind = "dense"
     label_channels = 1
@@ -210,7 +213,7 @@ class Edge(Task):
 
     def __init__(self, pos_weight: float = 0.95) -> None:
         if isinstance(pos_weight, bool) or not isinstance(pos_weight, (int, float)) or not 0 <= pos_weight <= 1:
-            raise ValueError(f"pos_weight must be in [0, 1], got {pos_weight!r}")
+            raise ConfigError(f"pos_weight must be in [0, 1], got {pos_weight!r}")
         self.pos_weight = float(pos_weight)
         self.channels = 1
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ConfigError
 from .base import IGNORE, Metric, Task, check_batch, quantize_8bit
 from .colors import as_tensor, check_kind
 
@@ -40,7 +41,7 @@ class NormalsMetric(Metric):
 
     def __init__(self, task: Task, bin_deg: float = 0.001) -> None:
         if not (isinstance(bin_deg, (int, float)) and 0 < bin_deg <= 1):
-            raise ValueError(f"bin_deg must be in (0, 1] degrees, got {bin_deg!r}")
+            raise ConfigError(f"bin_deg must be in (0, 1] degrees, got {bin_deg!r}")
         self.task = task
         self.bin_deg = float(bin_deg)
         self.num_bins = int(math.ceil(180.0 / self.bin_deg))
@@ -91,6 +92,8 @@ class NormalsMetric(Metric):
 class Normals(Task):
     """Surface normals (label ``float32 [3, H, W]``: camera-space unit vectors, x right, y up, z towards
     the camera; 255 in all channels where undefined). The prediction is L2-normalised before use."""
+
+    pointwise_colors = True
 
     name = "normals"
     label_kind = "dense"

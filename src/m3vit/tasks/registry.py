@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..utils.errors import ConfigError
 from .base import Task
 from .depth import Depth
 from .edge import Edge
@@ -30,14 +31,14 @@ def list_tasks() -> list[str]:
 def task_class(name: str) -> type[Task]:
     """The class of task ``name`` (its ``higher_is_better``, ``primary_metric`` ...)."""
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks are {list_tasks()}")
+        raise ConfigError(f"unknown task {name!r}; known tasks are {list_tasks()}")
     return _TASKS[name]
 
 
 def get_task(name: str, **opts) -> Task:
     """A configured task, e.g. ``get_task("semseg", num_classes=40)``; see each task class for its options.
 
-    An unknown option raises ``TypeError`` naming it; a bad value raises ``ValueError``.
+    An unknown option raises ``TypeError`` naming it; a bad value raises ``ConfigError`` (a ``ValueError``).
     """
     return task_class(name)(**opts)
 
@@ -45,5 +46,5 @@ def get_task(name: str, **opts) -> Task:
 def default_loss_weights(dataset: str) -> dict[str, float]:
     """Per-task loss weights of the reference recipe for ``dataset`` (a fresh dict)."""
     if dataset not in _LOSS_WEIGHTS:
-        raise ValueError(f"no default loss weights for dataset {dataset!r}; known datasets are {sorted(_LOSS_WEIGHTS)}")
+        raise ConfigError(f"no default loss weights for dataset {dataset!r}; known datasets are {sorted(_LOSS_WEIGHTS)}")
     return dict(_LOSS_WEIGHTS[dataset])

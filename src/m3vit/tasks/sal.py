@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ConfigError
 from .base import IGNORE, Metric, Task, check_batch, quantize_8bit
 from .colors import as_tensor, check_kind, gray_image
 
@@ -76,9 +77,9 @@ class SaliencyMetric(Metric):
         self.inputs = inputs
         thresholds = np.linspace(0.2, 0.9, 15) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         if thresholds.ndim != 1 or thresholds.size == 0 or ((thresholds < 0) | (thresholds > 1)).any():
-            raise ValueError(f"thresholds must be a non-empty list of values in [0, 1], got {thresholds!r}")
+            raise ConfigError(f"thresholds must be a non-empty list of values in [0, 1], got {thresholds!r}")
         if not beta2 > 0:
-            raise ValueError(f"beta2 must be > 0, got {beta2!r}")
+            raise ConfigError(f"beta2 must be > 0, got {beta2!r}")
         self.thresholds = thresholds
         self.beta2 = float(beta2)
         self.reset()
@@ -125,6 +126,8 @@ class SaliencyMetric(Metric):
 
 class Saliency(Task):
     """Salient-object segmentation (label ``float32 [1, H, W]``: 0/1, 255 ignored; one logit channel)."""
+
+    pointwise_colors = True
 
     name = "sal"
     label_kind = "dense"

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import ConfigError, DataError
 from .base import IGNORE, Metric, Task, check_batch, check_positive_int
 from .colors import as_tensor, check_kind, label_image, voc_palette
 
@@ -47,7 +48,7 @@ class ConfusionMatrixMetric(Metric):
         valid = target != IGNORE
         out_of_range = valid & ((target < 0) | (target >= self.num_classes))
         if out_of_range.any():
-            raise ValueError(
+            raise DataError(
                 f"{self.task.name}: label value {int(target[out_of_range][0])} is neither a class id "
                 f"0..{self.num_classes - 1} nor {IGNORE}"
             )
@@ -87,6 +88,8 @@ class SemSeg(Task):
     ids as strings; used for the per-class ``IoU/<name>`` metrics).
     """
 
+    pointwise_colors = True
+
     name = "semseg"
     label_kind = "class"
     higher_is_better = {"mIoU": True, "pixel_acc": True}
@@ -96,11 +99,11 @@ class SemSeg(Task):
     def __init__(self, num_classes: int = 21, class_names: Sequence[str] | None = None) -> None:
         self.num_classes = check_positive_int("num_classes", num_classes)
         if num_classes >= IGNORE:
-            raise ValueError(f"num_classes must be < {IGNORE} (the ignore label), got {num_classes}")
+            raise ConfigError(f"num_classes must be < {IGNORE} (the ignore label), got {num_classes}")
         if class_names is None:
             class_names = [str(c) for c in range(num_classes)]
         elif isinstance(class_names, str) or len(class_names) != num_classes:
-            raise ValueError(f"class_names must list {num_classes} names (num_classes), got {class_names!r}")
+            raise ConfigError(f"class_names must list {num_classes} names (num_classes), got {class_names!r}")
         self.class_names = [str(n) for n in class_names]
         self.channels = num_classes
 
