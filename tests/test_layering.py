@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "m3vit"
 
 #: Layers from the bottom; modules on one line are peers (they may not import each other's layer above).
 LAYERS = [
-    {"utils", "tables"},
+    {"utils", "tables", "configs"},
     {"nn", "tasks"},
     {"models"},
     {"data"},
