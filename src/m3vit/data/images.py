@@ -26,6 +26,7 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -56,31 +57,40 @@ class ImageReadError(InputError):
 
 
 class ImageTooLargeError(ImageReadError):
-    """An image has more pixels than allowed (``max_pixels``); refused before it is decoded."""
+    """An image has more pixels than allowed (``max_pixels``); refused before it is decoded. ``width`` and
+    ``height`` are the image's (0 when PIL refused it before saying), ``limit`` the pixel limit applied."""
+
+    def __init__(self, message: str, width: int = 0, height: int = 0, limit: int = 0):
+        super().__init__(message)
+        self.width, self.height, self.limit = width, height, limit
 
 
-def read_image(path: str | os.PathLike, *, max_pixels: int | None = MAX_PIXELS) -> torch.Tensor:
+def read_image(path: str | os.PathLike | BinaryIO, *, max_pixels: int | None = MAX_PIXELS,
+               name: str | None = None) -> torch.Tensor:
     """The image file ``path`` as RGB ``float32 [3, H, W]`` in ``[0, 1]``, EXIF orientation applied.
 
-    See the module docstring for how each PIL mode is scaled. ``max_pixels`` (None: only PIL's own
-    limit) bounds width x height, checked from the header before decoding. Raises ``ImageTooLargeError``
-    above it and ``ImageReadError`` for a missing, unreadable or corrupt file; both name the file.
+    ``path`` may also be an open binary file (e.g. ``io.BytesIO`` of an upload); ``name`` is what error
+    messages call it (default: the path). See the module docstring for how each PIL mode is scaled.
+    ``max_pixels`` (None: only PIL's own limit) bounds width x height, checked from the header before
+    decoding. Raises ``ImageTooLargeError`` above it and ``ImageReadError`` for a missing, unreadable or
+    corrupt file; both name the file.
     """
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
                                    or max_pixels < 1):
         raise ConfigError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
-    path = Path(path)
+    source = path if hasattr(path, "read") else Path(path)
+    path = name if name is not None else (source if isinstance(source, Path) else "<image>")
     try:
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS; our own limit (checked below) decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageTooLargeError(
                         f"{path}: {width}x{height} is {width * height / 1e6:.1f} M pixels, above the limit of "
                         f"{max_pixels / 1e6:g} M (downscale the image, or raise the limit: max_pixels / "
-                        f"--max-pixels)")
+                        f"--max-pixels)", width, height, max_pixels)
                 ImageOps.exif_transpose(img, in_place=True)
                 chw, white = _pixels(img, path)
     except FileNotFoundError:

@@ -22,7 +22,6 @@ import io
 import logging
 import os
 import resource
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -34,13 +33,14 @@ from queue import SimpleQueue
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..efficiency.streaming import expert_weight_bytes
 from ..engine.builders import build_tasks
 from ..engine.evaluator import prepare_images
 from ..engine.experts import moe_block_indices
-from ..engine.inference import ImageReadError, check_input_size, decode_prediction, read_image
+from ..data.images import ImageReadError, ImageTooLargeError, read_image
+from ..engine.inference import check_input_size, decode_prediction
 from ..utils.errors import InputError, M3ViTError
 
 __all__ = ["RequestError", "ServiceBusyError", "PathwayRun", "PredictionService", "read_image_bytes",
@@ -85,40 +85,26 @@ class PathwayRun:
 # Images and memory
 # ----------------------------------------------------------------------------------------------
 def read_image_bytes(data: bytes, max_pixels: int | None = None) -> torch.Tensor:
-    """An uploaded image file's bytes as ``float32 [3, H, W]`` in ``[0, 1]`` (as ``engine.inference.read_image``).
+    """An uploaded image file's bytes as ``float32 [3, H, W]`` in ``[0, 1]``, read by m3vit's one image reader
+    (``m3vit.data.images.read_image``: bit depth, EXIF orientation, the pixel limit from the header).
 
-    The pixel count is checked from the header before anything is decoded: over ``max_pixels`` raises
-    ``RequestError`` with status 413. Bytes that are not a readable image raise ``RequestError`` (400).
+    Over ``max_pixels`` raises ``RequestError`` with status 413 (nothing is decoded); bytes that are not a
+    readable image raise ``RequestError`` (400).
     """
     if not data:
         raise RequestError("the 'image' field is empty; attach an image file (PNG, JPEG, ...)")
+    name = "the 'image' field"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-    except Image.DecompressionBombError:
-        raise RequestError(f"the image has too many pixels for this server (over {max_pixels or 0:,}); "
+        return read_image(io.BytesIO(data), max_pixels=max_pixels, name=name)
+    except ImageTooLargeError as exc:
+        size = (f"{exc.width}x{exc.height} (width x height) = {exc.width * exc.height:,} pixels, over"
+                if exc.width else "has more pixels than")
+        raise RequestError(f"the image is {size} this server's limit of {max_pixels or 0:,} (--max-pixels); "
                            f"send a smaller image", status=413) from None
-    except UnidentifiedImageError:
-        raise RequestError("the 'image' field is not an image (unrecognised file format); send a PNG, JPEG or "
-                           "another image file") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"the 'image' field is not a readable image ({_first_line(exc)}); "
-                           f"send a PNG, JPEG or another image file") from None
-    if max_pixels is not None and width * height > max_pixels:
-        raise RequestError(f"the image is {width}x{height} (width x height) = {width * height:,} pixels, over this server's limit of "
-                           f"{max_pixels:,} (--max-pixels); send a smaller image", status=413)
-    # The project's one image reader works on files (the lead will swap in a bytes-accepting reader).
-    fd, tmp = tempfile.mkstemp(prefix="m3vit-serve-", suffix=".img")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return read_image(tmp)
     except ImageReadError as exc:
-        reason = str(exc).removeprefix(f"{tmp}: ")
-        raise RequestError(f"the 'image' field is not a readable image ({reason}); send a PNG, JPEG or "
+        reason = str(exc).removeprefix(f"{name}: ")
+        raise RequestError(f"the 'image' field is not an image that can be read ({reason}); send a PNG, JPEG or "
                            f"another image file") from None
-    finally:
-        os.unlink(tmp)
 
 
 def _first_line(exc: BaseException) -> str:
