@@ -16,6 +16,7 @@ import torch
 from torch.utils import flop_counter as fc
 
 from ..models.config import check_input_size
+from ..models.modes import eval_mode
 from ..utils.errors import InputError
 
 __all__ = ["FlopReport", "count_flops", "COMPONENTS"]
@@ -121,16 +122,12 @@ def count_flops(model, img_size: Sequence[int] | int, tasks: Sequence[str] | str
     param = next(model.parameters())
     images = torch.randn(batch_size, cfg.in_chans, *img_size, generator=gen).to(param.device, param.dtype)
     model.check_images(images)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         total, parts, attn = _measure(model, images, tasks)
         by_task = {}
         for task in tasks:
             t_total, t_parts, _ = _measure(model, images, [task])
             by_task[task] = {"gflops": t_total / 1e9, "gmacs": t_total / 2e9, "by_component": _giga(t_parts)}
-    finally:
-        model.train(was_training)
     return FlopReport(model=cfg.name, img_size=img_size, batch_size=batch_size, tasks=tasks,
                       gflops=total / 1e9, gmacs=total / 2e9, by_component=_giga(parts),
                       attention_matmul_gflops=attn / 1e9,

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..models.modes import eval_mode
+
 __all__ = ["measure_latency"]
 
 
@@ -27,23 +29,18 @@ def measure_latency(model, img_size: Sequence[int], tasks_list: Sequence[Sequenc
     gen = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, model.config.in_chans, *img_size, generator=gen).to(param.device, param.dtype)
     settings = [model.resolve_tasks(t) for t in tasks_list]
-    was_training = model.training
-    model.eval()
     runs: list[list[float]] = [[] for _ in settings]
-    try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for tasks in settings:
-                    model(images, tasks=tasks)
-            for _ in range(repeats):
-                for i, tasks in enumerate(settings):
-                    _sync(param.device)
-                    start = time.perf_counter()
-                    model(images, tasks=tasks)
-                    _sync(param.device)
-                    runs[i].append((time.perf_counter() - start) * 1e3)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for _ in range(warmup):
+            for tasks in settings:
+                model(images, tasks=tasks)
+        for _ in range(repeats):
+            for i, tasks in enumerate(settings):
+                _sync(param.device)
+                start = time.perf_counter()
+                model(images, tasks=tasks)
+                _sync(param.device)
+                runs[i].append((time.perf_counter() - start) * 1e3)
     return [
         {"tasks": tasks, "median_ms": statistics.median(r), "min_ms": min(r), "runs_ms": r}
         for tasks, r in zip(settings, runs)

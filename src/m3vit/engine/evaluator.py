@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD
+from ..models.modes import eval_mode
 from ..tasks import Task
 from ..tasks.base import PROTOCOLS
 from ..utils.errors import ConfigError, DataError
@@ -88,8 +89,6 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
     task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)
     extra = {t: task_objs[t].reference_metric_options if protocol == "reference" else {} for t in tasks}
     metrics = {t: task_objs[t].new_metric(**metric_options(eval_cfg, t), **extra[t]) for t in tasks}
-    was_training = model.training
-    model.eval()
     count = len(dataset) if limit is None else min(limit, len(dataset))
     starts = range(0, count, batch_size)
     if progress:
@@ -97,27 +96,28 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
 
         starts = tqdm(starts, desc="eval", unit="batch", leave=False)
     try:
-        for start in starts:
-            samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-            images = prepare_images([s["image"] for s in samples], size).to(device)
-            if pathway == "all":
-                outputs = model(images, tasks=tasks)
-            else:
-                outputs = {t: model(images, tasks=[t])[t] for t in tasks}
-            for task in tasks:
-                pred = outputs[task].float().cpu()
-                labels = [s[task] for s in samples]
-                if all(label.shape[-2:] == labels[0].shape[-2:] for label in labels):
-                    target = torch.stack(labels)
-                    metrics[task].update(_to_label_size(task_objs[task], pred, target.shape[-2:], protocol), target)
+        with eval_mode(model):
+            for start in starts:
+                samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+                images = prepare_images([s["image"] for s in samples], size).to(device)
+                if pathway == "all":
+                    outputs = model(images, tasks=tasks)
                 else:
-                    for i, label in enumerate(labels):
-                        one = _to_label_size(task_objs[task], pred[i:i + 1], label.shape[-2:], protocol)
-                        metrics[task].update(one, label[None])
+                    outputs = {t: model(images, tasks=[t])[t] for t in tasks}
+                for task in tasks:
+                    pred = outputs[task].float().cpu()
+                    labels = [s[task] for s in samples]
+                    if all(label.shape[-2:] == labels[0].shape[-2:] for label in labels):
+                        target = torch.stack(labels)
+                        metrics[task].update(_to_label_size(task_objs[task], pred, target.shape[-2:], protocol),
+                                             target)
+                    else:
+                        for i, label in enumerate(labels):
+                            one = _to_label_size(task_objs[task], pred[i:i + 1], label.shape[-2:], protocol)
+                            metrics[task].update(one, label[None])
         return {t: {k: float(v) for k, v in metrics[t].compute().items()} for t in tasks}
     finally:
         for metric in metrics.values():
             close = getattr(metric, "close", None)
             if close is not None:
                 close()
-        model.train(was_training)

@@ -50,6 +50,7 @@ from PIL import Image
 
 from ..data.images import MAX_PIXELS, ImageReadError, ImageTooLargeError, read_image
 from ..models.config import check_input_size as check_size_rule
+from ..models.modes import eval_mode
 from ..utils.io import OutputFolder, write_atomic
 from ..tasks import Task
 from ..utils.errors import InputError
@@ -89,12 +90,8 @@ def _network_outputs(model, image: torch.Tensor, tasks: list[str], size: tuple[i
     if image.dim() != 3 or image.shape[0] != 3:
         raise InputError(f"image must be [3, H, W], got shape {list(image.shape)}")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         outputs = model(prepare_images([image], size).to(device), tasks=tasks)
-    finally:
-        model.train(was_training)
     return {task: outputs[task][0].float().cpu() for task in tasks}
 
 

@@ -74,18 +74,14 @@ def trace_routing(model, image, task: str, size: Sequence[int] | None = None) ->
 
     from ..engine.evaluator import prepare_images
     from ..engine.inference import check_input_size
+    from ..models.modes import eval_mode
 
     task = model.resolve_tasks([task])[0]
     if not model.moe_layers:
         raise InputError(f"model {model.config.name!r} has no MoE layer: there is no routing to trace")
     size = check_input_size(model, size)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(prepare_images([image], size).to(device), tasks=[task])
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        model(prepare_images([image], size).to(device), tasks=[task])
     layers = tuple(layer.last_routing["indices"].cpu().numpy().astype(np.int64) for layer in model.moe_layers)
     return Routing(layers, f"trace of task {task!r} at {size[0]}x{size[1]}")
