@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS
+from ..data.synthetic import PEOPLE_MODES
 from ..models.config import ConfigError, ModelConfig
 from ..models.registry import list_models, model_config
 from ..tasks import list_tasks
@@ -123,7 +124,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     """What to train and evaluate on. ``size`` is the training crop / synthetic render size and the
-    model's ``img_size``; ``train_length``/``val_length`` apply to the synthetic dataset only."""
+    model's ``img_size``; ``train_length``/``val_length`` and ``people`` (``sparse``, the default when
+    null, or ``close``: see ``m3vit.data.synthetic.PEOPLE_MODES``) apply to the synthetic dataset only."""
 
     name: str = "synthetic"
     root: str | None = None
@@ -136,6 +138,7 @@ class DataSection:
     val_length: int = 64
     augment: str = "crop"
     num_workers: int = 0
+    people: str | None = None
 
     def validate(self, prefix: str = "data") -> None:
         _check_choice(f"{prefix}.name", self.name, sorted(DATASETS))
@@ -158,6 +161,10 @@ class DataSection:
         _check_int(f"{prefix}.val_length", self.val_length, 1)
         _check_choice(f"{prefix}.augment", self.augment, AUGMENTATIONS)
         _check_int(f"{prefix}.num_workers", self.num_workers, 0)
+        if self.people is not None:
+            _check_choice(f"{prefix}.people", self.people, list(PEOPLE_MODES))
+            if self.name != "synthetic":
+                raise _fail(f"{prefix}.people", "applies to the synthetic dataset only: set it to null")
 
 
 @dataclass
