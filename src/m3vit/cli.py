@@ -1,4 +1,4 @@
-"""Command-line interface: ``m3vit train | eval | infer | experts | export | hw | demo | study | models | flops | data``.
+"""Command-line interface: ``m3vit train | eval | infer | experts | analyze | export | hw | demo | study | models | flops | data``.
 
 Errors become one line on stderr and exit code 2."""
 
@@ -481,6 +481,9 @@ def cmd_experts(args) -> int:
             shared = ", ".join(f"e{s['expert']} ({s['tasks']} tasks)" for s in layer["most_shared"])
             print(f"  mean pairwise overlap: Jaccard {layer['mean_jaccard']:.2f}, shared assignments "
                   f"{layer['mean_shared']:.2f}; most shared: {shared or '-'}")
+        if layer["mutual_information"] is not None:
+            print(f"  task–expert mutual information: {layer['mutual_information']:.3f} bits "
+                  f"(0: no specialisation; log2 of the number of tasks: each task on its own experts)")
     print(f"wrote {json_path}, summary.md and {len(pictures)} heatmaps in {args.out}")
     return 0
 
@@ -536,6 +539,125 @@ def cmd_export(args) -> int:
         print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}), {checked}")
     print(f"wrote {args.out} (model.safetensors, config.yaml, export.json{', model.onnx' if args.onnx else ''})")
     return 0
+
+
+# ==============================================================================================
+# analyze: gradient conflicts between tasks and two checkpoints compared (m3vit.analysis)
+# ==============================================================================================
+def _analyze_checks(args) -> None:
+    from .utils.errors import InputError
+
+    if args.batches < 1:
+        raise InputError(f"--batches must be >= 1, got {args.batches}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.eval_batch_size}")
+
+
+def cmd_analyze_conflicts(args) -> int:
+    from .analysis import plot_conflict_evolution, plot_conflict_matrices
+    from .analysis.checkpoints import checkpoint_conflicts, conflicts_text, run_checkpoints
+
+    _analyze_checks(args)
+    options = dict(tasks=args.tasks, batches=args.batches, batch_size=args.eval_batch_size, split=args.split,
+                   device=_device(args.device))
+    if args.run:
+        steps = run_checkpoints(args.run)
+        reports = {}
+        for step, path in steps:
+            if not args.json:
+                _say(f"step {step}: {path}")
+            reports[step] = checkpoint_conflicts(path, args.set or [], **options)
+    else:
+        report = checkpoint_conflicts(args.checkpoint, args.set or [], **options)
+        reports = {report.info["step"]: report}
+    last = reports[max(reports, key=lambda s: -1 if s is None else s)]
+    data = ({"checkpoint": args.checkpoint, **last.to_dict()} if not args.run else
+            {"run": args.run, "steps": {str(step): r.to_dict() for step, r in reports.items()}})
+    written = []
+    if args.out:
+        from .atomic import write_json, write_text
+
+        out = args.out
+        written.append(write_json(os.path.join(out, "conflicts.json"), data))
+        title = f"Gradient conflicts of {args.checkpoint or args.run}"
+        written.append(write_text(os.path.join(out, "conflicts.md"), "\n".join(
+            r.to_markdown(f"{title}" + ("" if not args.run else f", step {step}")) for step, r in reports.items())))
+        label = f"step {last.info['step']}" if last.info.get("step") is not None else "checkpoint"
+        written.append(plot_conflict_matrices({label: last.mean_cosine}, last.tasks, os.path.join(out, "conflicts.png")))
+        if args.run and len(reports) > 1:
+            written.append(plot_conflict_evolution(reports, os.path.join(out, "evolution.png")))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(conflicts_text(reports))
+    if written:
+        print(f"wrote {', '.join(os.path.basename(str(p)) for p in written)} in {args.out}")
+    return 0
+
+
+def cmd_analyze_compare(args) -> int:
+    import numpy as np
+
+    from .analysis import plot_conflict_matrices
+    from .analysis.checkpoints import compare_checkpoints, compare_text
+
+    _analyze_checks(args)
+    if args.limit is not None and args.limit < 1:
+        from .utils.errors import InputError
+
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    result = compare_checkpoints(args.checkpoints[0], args.checkpoints[1], args.set or [], names=args.names,
+                                 batches=args.batches, batch_size=args.eval_batch_size, limit=args.limit,
+                                 split=args.split, device=_device(args.device))
+    written = []
+    if args.out:
+        from .atomic import write_json
+
+        written.append(write_json(os.path.join(args.out, "compare.json"), result))
+        matrices = {name: np.array(c["conflicts"]["cosine"], dtype=float)
+                    for name, c in result["checkpoints"].items()}
+        written.append(plot_conflict_matrices(matrices, result["tasks"], os.path.join(args.out, "conflicts.png")))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(compare_text(result))
+    if written:
+        print(f"wrote {', '.join(os.path.basename(str(p)) for p in written)} in {args.out}")
+    return 0
+
+
+def _add_analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="gradient conflicts between tasks; compare two checkpoints' specialisation")
+    analyze = p.add_subparsers(dest="analyze_command", required=True, parser_class=_Parser)
+
+    def common(q, batches_help: str) -> None:
+        q.add_argument("--batches", type=int, default=4, help=batches_help)
+        q.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+        q.add_argument("--split", help="dataset split (default: the run's data.val_split)")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="run config override of the data, e.g. --set data.seed=3")
+        q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        q.add_argument("--out", help="also write JSON, Markdown and figures to this folder")
+        q.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    q = analyze.add_parser("conflicts", help="cosine of the tasks' backbone gradients (< 0: the tasks conflict), "
+                                             "for one checkpoint or along a run's step-N/ checkpoints")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory (e.g. RUN/final)")
+    src.add_argument("--run", help="training run folder: every checkpoints/step-N/ and final/ in step order")
+    q.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of the model)")
+    common(q, "validation batches per checkpoint (default 4)")
+    q.set_defaults(func=cmd_analyze_conflicts)
+
+    q = analyze.add_parser("compare", help="two checkpoints side by side: task-expert mutual information and "
+                                           "expert overlap per MoE layer, and gradient conflicts, on the same data")
+    q.add_argument("checkpoints", nargs=2, metavar="CHECKPOINT", help="two checkpoint directories (A and B)")
+    q.add_argument("--names", nargs=2, metavar=("A", "B"), help="labels of the two (default: their paths)")
+    q.add_argument("--limit", type=int, help="images for the expert usage (default: the whole split)")
+    common(q, "validation batches for the gradient conflicts (default 4)")
+    q.set_defaults(func=cmd_analyze_compare)
+# ============================== end of analyze ================================================
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m3vit", description=__doc__)
@@ -684,6 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--json", action="store_true", help="print usage.json's content")
     p.set_defaults(func=cmd_experts)
+
+    _add_analyze_parser(sub)  # analyze conflicts | compare
 
     p = sub.add_parser("export", help="extract one task into a standalone checkpoint with only the experts it uses")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/final)")
