@@ -208,20 +208,47 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ==============================================================================================
+# study: single-task baselines and multi-task models over training seeds (m3vit.experiments.study)
+# ==============================================================================================
 def cmd_study(args) -> int:
     from .experiments import run_study
 
-    if len(args.multi) % 2:
-        raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit configs/synthetic/m3vit_tiny.yaml")
-    multi = dict(zip(args.multi[::2], args.multi[1::2]))
-    for path in [*multi.values(), args.single]:
+    multi = None
+    if args.multi is not None:
+        if len(args.multi) % 2:
+            raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit configs/synthetic/m3vit_tiny.yaml")
+        multi = dict(zip(args.multi[::2], args.multi[1::2]))
+    for path in [*(multi or {}).values(), *([args.single] if args.single else [])]:
         if not os.path.isfile(path):
             raise CLIError(f"config file {str(path)!r} does not exist")
-    study = run_study(args.out, multi, args.single, args.set or [], fresh=args.fresh, say=_say)
+    study = run_study(args.out, multi, args.single, args.set or [], seeds=args.seeds, heldout_seed=args.heldout_seed,
+                      reference=args.reference, fresh=args.fresh, say=_say)
     print()
     print(study["table"])
-    print(f"\nwrote {args.out}/study.json, {args.out}/baselines.json and {args.out}/report.md")
+    print(f"\ntraining time {study['train_seconds'] / 60:.1f} min over {len(study['seeds'])} seed(s); wrote "
+          f"{args.out}/study.json, {args.out}/baselines.json, {args.out}/report.md and {args.out}/figures/study.png")
     return 0
+
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="train single-task baselines and multi-task models over seeds; report Δm "
+                                     "with intervals on validation and held-out scenes")
+    p.add_argument("--out", required=True, help="output folder (resumable: finished runs are not retrained)")
+    p.add_argument("--single", help="config trained once per task as the single-task baseline "
+                                    "(default configs/synthetic/mvit_tiny.yaml)")
+    p.add_argument("--multi", nargs="+", metavar="NAME_OR_CONFIG",
+                   help="NAME CONFIG pairs of multi-task runs (default: m3vit, m3vit_task_conditioned, m3vit_shared "
+                        "and mvit on configs/synthetic/)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per run: train.seed, train.seed + 1, ... (default 1; >= 2 for intervals)")
+    p.add_argument("--heldout-seed", type=int, help="data.seed of the held-out evaluation scenes (default data.seed + 1)")
+    p.add_argument("--reference", default="mvit",
+                   help="multi-task run the others' paired Δm is also taken against (default mvit)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
+    p.set_defaults(func=cmd_study)
+# ============================== end of study ==================================================
 
 
 def cmd_train(args) -> int:
@@ -728,16 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=3, help="validation images in the prediction figures")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("study", help="train single-task baselines and multi-task models; report Δm")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--single", default="configs/synthetic/mvit_tiny.yaml",
-                   help="config trained once per task as the single-task baseline")
-    p.add_argument("--multi", nargs="+", metavar="NAME_OR_CONFIG",
-                   default=["m3vit", "configs/synthetic/m3vit_tiny.yaml", "mvit", "configs/synthetic/mvit_tiny.yaml"],
-                   help="NAME CONFIG pairs of multi-task runs")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
-    p.set_defaults(func=cmd_study)
+    _add_study_parser(sub)
 
     p = sub.add_parser("train", help="train a run config (multi-task, checkpoints, --resume, torchrun for DDP)")
     p.add_argument("--config", help="run config YAML (default: the built-in defaults)")
