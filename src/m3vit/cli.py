@@ -200,8 +200,10 @@ def cmd_demo(args) -> int:
             raise CLIError(f"config file {str(path)!r} does not exist")
     _say(f"m3vit demo: train M³ViT ({configs['m3vit']}) and M-ViT ({configs['mvit']}) on the same data and "
          f"budget, evaluate, compare -> {args.out}")
+    if args.conflict_batches < 0:
+        raise CLIError(f"--conflict-batches must be >= 0, got {args.conflict_batches}")
     result = run_demo(args.out, configs, args.set or [], fresh=args.fresh, latency_repeats=args.repeats,
-                      samples=args.samples, say=_say)
+                      samples=args.samples, conflict_batches=args.conflict_batches, say=_say)
     print()
     print(result.table)
     print(f"\nwrote {result.out}/results.json, {result.out}/report.md and {result.out}/figures/")
@@ -753,6 +755,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
     p.add_argument("--repeats", type=int, default=5, help="timed latency repeats per setting (median reported)")
     p.add_argument("--samples", type=int, default=3, help="validation images in the prediction figures")
+    p.add_argument("--conflict-batches", type=int, default=2,
+                   help="validation batches for the gradient-conflict matrices of both models (0: skip)")
     p.set_defaults(func=cmd_demo)
 
     _add_study_parser(sub)

@@ -19,7 +19,7 @@ from ..engine.checkpoints import checkpoint_step, load_run
 from ..engine.experts import expert_usage
 from ..models.checkpoint import CONFIG, WEIGHTS
 from ..utils.errors import CheckpointError, InputError
-from .conflicts import ConflictReport, measure_conflicts
+from .conflicts import ConflictReport, measure_conflicts, pair_label
 
 __all__ = ["run_checkpoints", "checkpoint_conflicts", "run_conflicts", "compare_checkpoints", "compare_text",
            "conflicts_text"]
@@ -152,7 +152,7 @@ def compare_text(result: dict[str, Any]) -> str:
     lines.append("")
     conf_a, conf_b = ca["conflicts"], cb["conflicts"]
     pairs = list(conf_a["pairs"])
-    rows = [[p, conf_a["pairs"][p], conf_b["pairs"].get(p)] for p in pairs]
+    rows = [[pair_label(p), conf_a["pairs"][p], conf_b["pairs"].get(p)] for p in pairs]
     rows.append(["mean over pairs", conf_a["mean_pair_cosine"], conf_b["mean_pair_cosine"]])
     rows.append(["conflicting share", conf_a["conflict_fraction"], conf_b["conflict_fraction"]])
     lines.append(f"gradient conflicts (backbone gradient cosine of two tasks' losses, mean over "
@@ -182,5 +182,5 @@ def conflicts_text(reports: dict[int | None, ConflictReport]) -> str:
     rows = [[str(step), *[reports[step].pairs().get(p) for p in pairs], reports[step].conflict_fraction]
             for step in steps]
     return "\n".join([f"gradient cosine per task pair along the run ({len(first.batches)} batch(es) per checkpoint):",
-                      format_table(["step", *pairs, "conflicting"], rows, cell=num)])
+                      format_table(["step", *map(pair_label, pairs), "conflicting"], rows, cell=num)])
 

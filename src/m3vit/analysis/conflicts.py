@@ -39,7 +39,7 @@ from ..tasks import get_task
 
 __all__ = ["task_gradient_cosines", "gradient_conflicts", "GradientConflicts", "ConflictReport",
            "measure_conflicts", "parameter_groups", "plot_conflict_matrices", "plot_conflict_evolution",
-           "pair_key"]
+           "pair_key", "pair_label"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 def pair_key(a: str, b: str) -> str:
     """The dictionary key of a task pair: ``"a|b"``."""
     return f"{a}|{b}"
+
+
+def pair_label(key: str) -> str:
+    """A task pair as tables show it (``"a × b"``: a bar would split a Markdown table cell)."""
+    return key.replace("|", " × ")
 
 
 def parameter_groups(model) -> list[tuple[str, list[str]]]:
@@ -305,7 +310,8 @@ class ConflictReport:
         lines += [f"| {t} | " + " | ".join(fmt(v) for v in row) + " |" for t, row in zip(self.tasks, self.mean_cosine)]
         pairs = list(combinations(range(len(self.tasks)), 2))
         if pairs:
-            lines += ["", "| group | " + " | ".join(pair_key(self.tasks[i], self.tasks[j]) for i, j in pairs) + " |",
+            lines += ["", "| group | " + " | ".join(pair_label(pair_key(self.tasks[i], self.tasks[j])) for i, j in pairs)
+                      + " |",
                       "|---|" + "---|" * len(pairs)]
             group_mean = self.group_mean_cosine
             lines += [f"| {g} | " + " | ".join(fmt(group_mean[k, i, j]) for i, j in pairs) + " |"
@@ -401,7 +407,8 @@ def plot_conflict_evolution(reports: Mapping[int, ConflictReport], path: str | o
     left, right = fig.subplots(1, 2)
     for i, j in combinations(range(len(first.tasks)), 2):
         key = pair_key(first.tasks[i], first.tasks[j])
-        left.plot(steps, [reports[s].pairs().get(key, math.nan) for s in steps], marker="o", linewidth=1, label=key)
+        left.plot(steps, [reports[s].pairs().get(key, math.nan) for s in steps], marker="o", linewidth=1,
+                  label=pair_label(key))
     left.axhline(0.0, color="grey", linewidth=0.8)
     left.set_xlabel("step")
     left.set_ylabel("mean cosine")
