@@ -280,6 +280,9 @@ def cmd_data_show(args) -> int:
     options = {"size": tuple(args.size)} if args.size else {}
     if args.dataset == "synthetic":
         options["length"] = args.start + args.num
+        options["people"] = args.people
+    elif args.people is not None:
+        raise CLIError("--people applies to the synthetic scenes only")
     dataset = build_dataset(args.dataset, args.split, root=args.root, seed=args.seed, tasks=args.tasks, **options)
     stop = min(args.start + args.num, len(dataset))
     if args.start >= stop:
@@ -863,6 +866,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=4, help="number of samples (rows)")
     p.add_argument("--start", type=int, default=0, help="index of the first sample")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--people", choices=["sparse", "close"],
+                   help="synthetic scenes: people in ~3/4 of the scenes, far (sparse, default) or 1-2 near the camera")
     p.add_argument("--out", default="samples.png", help="PNG to write")
     p.set_defaults(func=cmd_data_show)
     return parser
