@@ -77,7 +77,7 @@ def test_two_seed_study_end_to_end(tiny_configs, tmp_path, capsys):
     assert baselines["sal"]["maxF"] == pytest.approx(study["summary"]["val"]["metrics"]["single"]["sal"]["maxF"]["mean"])
     report = (out / "report.md").read_text()
     assert "## held-out scenes" in report and "![per-task bars](figures/study.png)" in report
-    assert "m3vit study --out" in report and (out / "figures" / "study.png").is_file()
+    assert "m3vit study --out" in report and "--set 'train.steps=2'" in report and (out / "figures" / "study.png").is_file()
     assert not list(out.rglob("*.tmp*"))
 
     # resumed: nothing is retrained or re-evaluated

@@ -264,6 +264,7 @@ def run_study(out: str | Path, multi: Mapping[str, str | Path] | None = None, si
         "eval_sets": {"val": {"split": base.data.val_split, "data_seed": base.data.seed},
                       "heldout": {"split": base.data.val_split, "data_seed": heldout}},
         "configs": {"single": str(single_path), **{n: str(p) for n, p in multi_paths.items()}},
+        "overrides": dict(overrides or {}),
         "statistics": {"std": "sample standard deviation over the seeds (n - 1)",
                        "ci": f"95% percentile bootstrap interval of the mean over the seeds ({resamples} resamples, "
                              f"numpy generator seed 0); undefined (null) with fewer than two seeds",
@@ -417,7 +418,9 @@ def _report(study: Mapping, out: Path) -> str:
               "## Reproduce", "", "```bash",
               f"m3vit study --out {out} --seeds {n} --heldout-seed {study['eval_sets']['heldout']['data_seed']}"
               + "".join(f" \\\n  --multi {name} {study['configs'][name]}" for name in study["multi"])
-              + f" \\\n  --single {study['configs']['single']}", "```", ""]
+              + f" \\\n  --single {study['configs']['single']}"
+              + "".join(f" \\\n  --set '{key}={json.dumps(value)}'" for key, value in study["overrides"].items()),
+              "```", ""]
     return "\n".join(lines)
 
 
@@ -428,7 +431,8 @@ def _figure_data(summary: Mapping, tasks: list[str], names: list[str]) -> dict[s
         row = {}
         for task in tasks:
             metric = task_class(task).primary_metric
-            row[f"{task} {metric}"] = {m: summary[s]["metrics"][m][task].get(metric) for m in ["single", *names]}
+            arrow = "↑" if task_class(task).metric_higher_is_better(metric) else "↓"
+            row[f"{task} {metric}{arrow}"] = {m: summary[s]["metrics"][m][task].get(metric) for m in ["single", *names]}
         row["Δm % vs single"] = {m: summary[s]["delta_m"][m]["vs_single"] for m in names}
         panels[s] = row
     return panels
