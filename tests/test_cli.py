@@ -81,6 +81,8 @@ def test_data_show_writes_a_png_grid(tmp_path, capsys):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > img.height  # 2 rows x 3 columns (image, semseg, depth)
     assert sorted(p.name for p in out.parent.iterdir()) == ["samples.png"]
+    assert main(["data", "show", "--num", "1", "--size", "32", "32", "--people", "close", "--tasks", "human_parts",
+                 "--out", str(out)]) == 0
 
 
 @pytest.mark.parametrize(
@@ -94,6 +96,7 @@ def test_data_show_writes_a_png_grid(tmp_path, capsys):
         (["data", "show", "--split", "nope"], "nope"),
         (["data", "show", "--num", "0"], "argument --num: must be >= 1"),
         (["data", "show", "--size", "16000", "16000"], "each side must be <= 4096"),
+        (["data", "show", "--dataset", "nyud", "--root", "/tmp", "--people", "close"], "synthetic scenes only"),
         (["data", "show", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Command-line interface: ``m3vit train | eval | infer | experts | export | hw | demo | study | models | flops | data | serve``.
+"""Command-line interface: ``m3vit train | eval | infer | experts | analyze | export | hw | demo | study | models | flops
+| data | serve``.
 
 A failure the user caused (an ``M3ViTError`` or an ``OSError``) becomes one ``error:`` line on stderr and
 exit code 2; anything else is a bug and shows its traceback. ``M3VIT_DEBUG=1`` shows every traceback."""
@@ -210,27 +211,57 @@ def cmd_demo(args) -> int:
                "mvit": resolve_config_path(args.mvit_config or DEFAULT_CONFIGS["mvit"])}
     _say(f"m3vit demo: train M³ViT ({configs['m3vit']}) and M-ViT ({configs['mvit']}) on the same data and "
          f"budget, evaluate, compare -> {args.out}")
+    if args.conflict_batches < 0:
+        raise CLIError(f"--conflict-batches must be >= 0, got {args.conflict_batches}")
     result = run_demo(args.out, configs, args.set or [], fresh=args.fresh, latency_repeats=args.repeats,
-                      samples=args.samples, say=_say)
+                      samples=args.samples, conflict_batches=args.conflict_batches, say=_say)
     print()
     print(result.table)
     print(f"\nwrote {result.out}/results.json, {result.out}/report.md and {result.out}/figures/")
     return 0
 
 
+# ==============================================================================================
+# study: single-task baselines and multi-task models over training seeds (m3vit.experiments.study)
+# ==============================================================================================
 def cmd_study(args) -> int:
     from .experiments import run_study
 
-    if len(args.multi) % 2:
-        raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit synthetic/m3vit_tiny")
     from .engine.config import resolve_config_path
 
-    multi = {name: resolve_config_path(path) for name, path in zip(args.multi[::2], args.multi[1::2])}
-    study = run_study(args.out, multi, resolve_config_path(args.single), args.set or [], fresh=args.fresh, say=_say)
+    multi = None
+    if args.multi is not None:
+        if len(args.multi) % 2:
+            raise CLIError("--multi takes NAME CONFIG pairs, e.g. --multi m3vit synthetic/m3vit_tiny")
+        multi = {name: resolve_config_path(path) for name, path in zip(args.multi[::2], args.multi[1::2])}
+    single = resolve_config_path(args.single) if args.single else None
+    study = run_study(args.out, multi, single, args.set or [], seeds=args.seeds, heldout_seed=args.heldout_seed,
+                      reference=args.reference, fresh=args.fresh, say=_say)
     print()
     print(study["table"])
-    print(f"\nwrote {args.out}/study.json, {args.out}/baselines.json and {args.out}/report.md")
+    print(f"\ntraining time {study['train_seconds'] / 60:.1f} min over {len(study['seeds'])} seed(s); wrote "
+          f"{args.out}/study.json, {args.out}/baselines.json, {args.out}/report.md and {args.out}/figures/study.png")
     return 0
+
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="train single-task baselines and multi-task models over seeds; report Δm "
+                                     "with intervals on validation and held-out scenes")
+    p.add_argument("--out", required=True, help="output folder (resumable: finished runs are not retrained)")
+    p.add_argument("--single", help="config (a file or a shipped name) trained once per task as the single-task "
+                                    "baseline (default synthetic/mvit_tiny)")
+    p.add_argument("--multi", nargs="+", metavar="NAME_OR_CONFIG",
+                   help="NAME CONFIG pairs of multi-task runs (default: m3vit, m3vit_task_conditioned, m3vit_shared "
+                        "and mvit on the shipped synthetic/ configs)")
+    p.add_argument("--seeds", type=_positive_int, default=1,
+                   help="training seeds per run: train.seed, train.seed + 1, ... (default 1; >= 2 for intervals)")
+    p.add_argument("--heldout-seed", type=int, help="data.seed of the held-out evaluation scenes (default data.seed + 1)")
+    p.add_argument("--reference", default="mvit",
+                   help="multi-task run the others' paired Δm is also taken against (default mvit)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
+    p.set_defaults(func=cmd_study)
+# ============================== end of study ==================================================
 
 
 def cmd_train(args) -> int:
@@ -273,6 +304,9 @@ def cmd_data_show(args) -> int:
     options = {"size": tuple(args.size)} if args.size else {}
     if args.dataset == "synthetic":
         options["length"] = args.start + args.num
+        options["people"] = args.people
+    elif args.people is not None:
+        raise CLIError("--people applies to the synthetic scenes only")
     dataset = build_dataset(args.dataset, args.split, root=args.root, seed=args.seed, tasks=args.tasks, **options)
     stop = min(args.start + args.num, len(dataset))
     if args.start >= stop:
@@ -519,6 +553,9 @@ def cmd_experts(args) -> int:
             shared = ", ".join(f"e{s['expert']} ({s['tasks']} tasks)" for s in layer["most_shared"])
             print(f"  mean pairwise overlap: Jaccard {layer['mean_jaccard']:.2f}, shared assignments "
                   f"{layer['mean_shared']:.2f}; most shared: {shared or '-'}")
+        if layer["mutual_information"] is not None:
+            print(f"  task–expert mutual information: {layer['mutual_information']:.3f} bits "
+                  f"(0: no specialisation; log2 of the number of tasks: each task on its own experts)")
     print(f"wrote {json_path}, summary.md and {len(pictures)} heatmaps in {args.out}")
     return 0
 
@@ -633,6 +670,128 @@ def _add_serve_parser(sub) -> None:
 # ---- serve (end) ------------------------------------------------------------------------------
 
 
+# ==============================================================================================
+# analyze: gradient conflicts between tasks and two checkpoints compared (m3vit.analysis)
+# ==============================================================================================
+def _analyze_checks(args) -> None:
+    from .utils.errors import InputError
+
+    if args.batches < 1:
+        raise InputError(f"--batches must be >= 1, got {args.batches}")
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.eval_batch_size}")
+
+
+def cmd_analyze_conflicts(args) -> int:
+    from .analysis import plot_conflict_evolution, plot_conflict_matrices
+    from .analysis.checkpoints import checkpoint_conflicts, conflicts_text, run_checkpoints
+
+    _analyze_checks(args)
+    options = dict(tasks=args.tasks, batches=args.batches, batch_size=args.eval_batch_size, split=args.split,
+                   device=_device(args.device))
+    if args.run:
+        steps = run_checkpoints(args.run)
+        reports = {}
+        for step, path in steps:
+            if not args.json:
+                _say(f"step {step}: {path}")
+            reports[step] = checkpoint_conflicts(path, args.set or [], **options)
+    else:
+        report = checkpoint_conflicts(args.checkpoint, args.set or [], **options)
+        reports = {report.info["step"]: report}
+    last = reports[max(reports, key=lambda s: -1 if s is None else s)]
+    data = ({"checkpoint": args.checkpoint, **last.to_dict()} if not args.run else
+            {"run": args.run, "steps": {str(step): r.to_dict() for step, r in reports.items()}})
+    written = []
+    if args.out:
+        from .utils.io import OutputFolder, write_json, write_text
+
+        with OutputFolder(args.out, kind="analysis") as out:
+            out.claim(["conflicts.json", "conflicts.md", "conflicts.png", "evolution.png"])
+            written.append(write_json(out.path("conflicts.json"), data))
+            title = f"Gradient conflicts of {args.checkpoint or args.run}"
+            written.append(write_text(out.path("conflicts.md"), "\n".join(
+                r.to_markdown(f"{title}" + ("" if not args.run else f", step {step}"))
+                for step, r in reports.items())))
+            label = f"step {last.info['step']}" if last.info.get("step") is not None else "checkpoint"
+            written.append(plot_conflict_matrices({label: last.mean_cosine}, last.tasks, out.path("conflicts.png")))
+            if args.run and len(reports) > 1:
+                written.append(plot_conflict_evolution(reports, out.path("evolution.png")))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(conflicts_text(reports))
+    if written:
+        print(f"wrote {', '.join(os.path.basename(str(p)) for p in written)} in {args.out}")
+    return 0
+
+
+def cmd_analyze_compare(args) -> int:
+    import numpy as np
+
+    from .analysis import plot_conflict_matrices
+    from .analysis.checkpoints import compare_checkpoints, compare_text
+
+    _analyze_checks(args)
+    if args.limit is not None and args.limit < 1:
+        from .utils.errors import InputError
+
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    result = compare_checkpoints(args.checkpoints[0], args.checkpoints[1], args.set or [], names=args.names,
+                                 batches=args.batches, batch_size=args.eval_batch_size, limit=args.limit,
+                                 split=args.split, device=_device(args.device))
+    written = []
+    if args.out:
+        from .utils.io import OutputFolder, write_json
+
+        with OutputFolder(args.out, kind="analysis") as out:
+            out.claim(["compare.json", "conflicts.png"])
+            written.append(write_json(out.path("compare.json"), result))
+            matrices = {name: np.array(c["conflicts"]["cosine"], dtype=float)
+                        for name, c in result["checkpoints"].items()}
+            written.append(plot_conflict_matrices(matrices, result["tasks"], out.path("conflicts.png")))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(compare_text(result))
+    if written:
+        print(f"wrote {', '.join(os.path.basename(str(p)) for p in written)} in {args.out}")
+    return 0
+
+
+def _add_analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="gradient conflicts between tasks; compare two checkpoints' specialisation")
+    analyze = p.add_subparsers(dest="analyze_command", required=True, parser_class=_Parser)
+
+    def common(q, batches_help: str) -> None:
+        q.add_argument("--batches", type=int, default=4, help=batches_help)
+        q.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
+        q.add_argument("--split", help="dataset split (default: the run's data.val_split)")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="run config override of the data, e.g. --set data.seed=3")
+        q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+        q.add_argument("--out", help="also write JSON, Markdown and figures to this folder")
+        q.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    q = analyze.add_parser("conflicts", help="cosine of the tasks' backbone gradients (< 0: the tasks conflict), "
+                                             "for one checkpoint or along a run's step-N/ checkpoints")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory (e.g. RUN/final)")
+    src.add_argument("--run", help="training run folder: every checkpoints/step-N/ and final/ in step order")
+    q.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of the model)")
+    common(q, "validation batches per checkpoint (default 4)")
+    q.set_defaults(func=cmd_analyze_conflicts)
+
+    q = analyze.add_parser("compare", help="two checkpoints side by side: task-expert mutual information and "
+                                           "expert overlap per MoE layer, and gradient conflicts, on the same data")
+    q.add_argument("checkpoints", nargs=2, metavar="CHECKPOINT", help="two checkpoint directories (A and B)")
+    q.add_argument("--names", nargs=2, metavar=("A", "B"), help="labels of the two (default: their paths)")
+    q.add_argument("--limit", type=int, help="images for the expert usage (default: the whole split)")
+    common(q, "validation batches for the gradient conflicts (default 4)")
+    q.set_defaults(func=cmd_analyze_compare)
+# ============================== end of analyze ================================================
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m3vit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -700,18 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
     p.add_argument("--repeats", type=_positive_int, default=5, help="timed latency repeats per setting (median reported)")
     p.add_argument("--samples", type=_positive_int, default=3, help="validation images in the prediction figures")
+    p.add_argument("--conflict-batches", type=int, default=2,
+                   help="validation batches for the gradient-conflict matrices of both models (0: skip)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("study", help="train single-task baselines and multi-task models; report Δm")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--single", default="synthetic/mvit_tiny",
-                   help="config trained once per task as the single-task baseline")
-    p.add_argument("--multi", nargs="+", metavar="NAME_OR_CONFIG",
-                   default=["m3vit", "synthetic/m3vit_tiny", "mvit", "synthetic/mvit_tiny"],
-                   help="NAME CONFIG pairs of multi-task runs")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--fresh", action="store_true", help="delete earlier runs in --out instead of resuming them")
-    p.set_defaults(func=cmd_study)
+    _add_study_parser(sub)
 
     p = sub.add_parser("train", help="train a run config (multi-task, checkpoints, --resume, torchrun for DDP)")
     p.add_argument("--config", help="run config: a YAML file or a shipped name such as synthetic/m3vit_tiny "
@@ -791,6 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print usage.json's content")
     p.set_defaults(func=cmd_experts)
 
+    _add_analyze_parser(sub)  # analyze conflicts | compare
+
     p = sub.add_parser("export", help="extract one task into a standalone checkpoint with only the experts it uses")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. RUN/final)")
     p.add_argument("--task", required=True, help="the task to extract")
@@ -823,6 +977,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=_positive_int, default=4, help="number of samples (rows)")
     p.add_argument("--start", type=int, default=0, help="index of the first sample")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--people", choices=["sparse", "close"],
+                   help="synthetic scenes: people in ~3/4 of the scenes, far (sparse, default) or 1-2 near the camera")
     p.add_argument("--out", default="samples.png", help="PNG to write")
     p.set_defaults(func=cmd_data_show)
 

@@ -15,6 +15,11 @@ def test_synthetic_by_name_with_size_and_length():
     assert torch.equal(sample["image"], again["image"])
 
 
+def test_synthetic_people_mode_by_name():
+    close = build_dataset("synthetic", "val", size=(16, 16), length=2, people="close")
+    assert close.people == "close" and build_dataset("synthetic", "val", size=(16, 16), length=2).people == "sparse"
+
+
 def test_folder_dataset_resized_when_size_given(nyud_tree):
     data = build_dataset("nyud", "train", root=str(nyud_tree.root), size=(16, 20))
     assert isinstance(data, NYUDMT)
@@ -30,6 +35,8 @@ def test_folder_dataset_resized_when_size_given(nyud_tree):
         ("nyud", {}, "needs its root folder"),
         ("synthetic", {"root": "/data"}, "rendered, not read"),
         ("nyud", {"root": "/data", "length": 3}, "fixed length"),
+        ("nyud", {"root": "/data", "people": "close"}, "synthetic dataset only"),
+        ("synthetic", {"people": "crowd"}, "unknown people mode 'crowd'; allowed: sparse, close"),
         ("synthetic", {"size": (0, 8)}, "size"),  # each dataset / transform validates its own size
     ],
 )

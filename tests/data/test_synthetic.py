@@ -817,3 +817,36 @@ def test_size_is_bounded_and_errors_are_config_errors():
     for kwargs in (dict(split="holdout"), dict(size=(8, 8)), dict(tasks=["bogus"]), dict(length=0)):
         with pytest.raises(ConfigError):
             SyntheticScenes(**{"split": "train", **kwargs})
+
+
+def test_people_modes_change_how_many_people_and_how_near():
+    """``close``: one or two people in every scene, nearer the camera, covering several times the pixels;
+    ``sparse`` stays the default (people in about three scenes out of four)."""
+    from m3vit.data.synthetic import PEOPLE_MODES
+
+    assert SyntheticScenes("val", size=(16, 16), length=1).people == "sparse"
+    n = 24
+    sparse = SyntheticScenes("val", size=(32, 32), length=n, seed=0, tasks=["human_parts"])
+    close = SyntheticScenes("val", size=(32, 32), length=n, seed=0, tasks=["human_parts"], people="close")
+    counts = [close.scene(i).num_people for i in range(n)]
+    assert set(counts) <= {1, 2} and set(counts) == {1, 2}
+    for mode, data in (("sparse", sparse), ("close", close)):
+        near, far = PEOPLE_MODES[mode].distance
+        for i in range(8):
+            scene = data.scene(i)
+            camera = scene.camera.position[[0, 2]]
+            for inst in (k for k, c in enumerate(scene.instance_class) if c == "person"):
+                prims = [p for p, owner in zip(scene.primitives, scene.primitive_instance) if owner == inst]
+                feet = np.mean([np.asarray(getattr(p, "center", getattr(p, "a", None)))[[0, 2]] for p in prims], axis=0)
+                # the body's mean position stays within a body's reach of its spot on the floor
+                assert near - 0.6 < float(np.hypot(*(feet - camera))) < far + 0.6, (mode, i)
+    share = {name: np.mean([((d[i]["human_parts"] > 0) & (d[i]["human_parts"] < 7)).float().mean().item()
+                            for i in range(n)]) for name, d in (("sparse", sparse), ("close", close))}
+    assert share["close"] > 2 * share["sparse"] > 0
+    # room size and camera come before the people in the draw, so they agree between the modes
+    assert np.array_equal(sparse.scene(5).room_high, close.scene(5).room_high)
+    assert np.array_equal(sparse.scene(5).camera.position, close.scene(5).camera.position)
+    assert close[0]["meta"]["id"] == "val-0-close-000000" and sparse[0]["meta"]["id"] == "val-0-000000"
+    assert "people='close'" in repr(close) and "people" not in repr(sparse)
+    with pytest.raises(ValueError, match="unknown people mode"):
+        SyntheticScenes("val", size=(16, 16), length=1, people="crowd")

@@ -203,6 +203,10 @@ def test_experts_writes_usage_and_heatmaps(checkpoints, capsys, tmp_path):
     data = json.loads((out / "usage.json").read_text())
     assert data["step"] == 7 and data["num_images"] == 2 and data["num_experts"] == 4
     assert "block 1: core experts per task" in stdout and "mean pairwise overlap" in stdout
+    mutual = data["layers"][0]["mutual_information"]
+    assert 0 <= mutual <= np.log2(len(data["tasks"])) and data["summary"][0]["mutual_information"] == mutual
+    assert f"task–expert mutual information: {mutual:.3f} bits" in stdout
+    assert "task–expert mutual information" in (out / "summary.md").read_text()
     code, stdout, _ = _run(["experts", "--checkpoint", checkpoints["moe"], "--out", out, "--limit", "2", "--json"],
                            capsys)
     assert code == 0 and json.loads(stdout)["layers"] == data["layers"]

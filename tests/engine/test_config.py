@@ -111,6 +111,30 @@ def test_synthetic_pair_matches_in_everything_but_the_mlp():
     assert a.top_k * a.expert_hidden == b.mlp_hidden
 
 
+def test_synthetic_study_configs_differ_only_in_the_router():
+    """The synthetic demo/study configs share data, train and eval sections; the M³ViT variants differ
+    only in the router, and the scenes put people near the camera (parts learnable at 128x128)."""
+    names = ["m3vit_tiny", "m3vit_tiny_task_conditioned", "m3vit_tiny_shared", "mvit_tiny"]
+    cfgs = {n: load_config(CONFIGS / "synthetic" / f"{n}.yaml") for n in names}
+    for section in ("data", "train", "eval"):
+        assert len({yaml.safe_dump(c.to_dict()[section]) for c in cfgs.values()}) == 1, section
+    assert cfgs["m3vit_tiny"].data.people == "close"
+    routers = {n: model_config(c.model.name, {"semseg": 8}, img_size=c.data.size, **c.model_overrides()).router
+               for n, c in cfgs.items() if n != "mvit_tiny"}
+    assert routers == {"m3vit_tiny": "multi_gate", "m3vit_tiny_task_conditioned": "task_conditioned",
+                       "m3vit_tiny_shared": "shared"}
+    base = cfgs["m3vit_tiny"].to_dict()["model"]
+    for name in ("m3vit_tiny_task_conditioned", "m3vit_tiny_shared"):
+        other = dict(cfgs[name].to_dict()["model"])
+        assert {k: v for k, v in other.items() if k != "router"} == {k: v for k, v in base.items() if k != "router"}
+
+
+def test_people_applies_to_the_synthetic_data_only():
+    assert load_config(None, SMALL).data.people is None  # null: the dataset's default ("sparse")
+    with pytest.raises(ConfigError, match="data.people: applies to the synthetic dataset only"):
+        load_config(None, {**SMALL, "data.name": "nyud", "data.root": "/x", "data.people": "close"})
+
+
 def test_defaults_round_trip():
     cfg = RunConfig().validate()
     assert RunConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
@@ -228,6 +252,7 @@ BAD_VALUES = [
     ("data.tasks", ["semseg", "bogus"], "'bogus' is not allowed"),
     ("data.tasks", [], "must be a non-empty list"),
     ("data.augment", "mixup", "choose one of"),
+    ("data.people", "crowd", "choose one of"),
     ("data.val_length", 0, "must be >= 1"),
     ("data.val_split", 3, "must be a split name"),
     ("eval.batch_size", 0, "must be >= 1"),

@@ -4,6 +4,7 @@ overlap properties (hypothesis) and the written heatmaps / JSON."""
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from itertools import combinations
 
@@ -230,3 +231,68 @@ def test_a_layer_holding_a_subset_reports_original_expert_ids(scenes):
     model(torch.zeros(1, 3, 32, 32), tasks=["sal"])
     local = model.moe_layers[1].last_routing["indices"]
     assert int(local.max()) <= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Task–expert mutual information
+# ----------------------------------------------------------------------------------------------
+def _mi_loop(counts: np.ndarray) -> list[float]:
+    """Plain float64 loops over the joint assignment frequencies, per layer."""
+    out = []
+    for layer in counts.tolist():
+        total = float(sum(sum(row) for row in layer))
+        p_t = [sum(row) / total for row in layer]
+        p_e = [sum(layer[t][e] for t in range(len(layer))) / total for e in range(len(layer[0]))]
+        mi = 0.0
+        for t, row in enumerate(layer):
+            for e, c in enumerate(row):
+                if c:
+                    joint = c / total
+                    mi += joint * math.log2(joint / (p_t[t] * p_e[e]))
+        out.append(mi)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(counts=COUNTS)
+def test_mutual_information_matches_a_float64_loop(counts):
+    mi = _usage(counts).mutual_information()
+    assert mi.shape == (counts.shape[0],)
+    assert np.allclose(mi, _mi_loop(counts), atol=1e-12)
+    bound = min(math.log2(counts.shape[1]), math.log2(counts.shape[2]))
+    assert (mi >= 0).all() and (mi <= bound + 1e-12).all()
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ([[[5, 5, 10], [1, 1, 2], [2, 2, 4]]], 0.0),                       # every task in the same proportions
+    ([[[7, 0, 0, 0], [0, 7, 0, 0], [0, 0, 3, 4]]], math.log2(3)),     # three tasks, disjoint experts, equal weights
+    ([[[4, 0], [0, 4]]], 1.0),
+    ([[[3, 1], [1, 3]]], 0.75 * math.log2(1.5) - 0.25),                # hand computed: 2·(3/8)·log2(3/2) + 2·(1/8)·log2(1/2)
+    ([[[2, 0], [0, 6]]], -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))),  # disjoint, tasks weighted 1:3: H(T)
+])
+def test_mutual_information_hand_computed(counts, expected):
+    assert _usage(np.array(counts)).mutual_information()[0] == pytest.approx(expected, abs=1e-12)
+
+
+def test_mutual_information_of_routed_models(scenes):
+    assert np.allclose(expert_usage(_model("shared"), scenes).mutual_information(), 0.0, atol=1e-12)
+    model = _model(top_k=1)
+
+    def bias(layer, task_ids, logits):  # semseg -> expert 0, sal and depth -> expert 3
+        out = logits.clone()
+        for b, t in enumerate(task_ids.tolist()):
+            out[b, :, {0: 0, 1: 3, 2: 3}[t]] += 100.0
+        return out
+
+    _, handles = _router_hooks(model, bias)
+    try:
+        usage = expert_usage(model, scenes)
+    finally:
+        for h in handles:
+            h.remove()
+    entropy_of_experts = -(1 / 3 * math.log2(1 / 3) + 2 / 3 * math.log2(2 / 3))
+    assert np.allclose(usage.mutual_information(), entropy_of_experts)
+    data = usage.to_dict()
+    assert [layer["mutual_information"] for layer in data["layers"]] == pytest.approx([entropy_of_experts] * 2)
+    assert data["summary"][0]["mutual_information"] == pytest.approx(entropy_of_experts)
+    assert "task–expert mutual information: 0.918 bits" in usage.to_markdown()

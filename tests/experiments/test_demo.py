@@ -37,8 +37,18 @@ def test_demo_writes_results_report_and_figures_and_eval_reproduces(tiny_configs
     assert results["m3vit"]["gflops"]["semseg"] == pytest.approx(results["mvit"]["gflops"]["semseg"], rel=0.02)
     assert results["m3vit"]["gflops_executed"]["semseg"] >= results["m3vit"]["gflops"]["semseg"]
     assert "experts" in results["m3vit"] and results["figures"]["experts"]
+    assert results["m3vit"]["experts"]["summary"][0]["mutual_information"] is not None
+    # the gradient conflicts of both models on the same validation batch, side by side
+    for name in ("m3vit", "mvit"):
+        conflicts = results[name]["conflicts"]
+        assert conflicts["tasks"] == ["semseg", "sal", "edge"] and conflicts["num_images"] == 4
+        assert list(conflicts["pairs"]) == ["semseg|sal", "semseg|edge", "sal|edge"]
+        assert all(-1 <= v <= 1 for v in conflicts["pairs"].values() if v is not None)
     report = (out / "report.md").read_text()
-    for figure in ["figures/curves.png", "figures/predictions_semseg.png", "figures/predictions_edge.png"]:
+    assert "## Gradient conflicts between tasks" in report and "| semseg × sal |" in report
+    assert "Task–expert mutual information of m3vit" in report
+    for figure in ["figures/curves.png", "figures/predictions_semseg.png", "figures/predictions_edge.png",
+                   "figures/conflicts.png"]:
         assert (out / figure).is_file() and figure in report
     assert not list(out.rglob("*.tmp*"))
 

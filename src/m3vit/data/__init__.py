@@ -56,10 +56,11 @@ def scale_rotate_options(name: str, recipe: str = "reference") -> dict:
 
 def build_dataset(name: str, split: str = "train", *, root: str | None = None, size: Sequence[int] | None = None,
                   length: int | None = None, seed: int = 0, tasks: Sequence[str] | None = None,
-                  transform: Callable | None = None):
+                  transform: Callable | None = None, people: str | None = None):
     """A dataset by name.
 
-    ``synthetic`` renders at ``size`` (default 128x128) and has ``length`` samples (default 1000); the
+    ``synthetic`` renders at ``size`` (default 128x128) and has ``length`` samples (default 1000) with
+    ``people`` (``"sparse"`` when None, or ``"close"``: ``SyntheticScenes``' option); the
     folder datasets need ``root`` and, when ``size`` is given and no ``transform`` is, are resized to it
     (labels nearest, image not normalised). ``transform`` is applied as given otherwise.
     """
@@ -69,11 +70,13 @@ def build_dataset(name: str, split: str = "train", *, root: str | None = None, s
         if root is not None:
             raise ConfigError("the synthetic dataset is rendered, not read: drop --root / data.root")
         return SyntheticScenes(split, size=(128, 128) if size is None else size, length=1000 if length is None else length,
-                               seed=seed, tasks=tasks, transform=transform)
+                               seed=seed, tasks=tasks, transform=transform, people=people or "sparse")
     if root is None:
         raise ConfigError(f"dataset {name!r} needs its root folder (--root / data.root)")
     if length is not None:
         raise ConfigError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
+    if people is not None:
+        raise ConfigError(f"dataset {name!r} shows real people; 'people' applies to the synthetic dataset only")
     if transform is None and size is not None:
         transform = Resize(size)
     return DATASETS[name](root, split, tasks=tasks, transform=transform, seed=seed)

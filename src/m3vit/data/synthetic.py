@@ -2,7 +2,8 @@
 
 A pinhole camera looks into a box room (textured floor, walls and ceiling) holding 2-6 objects
 (spheres, boxes, cylinders, cones) resting on the floor and, in about three scenes out of four, one or
-two articulated people built from primitives in random poses. Every pixel ray is intersected
+two articulated people built from primitives in random poses (``people="close"``: one or two people in
+every scene, nearer the camera, so that body parts cover about three times as many pixels). Every pixel ray is intersected
 analytically with every primitive (vectorised NumPy, see ``m3vit.data._geometry``), which gives exact
 depth, normals, classes, instances and body parts; the image is shaded from the same geometry.
 
@@ -41,6 +42,8 @@ __all__ = [
     "PART_NAMES",
     "SPLIT_CODES",
     "SYNTHETIC_TASKS",
+    "PEOPLE_MODES",
+    "PeopleMode",
     "MIN_SALIENT_FRACTION",
     "SALIENT_AREA_RATIO",
     "salient_instances",
@@ -61,6 +64,25 @@ _CLASS_ID = {name: i for i, name in enumerate(CLASSES)}
 _OBJECT_CLASSES = ("sphere", "box", "cylinder", "cone")
 _ROOM_CLASS = tuple("floor" if s == "floor" else "ceiling" if s == "ceiling" else "wall" for s in ROOM_SURFACES)
 _FLOOR, _CEILING = ROOM_SURFACES.index("floor"), ROOM_SURFACES.index("ceiling")
+
+
+
+@dataclass(frozen=True)
+class PeopleMode:
+    """How often people appear and where they stand: ``counts`` the probabilities of 0, 1 and 2 people
+    in a scene, ``distance`` the range (metres) of their distance from the camera along the floor."""
+
+    counts: tuple[float, float, float]
+    distance: tuple[float, float]
+
+
+#: ``sparse`` (the default): people in ~75% of the scenes, 2.3-6 m away; at 128x128 their parts cover
+#: ~2.7% of the pixels (head ~0.2%, smaller than one 16x16 patch). ``close``: one or two people in every
+#: scene, 1.4-3.4 m away; parts cover ~8.7% of the pixels (every part 3-4x larger).
+PEOPLE_MODES: dict[str, PeopleMode] = {
+    "sparse": PeopleMode(counts=(0.25, 0.45, 0.30), distance=(2.3, 6.0)),
+    "close": PeopleMode(counts=(0.0, 0.5, 0.5), distance=(1.4, 3.4)),
+}
 
 #: A visible instance needs at least this share of the image to count for saliency.
 MIN_SALIENT_FRACTION = 0.002
@@ -393,8 +415,13 @@ def _sample_room_style(rng: np.random.Generator) -> RoomStyle:
     )
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """Draw one random scene: room, camera, people (in ~75% of scenes), objects, light, jitter."""
+def sample_scene(rng: np.random.Generator, people: str = "sparse") -> Scene:
+    """Draw one random scene: room, camera, people (how many and how near: ``PEOPLE_MODES[people]``),
+    objects, light, jitter. The modes differ only in the people's distribution (a scene of one index is
+    not the same scene in both modes beyond its room size and camera)."""
+    if people not in PEOPLE_MODES:
+        raise ValueError(f"unknown people mode {people!r}; allowed: {', '.join(PEOPLE_MODES)}")
+    mode = PEOPLE_MODES[people]
     room_w, room_d, room_h = rng.uniform(5.0, 10.0), rng.uniform(7.0, 11.0), rng.uniform(2.5, 3.5)
     room_low = np.array([-room_w / 2, 0.0, -room_d / 2])
     room_high = np.array([room_w / 2, room_h, room_d / 2])
@@ -430,10 +457,11 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     instance_class: list[str] = list(_ROOM_CLASS)
 
     u = rng.uniform()
-    num_people = 0 if u < 0.25 else (1 if u < 0.7 else 2)
+    none, one, _ = mode.counts
+    num_people = 0 if u < none else (1 if u < none + one else 2)
     for _ in range(num_people):
         height = rng.uniform(1.55, 1.95) if rng.uniform() < 0.85 else rng.uniform(1.0, 1.45)  # adult or child
-        spot = find_spot(0.45, 2.3, 6.0, 0.6)
+        spot = find_spot(0.45, *mode.distance, 0.6)
         if spot is None:
             continue
         facing = rng.uniform(-math.pi, math.pi)
@@ -731,6 +759,8 @@ class SyntheticScenes(Dataset):
             ``SeedSequence([seed, split_code, i, epoch, 1])`` so augmentation is reproducible and changes
             with :meth:`set_epoch` (with ``DataLoader`` workers, call it before creating each epoch's
             iterator; persistent workers keep the epoch they were started with).
+        people: ``"sparse"`` (default) or ``"close"``, see ``PEOPLE_MODES``: how many people a scene
+            holds and how near they stand; everything else is drawn from the same distributions.
 
     Each sample is a dict: ``image`` float32 ``[3, H, W]`` in ``[0, 1]``, the requested labels in the
     format of ``m3vit.tasks.base`` and ``meta`` ``{"dataset", "split", "index", "id"}``:
@@ -773,6 +803,7 @@ class SyntheticScenes(Dataset):
         seed: int = 0,
         tasks: Sequence[str] | None = None,
         transform: Callable[[dict, np.random.Generator], dict] | None = None,
+        people: str = "sparse",
     ):
         if split not in SPLIT_CODES:
             raise ConfigError(f"unknown split {split!r}; allowed splits are {list(SPLIT_CODES)}")
@@ -790,6 +821,9 @@ class SyntheticScenes(Dataset):
             raise ConfigError(f"unknown task(s) {unknown}; SyntheticScenes provides {list(SYNTHETIC_TASKS)}")
         if transform is not None and not callable(transform):
             raise ValueError(f"transform must be callable as transform(sample, rng), got {transform!r}")
+        if people not in PEOPLE_MODES:
+            raise ValueError(f"unknown people mode {people!r}; allowed: {', '.join(PEOPLE_MODES)}")
+        self.people = people
         self.split = split
         self.size = (height, width)
         self.length = _positive_int("length", length, 1)
@@ -840,7 +874,7 @@ class SyntheticScenes(Dataset):
     def scene(self, index: int) -> Scene:
         """The scene description of sample ``index`` (camera, room, primitives, light, jitter)."""
         index = self._check_index(index)
-        return sample_scene(np.random.default_rng(np.random.SeedSequence(self._seed_words(index))))
+        return sample_scene(np.random.default_rng(np.random.SeedSequence(self._seed_words(index))), self.people)
 
     def render(self, index: int) -> RenderedScene:
         """All arrays of sample ``index`` (including the instance map), before any transform."""
@@ -865,7 +899,8 @@ class SyntheticScenes(Dataset):
             "dataset": "synthetic",
             "split": self.split,
             "index": index,
-            "id": f"{self.split}-{self.seed}-{index:06d}",
+            "id": f"{self.split}-{self.seed}-{index:06d}" if self.people == "sparse" else
+                  f"{self.split}-{self.seed}-{self.people}-{index:06d}",
         }
         if self.transform is not None:
             words = [*self._seed_words(index), self._epoch, 1]
@@ -873,5 +908,6 @@ class SyntheticScenes(Dataset):
         return sample
 
     def __repr__(self) -> str:
+        people = "" if self.people == "sparse" else f", people={self.people!r}"
         return (f"SyntheticScenes(split={self.split!r}, size={self.size}, length={self.length}, "
-                f"seed={self.seed}, tasks={list(self._tasks)})")
+                f"seed={self.seed}, tasks={list(self._tasks)}{people})")

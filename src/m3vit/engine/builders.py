@@ -26,7 +26,7 @@ def build_train_dataset(cfg: RunConfig):
         transform = train_transforms(data.size, mode=data.augment, **scale_rotate_options(data.name, data.scale_rotate))
     length = data.train_length if data.name == "synthetic" else None
     return build_dataset(data.name, data.train_split, root=data.root, size=data.size if data.name == "synthetic" else None,
-                         length=length, seed=data.seed, tasks=data.tasks, transform=transform)
+                         length=length, seed=data.seed, tasks=data.tasks, transform=transform, people=data.people)
 
 
 def build_eval_dataset(cfg: RunConfig, split: str | None = None):
@@ -39,7 +39,7 @@ def build_eval_dataset(cfg: RunConfig, split: str | None = None):
     split = data.val_split if split is None else split
     if data.name == "synthetic":
         return build_dataset("synthetic", split, size=data.size, length=data.val_length, seed=data.seed,
-                             tasks=data.tasks)
+                             tasks=data.tasks, people=data.people)
     return build_dataset(data.name, split, root=data.root, seed=data.seed, tasks=data.tasks)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS, SCALE_ROTATE_RECIPES
+from ..data.synthetic import PEOPLE_MODES
 from ..models.config import MAX_INPUT_SIDE, ConfigError, ModelConfig, parse_number
 from ..models.registry import list_models, model_config
 from ..tasks import list_tasks
@@ -137,7 +138,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     """What to train and evaluate on. ``size`` is the training crop / synthetic render size and the
-    model's ``img_size``; ``train_length``/``val_length`` apply to the synthetic dataset only.
+    model's ``img_size``; ``train_length``/``val_length`` and ``people`` (``sparse``, the default when
+    null, or ``close``: see ``m3vit.data.synthetic.PEOPLE_MODES``) apply to the synthetic dataset only.
     ``scale_rotate`` picks the scale-and-rotate augmentation: ``reference`` is the official recipe of
     the dataset (NYUD: a scale from {1, 1.2, 1.5}, no rotation; the others: scale U(0.75, 1.25),
     rotation U(±20°)), ``pascal`` the latter for every dataset (docs/reference.md)."""
@@ -154,6 +156,7 @@ class DataSection:
     augment: str = "crop"
     scale_rotate: str = "pascal"
     num_workers: int = 0
+    people: str | None = None
 
     def validate(self, prefix: str = "data") -> None:
         _check_choice(f"{prefix}.name", self.name, sorted(DATASETS))
@@ -177,6 +180,10 @@ class DataSection:
         _check_choice(f"{prefix}.augment", self.augment, AUGMENTATIONS)
         _check_choice(f"{prefix}.scale_rotate", self.scale_rotate, SCALE_ROTATE_RECIPES)
         _check_int(f"{prefix}.num_workers", self.num_workers, 0)
+        if self.people is not None:
+            _check_choice(f"{prefix}.people", self.people, list(PEOPLE_MODES))
+            if self.name != "synthetic":
+                raise _fail(f"{prefix}.people", "applies to the synthetic dataset only: set it to null")
 
 
 @dataclass

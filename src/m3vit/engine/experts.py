@@ -12,8 +12,11 @@ layer, in two ways:
 * ``shared``: the assignment mass two tasks share, Σ_e min(p_e, q_e) = 1 − total-variation distance
   between their usage distributions (1: identical usage, 0: disjoint experts).
 
-Both are symmetric, 1 on the diagonal and in [0, 1]. ``plot_heatmaps`` draws a task × expert heatmap
-per layer (and one figure with every layer).
+Both are symmetric, 1 on the diagonal and in [0, 1]. ``ExpertUsage.mutual_information()`` measures
+specialisation as Mod-Squad (Chen et al., CVPR 2023) does: the mutual information, in bits, between the
+task and the chosen expert under the observed assignment frequencies (0: every task uses the experts
+alike; log2 T: T tasks on disjoint experts with equal shares). ``plot_heatmaps`` draws a task × expert
+heatmap per layer (and one figure with every layer).
 """
 
 from __future__ import annotations
@@ -86,6 +89,30 @@ class ExpertUsage:
         """``[L, T, E]`` mean combine weight of an assignment to each expert (0 where never chosen)."""
         return np.divide(self.weight_sums, self.counts, out=np.zeros(self.counts.shape), where=self.counts > 0)
 
+    def mutual_information(self) -> np.ndarray:
+        """``[L]`` task–expert mutual information per MoE layer, in bits (Mod-Squad's measure).
+
+        From the joint assignment frequencies ``P(t, e) = counts[l, t, e] / Σ_{t,e} counts[l, t, e]``
+        (tasks thus weighted by their observed numbers of assignments) with marginals ``P(t) = Σ_e P(t, e)``
+        and ``P(e) = Σ_t P(t, e)``::
+
+            MI_l = Σ_{t,e: P(t,e) > 0} P(t, e) · log2( P(t, e) / (P(t) · P(e)) )
+
+        0 when the tasks use the experts in the same proportions, at most ``min(log2 T, log2 E)``;
+        ``log2 T`` for T equally weighted tasks on disjoint experts. NaN for a layer with no assignment.
+        """
+        counts = self.counts.astype(np.float64)
+        out = np.full(len(self.layers), np.nan)
+        for l_idx, layer in enumerate(counts):
+            total = layer.sum()
+            if total <= 0:
+                continue
+            joint = layer / total
+            outer = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
+            nonzero = joint > 0
+            out[l_idx] = float((joint[nonzero] * np.log2(joint[nonzero] / outer[nonzero])).sum())
+        return np.maximum(out, 0.0, where=~np.isnan(out), out=out)
+
     def core_experts(self, threshold: float = 0.9) -> list[list[list[int]]]:
         """``[layer][task]`` the fewest experts that together take >= ``threshold`` of the task's
         assignments (largest share first, ties by index); empty for a task with no assignment."""
@@ -132,6 +159,7 @@ class ExpertUsage:
         cores = self.core_experts(threshold)
         ov = self.overlap(threshold)
         jac, shared = ov.mean_pairwise("jaccard"), ov.mean_pairwise("shared")
+        mutual = self.mutual_information()
         out = []
         for l_idx, block in enumerate(self.layers):
             in_cores = np.zeros(self.num_experts, dtype=int)
@@ -144,6 +172,7 @@ class ExpertUsage:
                 "core_experts": {t: cores[l_idx][i] for i, t in enumerate(self.tasks)},
                 "mean_jaccard": None if np.isnan(jac[l_idx]) else float(jac[l_idx]),
                 "mean_shared": None if np.isnan(shared[l_idx]) else float(shared[l_idx]),
+                "mutual_information": None if np.isnan(mutual[l_idx]) else float(mutual[l_idx]),
                 "most_shared": [{"expert": int(e), "tasks": int(in_cores[e])} for e in ranked[:top] if in_cores[e] > 0],
             })
         return out
@@ -155,12 +184,16 @@ class ExpertUsage:
                  f"{self.num_experts} experts", "",
                  f"Core experts: the fewest experts taking >= {threshold:.0%} of a task's token→expert assignments. "
                  f"Jaccard: |A∩B| / |A∪B| of two tasks' cores. Shared: Σ_e min(p_e, q_e) of their usage "
-                 f"distributions (1 − total variation).", ""]
+                 f"distributions (1 − total variation). Mutual information: between the task and the chosen "
+                 f"expert under the observed assignment frequencies, in bits (0: no specialisation; at most "
+                 f"log2 T = {np.log2(max(len(self.tasks), 1)):.2f} for these {len(self.tasks)} task(s)).", ""]
         header = "| | " + " | ".join(self.tasks) + " |"
         rule = "|---|" + "---|" * len(self.tasks)
         for l_idx, layer in enumerate(self.summary(threshold)):
             lines += [f"## Block {layer['block']}", ""]
             lines += [f"- {t}: {len(c)} core expert(s) {c}" for t, c in layer["core_experts"].items()]
+            if layer["mutual_information"] is not None:
+                lines.append(f"- task–expert mutual information: {layer['mutual_information']:.3f} bits")
             if layer["most_shared"]:
                 lines.append("- most shared: " + ", ".join(f"expert {s['expert']} ({s['tasks']} tasks)"
                                                            for s in layer["most_shared"]))
@@ -176,6 +209,7 @@ class ExpertUsage:
         """JSON-ready: raw counts, fractions, mean gate weights, overlaps and the summary, per layer."""
         ov = self.overlap(threshold)
         fractions, gates = self.fractions, self.mean_gate_weight
+        mutual = self.mutual_information()
         return {
             "tasks": list(self.tasks),
             "num_experts": self.num_experts,
@@ -186,6 +220,8 @@ class ExpertUsage:
                 "jaccard": f"Jaccard index of the sets of experts covering >= {threshold:.0%} of each task's "
                            f"assignments",
                 "shared": "sum over experts of min(p, q): 1 - total-variation distance of the usage distributions",
+                "mutual_information": "MI in bits between the task and the chosen expert under the joint assignment "
+                                      "frequencies P(t, e) = counts / total (Mod-Squad)",
             },
             "layers": [
                 {
@@ -195,6 +231,7 @@ class ExpertUsage:
                     "mean_gate_weight": {t: gates[l_idx, i].tolist() for i, t in enumerate(self.tasks)},
                     "jaccard": ov.jaccard[l_idx].tolist(),
                     "shared": ov.shared[l_idx].tolist(),
+                    "mutual_information": None if np.isnan(mutual[l_idx]) else float(mutual[l_idx]),
                 }
                 for l_idx, block in enumerate(self.layers)
             ],
@@ -305,6 +342,7 @@ def plot_heatmaps(usage: ExpertUsage, out: str | os.PathLike | Callable[[str], P
     fractions = usage.fractions
     ov = usage.overlap(threshold)
     jac, shared = ov.mean_pairwise("jaccard"), ov.mean_pairwise("shared")
+    mutual = usage.mutual_information()
     annotate = usage.num_experts <= 32
     width = max(5.0, 0.42 * usage.num_experts + 2.5)
     height_per = 0.35 * len(usage.tasks) + 1.4
@@ -313,7 +351,8 @@ def plot_heatmaps(usage: ExpertUsage, out: str | os.PathLike | Callable[[str], P
         fig = Figure(figsize=(width, height_per + 0.4), layout="constrained")
         ax = fig.add_subplot()
         overlap_text = "" if np.isnan(jac[l_idx]) else (f"\nmean pairwise overlap: Jaccard {jac[l_idx]:.2f}, "
-                                                         f"shared assignments {shared[l_idx]:.2f}")
+                                                         f"shared assignments {shared[l_idx]:.2f}; task–expert MI "
+                                                         f"{mutual[l_idx]:.2f} bits")
         image = _heatmap(ax, fractions[l_idx], usage.tasks,
                          f"block {block}: % of each task's token→expert assignments (top-{usage.top_k})"
                          f"{overlap_text}", annotate)

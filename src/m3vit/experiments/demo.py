@@ -3,7 +3,9 @@
 ``run_demo`` trains both models from their run configs (by default the shipped ``synthetic/m3vit_tiny``
 and ``synthetic/mvit_tiny``), evaluates each saved ``final/`` checkpoint with every task through its own
 pathway (exactly what ``m3vit eval --checkpoint`` does), measures per-task GFLOPs and CPU latency of
-single-task vs all-task inference, and writes ``results.json``, ``report.md`` and the figures.
+single-task vs all-task inference and the gradient conflicts between the tasks of each model (cosines
+of their backbone gradients on a few validation batches, ``m3vit.analysis``), and writes
+``results.json``, ``report.md`` and the figures.
 """
 
 from __future__ import annotations
@@ -119,12 +121,13 @@ def training_seconds(log_path: Path) -> float | None:
 
 def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | None = None,
              overrides: Sequence[str] | dict | None = None, *, fresh: bool = False, latency_repeats: int = 5,
-             samples: int = 3, say: Callable[[str], None] = log.info) -> DemoResult:
+             samples: int = 3, conflict_batches: int = 2, say: Callable[[str], None] = log.info) -> DemoResult:
     """Train, evaluate and compare; ``configs`` maps run name -> config path (default ``DEFAULT_CONFIGS``).
 
     ``overrides`` (``--set`` strings or a dotted dict) apply to every run. A run directory that
     already holds a run of the same config is resumed (a finished one is not retrained); ``fresh``
-    deletes it first. ``say`` receives progress lines.
+    deletes it first. ``conflict_batches`` validation batches measure the gradient conflicts (0: skip).
+    ``say`` receives progress lines.
     """
     out = Path(out)
     with OutputFolder(out, kind="demo") as folder:  # locked: one demo per folder at a time
@@ -160,6 +163,8 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
             except ValueError as exc:  # e.g. a zero baseline metric after a very short run
                 results["delta_m"] = {"value": None, "of": a, "baseline": b, "error": str(exc)}
         figures = _figures(out, folder, cfgs, models, results, samples, say)
+        if conflict_batches > 0:
+            figures["conflicts"] = _conflicts(folder, cfgs, models, results, conflict_batches, say)
         results["figures"] = figures
         write_json(folder.path("results.json"), results)
         table = _summary(results, names, first_cfg)
@@ -190,6 +195,44 @@ def _figures(out: Path, folder: OutputFolder, cfgs, models, results, samples: in
         results[name]["experts"] = usage.to_dict()
         figures["experts"] = [str(p) for p in plot_heatmaps(usage, lambda name: folder.path(f"figures/experts/{name}"))]
     return figures
+
+
+def _conflicts(folder: OutputFolder, cfgs, models, results, batches: int, say) -> str:
+    """Each model's gradient-conflict matrix on the first ``batches`` validation batches (models in eval
+    mode), into ``results[name]["conflicts"]``; one figure with the matrices side by side."""
+    from ..analysis import measure_conflicts, plot_conflict_matrices
+
+    cfg = next(iter(cfgs.values()))
+    dataset = build_eval_dataset(cfg)
+    matrices = {}
+    for name, model in models.items():
+        say(f"[{name}] measuring gradient conflicts between the tasks on {batches} {cfg.data.val_split} batch(es)")
+        model.eval()
+        report = measure_conflicts(model, dataset, batches=batches, batch_size=cfg.eval.batch_size)
+        results[name]["conflicts"] = report.to_dict()
+        matrices[name] = report.mean_cosine
+    tasks = next(iter(models.values())).tasks
+    return str(plot_conflict_matrices(matrices, tasks, folder.path("figures/conflicts.png"),
+                                      title="cosine of two tasks' backbone gradients (< 0: conflict)"))
+
+
+def _conflict_section(results: dict, names: list[str], base: Path, figure: str) -> list[str]:
+    with_conflicts = [n for n in names if "conflicts" in results[n]]
+    first = results[with_conflicts[0]]["conflicts"]
+    from ..analysis import pair_label
+
+    rows = [[pair_label(pair), *(results[n]["conflicts"]["pairs"].get(pair) for n in with_conflicts)]
+            for pair in first["pairs"]]
+    rows.append(["mean over pairs", *(results[n]["conflicts"]["mean_pair_cosine"] for n in with_conflicts)])
+    rows.append(["conflicting share of (pair, batch)",
+                 *(results[n]["conflicts"]["conflict_fraction"] for n in with_conflicts)])
+    return ["## Gradient conflicts between tasks", "",
+            f"Cosine between two tasks' loss gradients with respect to the backbone, each task run alone through "
+            f"its own pathway, mean over {first['num_batches']} validation batch(es) ({first['num_images']} images); "
+            f"a negative cosine is a conflict (PCGrad). M³ViT's claim is that task-routed experts separate "
+            f"conflicting gradients; `m3vit analyze conflicts --run RUN` follows them along training.", "",
+            f"![gradient conflicts]({Path(figure).relative_to(base)})", "",
+            format_table(["task pair", *with_conflicts], rows, markdown=True), ""]
 
 
 def _cost_table(results: dict, names: list[str], markdown: bool = False) -> str:
@@ -247,10 +290,19 @@ def _report(results: dict, names: list[str], cfgs, paths, table: str, figures: d
     base = Path(results[names[0]]["checkpoint"]).parents[1]
     if "curves" in figures:
         out += ["## Training curves", "", f"![training curves]({Path(figures['curves']).relative_to(base)})", ""]
+    if figures.get("conflicts"):
+        out += _conflict_section(results, names, base, figures["conflicts"])
     if figures.get("experts"):
         out += ["## Expert usage per task", ""]
         out += [f"![expert usage]({Path(p).relative_to(base)})" for p in figures["experts"]]
         out.append("")
+        for name in names:
+            summary = results[name].get("experts", {}).get("summary")
+            if summary:
+                mutual = ", ".join(f"block {layer['block']} {layer['mutual_information']:.2f}" for layer in summary
+                                   if layer.get("mutual_information") is not None)
+                out += [f"Task–expert mutual information of {name} (bits; 0: no specialisation, log2 of the "
+                        f"number of tasks: each task on its own experts): {mutual}.", ""]
     if figures.get("predictions"):
         out += ["## Sample predictions", ""]
         out += [f"![{t}]({Path(p).relative_to(base)})" for t, p in figures["predictions"].items()]

@@ -16,7 +16,8 @@ from ..data.show import save_figure
 from ..engine.builders import build_tasks
 from ..engine.evaluator import prepare_images
 
-__all__ = ["read_log", "plot_curves", "plot_predictions", "metrics_table", "format_table", "headline_metrics"]
+__all__ = ["read_log", "plot_curves", "plot_predictions", "plot_intervals", "metrics_table", "format_table",
+           "headline_metrics"]
 
 _TITLES = {"semseg": "semseg", "human_parts": "human parts", "sal": "saliency", "normals": "normals",
            "edge": "edges", "depth": "depth"}
@@ -107,6 +108,43 @@ def plot_predictions(models: Mapping[str, torch.nn.Module], dataset, indices: Se
     fig.suptitle(_TITLES.get(task, task), fontsize=10)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / (1.8 * len(indices) + 0.3),
                         wspace=0.04, hspace=0.04)
+    return save_figure(fig, path)
+
+
+def plot_intervals(panels: Mapping[str, Mapping[str, Mapping[str, Mapping | None]]],
+                   path: str | os.PathLike) -> str:
+    """One PNG of bars with intervals: a row per ``panels`` key (e.g. an evaluation set), a panel per
+    inner key (e.g. a task's metric), a bar per model with its mean, whiskers from its ``ci`` (when
+    defined) and a dot per seed value. Stats are ``m3vit.analysis.stats.summarize`` dicts (None: no bar)."""
+    rows = list(panels)
+    cols = max(len(p) for p in panels.values())
+    fig = _figure(2.7 * cols, 2.6 * len(rows) + 0.3)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    colors = {}
+    for r, row in enumerate(rows):
+        for c, (title, stats) in enumerate(panels[row].items()):
+            ax = axes[r][c]
+            names = list(stats)
+            for x, name in enumerate(names):
+                entry = stats[name]
+                color = colors.setdefault(name, f"C{len(colors) % 10}")
+                if not entry or entry.get("mean") is None:
+                    continue
+                mean = entry["mean"]
+                err = None
+                if entry.get("ci") is not None:
+                    low, high = entry["ci"]
+                    err = [[max(mean - low, 0.0)], [max(high - mean, 0.0)]]
+                ax.bar(x, mean, color=color, alpha=0.75, yerr=err, capsize=3, error_kw={"linewidth": 1})
+                values = entry.get("values") or []
+                ax.scatter([x] * len(values), values, s=9, color="black", zorder=3)
+            ax.set_xticks(range(len(names)), labels=names, rotation=40, ha="right", fontsize=7)
+            ax.tick_params(axis="y", labelsize=7)
+            ax.axhline(0.0, color="grey", linewidth=0.6)
+            ax.set_title(f"{title} ({row})", fontsize=8)
+        for c in range(len(panels[row]), cols):
+            axes[r][c].axis("off")
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
