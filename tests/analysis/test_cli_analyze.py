@@ -63,7 +63,7 @@ def test_conflicts_of_a_checkpoint_match_the_library(checkpoints, capsys, tmp_pa
     for key, value in expected.pairs().items():
         assert data["pairs"][key] == pytest.approx(value, abs=1e-6)
     assert np.allclose(np.array(data["cosine"], dtype=float), expected.mean_cosine, atol=1e-6, equal_nan=True)
-    assert sorted(p.name for p in out.iterdir()) == ["conflicts.json", "conflicts.md", "conflicts.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".m3vit-output.json") == ["conflicts.json", "conflicts.md", "conflicts.png"]
     assert json.loads((out / "conflicts.json").read_text()) == data
     code, stdout, err = _run(["analyze", "conflicts", "--checkpoint", checkpoints / "dense", "--batches", "1",
                               "--tasks", "depth", "sal"], capsys)
@@ -82,7 +82,7 @@ def test_conflicts_along_a_run(checkpoints, capsys, tmp_path):
     assert "2" in rows and "4" in rows and "step" in rows
     data = json.loads((out / "conflicts.json").read_text())
     assert list(data["steps"]) == ["2", "4"]
-    assert sorted(p.name for p in out.iterdir()) == ["conflicts.json", "conflicts.md", "conflicts.png", "evolution.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".m3vit-output.json") == ["conflicts.json", "conflicts.md", "conflicts.png", "evolution.png"]
 
 
 def test_compare_two_checkpoints(checkpoints, capsys, tmp_path):

@@ -104,7 +104,7 @@ def test_one_seed_says_the_interval_is_undefined(tiny_configs, tmp_path):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seeds", "0"], "argument --seeds: must be >= 1"),
     (["--heldout-seed", "0"], "--heldout-seed must be a scene seed"),
     (["--reference", "bogus"], "--reference 'bogus' is not one of"),
     (["--multi", "only-a-name"], "NAME CONFIG pairs"),
