@@ -85,19 +85,31 @@ class Client:
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
 
     def get(self, path: str) -> dict:
-        self.conn.request("GET", path)
-        resp = self.conn.getresponse()
+        try:
+            self.conn.request("GET", path)
+            resp = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            self.conn.close()  # the server closed the idle keep-alive connection: reopen once
+            self.conn.request("GET", path)
+            resp = self.conn.getresponse()
         body = resp.read()
         if resp.status != 200:
             raise RuntimeError(f"GET {path}: HTTP {resp.status} {body[:200]!r}")
         return json.loads(body)
 
     def predict(self, body: bytes) -> tuple[dict, float]:
-        """The answer and the client's wall time in ms."""
+        """The answer and the client's wall time in ms (a keep-alive connection the server closed while idle
+        is reopened once, outside the timing)."""
+        headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
         start = time.perf_counter()
-        self.conn.request("POST", "/api/predict", body=body,
-                          headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
-        resp = self.conn.getresponse()
+        try:
+            self.conn.request("POST", "/api/predict", body=body, headers=headers)
+            resp = self.conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            self.conn.close()
+            start = time.perf_counter()
+            self.conn.request("POST", "/api/predict", body=body, headers=headers)
+            resp = self.conn.getresponse()
         data = resp.read()
         ms = (time.perf_counter() - start) * 1e3
         if resp.status != 200:
