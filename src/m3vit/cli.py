@@ -372,7 +372,17 @@ def cmd_eval(args) -> int:
     from .tasks import delta_m, load_baselines
 
     formats = _fixed_point_formats(args)
+    if args.onnx and formats is not None:
+        raise CLIError("--fixed-point emulates the PyTorch model: it cannot be combined with --onnx")
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
+    if args.onnx:  # the ONNX file's predictions, scored on the checkpoint's run data
+        from .efficiency.onnx_export import OnnxError
+        from .efficiency.onnx_model import OnnxModel
+
+        try:
+            model = OnnxModel(args.onnx)
+        except OnnxError as exc:
+            raise CLIError(str(exc)) from None
     tasks = model.resolve_tasks(args.tasks)
     baselines_path = args.baselines or cfg.eval.baselines
     baselines = load_baselines(baselines_path) if baselines_path else None
@@ -394,6 +404,7 @@ def cmd_eval(args) -> int:
     report = {
         "metrics": metrics,
         "checkpoint": str(args.checkpoint),
+        "onnx": args.onnx,
         "step": checkpoint_step(args.checkpoint),
         "data": {**cfg.to_dict()["data"], "split": split, "num_samples": num_samples},
         "pathway": args.pathway,
@@ -409,7 +420,8 @@ def cmd_eval(args) -> int:
         return 0
     step = "" if report["step"] is None else f" (step {report['step']})"
     how = "each task through its own pathway" if args.pathway == "single" else "all tasks in one forward"
-    print(f"{args.checkpoint}{step} on {cfg.data.name} {split}, {num_samples} samples, {how}:")
+    what = f"{args.onnx} (onnxruntime; data of {args.checkpoint})" if args.onnx else f"{args.checkpoint}{step}"
+    print(f"{what} on {cfg.data.name} {split}, {num_samples} samples, {how}:")
     print(_eval_table(metrics))
     if dm is not None:
         print(f"Δm vs {baselines_path}: {dm:+.2f}% (mean relative gain of each task's main metric)")
@@ -490,7 +502,8 @@ def _megabytes(n: int) -> str:
 
 
 def cmd_export(args) -> int:
-    from .efficiency.export import OnnxError, export_checkpoint
+    from .efficiency.export import INT8_FILE, ONNX_FILE, export_checkpoint
+    from .efficiency.onnx_export import OnnxError
 
     if not 0 <= args.min_usage < 1:
         raise CLIError(f"--min-usage must be in [0, 1) (a share of the task's expert assignments), got {args.min_usage}")
@@ -498,11 +511,13 @@ def cmd_export(args) -> int:
         raise CLIError(f"--calibration must be >= 1 images, got {args.calibration}")
     if args.eval_batch_size is not None and args.eval_batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.eval_batch_size}")
+    if args.int8 is not None and not args.onnx:
+        raise CLIError("--int8 quantises the ONNX file: add --onnx")
     try:
         report = export_checkpoint(args.checkpoint, args.task, args.out, calibration=args.calibration,
                                    min_usage=args.min_usage, gate_softmax=args.gate_softmax, onnx=args.onnx,
-                                   batch_size=args.eval_batch_size, device=_device(args.device),
-                                   overrides=args.set or [])
+                                   onnx_moe=args.onnx_moe, int8=args.int8, batch_size=args.eval_batch_size,
+                                   device=_device(args.device), overrides=args.set or [])
     except OnnxError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
@@ -533,8 +548,15 @@ def cmd_export(args) -> int:
     if report.onnx is not None:
         checked = (f"onnxruntime max abs diff {report.onnx['max_abs_diff']:.3g} (<= {report.onnx['tolerance']:g})"
                    if report.onnx["checked"] else "not checked: onnxruntime is not installed")
-        print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}), {checked}")
-    print(f"wrote {args.out} (model.safetensors, config.yaml, export.json{', model.onnx' if args.onnx else ''})")
+        print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}, MoE form {report.onnx['moe']}), "
+              f"{checked}")
+        int8 = report.onnx["int8"]
+        if int8 is not None:
+            print(f"int8 ({int8['method']}): {int8['file']} ({_megabytes(int8['bytes'])}, {int8['size_ratio']:.2f}x the "
+                  f"float file), max abs diff vs float on {int8['num_images']} calibration images "
+                  f"{int8['max_abs_diff_vs_fp32']:.3g}")
+    files = ["model.safetensors", "config.yaml", "export.json"] + [ONNX_FILE] * args.onnx + [INT8_FILE] * (args.int8 is not None)
+    print(f"wrote {args.out} ({', '.join(files)})")
     return 0
 
 def build_parser() -> argparse.ArgumentParser:
@@ -637,6 +659,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="single: each task alone (as deployed); all: every task in one batched forward")
     p.add_argument("--baselines", help="single-task metrics (JSON or run folder) for Δm (default: eval.baselines)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--onnx", metavar="FILE",
+                   help="evaluate this ONNX file (model.onnx or model.int8.onnx of 'm3vit export --onnx') with "
+                        "onnxruntime instead of the checkpoint's PyTorch model, on the checkpoint's run data")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="also write the JSON results to this file")
     fx = p.add_argument_group("fixed point", "emulate the accelerator's number formats ap_fixed<BITS,INT_BITS> "
@@ -699,6 +724,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept experts' gate rows, routing renormalised over them")
     p.add_argument("--onnx", action="store_true",
                    help="also write model.onnx (checked against PyTorch with onnxruntime when installed)")
+    p.add_argument("--onnx-moe", choices=["sparse", "dense"], default="sparse",
+                   help="MoE layers in the ONNX graph: sparse (default: each expert runs only on its routed tokens) "
+                        "or dense (every expert on every token, static shapes)")
+    p.add_argument("--int8", nargs="?", const="dynamic", choices=["dynamic", "static"],
+                   help="also write model.int8.onnx (onnxruntime quantisation; default method dynamic, static: QDQ "
+                        "calibrated on the calibration images)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
