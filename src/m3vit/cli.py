@@ -516,7 +516,7 @@ def cmd_export(args) -> int:
     try:
         report = export_checkpoint(args.checkpoint, args.task, args.out, calibration=args.calibration,
                                    min_usage=args.min_usage, gate_softmax=args.gate_softmax, onnx=args.onnx,
-                                   onnx_moe=args.onnx_moe, int8=args.int8, batch_size=args.eval_batch_size,
+                                   int8=args.int8, batch_size=args.eval_batch_size,
                                    device=_device(args.device), overrides=args.set or [])
     except OnnxError as exc:
         raise CLIError(str(exc)) from None
@@ -548,8 +548,7 @@ def cmd_export(args) -> int:
     if report.onnx is not None:
         checked = (f"onnxruntime max abs diff {report.onnx['max_abs_diff']:.3g} (<= {report.onnx['tolerance']:g})"
                    if report.onnx["checked"] else "not checked: onnxruntime is not installed")
-        print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}, MoE form {report.onnx['moe']}), "
-              f"{checked}")
+        print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}), {checked}")
         int8 = report.onnx["int8"]
         if int8 is not None:
             print(f"int8 ({int8['method']}): {int8['file']} ({_megabytes(int8['bytes'])}, {int8['size_ratio']:.2f}x the "
@@ -724,12 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept experts' gate rows, routing renormalised over them")
     p.add_argument("--onnx", action="store_true",
                    help="also write model.onnx (checked against PyTorch with onnxruntime when installed)")
-    p.add_argument("--onnx-moe", choices=["sparse", "dense"], default="sparse",
-                   help="MoE layers in the ONNX graph: sparse (default: each expert runs only on its routed tokens) "
-                        "or dense (every expert on every token, static shapes)")
-    p.add_argument("--int8", nargs="?", const="dynamic", choices=["dynamic", "static"],
-                   help="also write model.int8.onnx (onnxruntime quantisation; default method dynamic, static: QDQ "
-                        "calibrated on the calibration images)")
+    p.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"], metavar="METHOD",
+                   help="also write model.int8.onnx with onnxruntime's quantiser: static (the default: convolutions and "
+                        "linear layers int8, activation ranges calibrated on the calibration images) or dynamic "
+                        "(linear layers only, no calibration: more accurate, less fast)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
     p.add_argument("--batch-size", dest="eval_batch_size", type=int, help="default: the run's eval.batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

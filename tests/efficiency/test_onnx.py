@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from m3vit.cli import main
 from m3vit.data import build_dataset
 from m3vit.efficiency.export import extract_task
-from m3vit.efficiency.onnx_export import DenseEquivalentMoE, SparseExportMoE
+from m3vit.efficiency.onnx_export import SparseExportMoE
 from m3vit.engine.checkpoints import load_run
 from m3vit.engine.config import load_config
 from m3vit.engine.evaluator import evaluate, prepare_images
@@ -53,7 +53,7 @@ def _onnx():
 
 
 # ----------------------------------------------------------------------------------------------
-# The export forms are the routed layer (PyTorch, no ONNX packages needed)
+# The export form is the routed layer (PyTorch, no ONNX packages needed)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -61,10 +61,10 @@ def _onnx():
 @given(seed=st.integers(0, 10_000), router=st.sampled_from(["multi_gate", "task_conditioned", "shared"]),
        num_experts=st.integers(1, 6), top_k=st.integers(1, 3), num_tasks=st.integers(1, 3), task=st.integers(0, 2),
        renormalize=st.booleans(), subset=st.integers(0, 63), batch=st.integers(0, 3), tokens=st.integers(1, 9))
-def test_export_forms_equal_the_routed_layer(seed, router, num_experts, top_k, num_tasks, task, renormalize, subset,
-                                             batch, tokens):
+def test_export_form_equals_the_routed_layer(seed, router, num_experts, top_k, num_tasks, task, renormalize, subset,
+                                            batch, tokens):
     """Property: for any router, task, expert subset (held experts, softmax over all) and batch (0 included)
-    both export forms give the routed layer's output for that task."""
+    the export form gives the routed layer's output for that task."""
     task = task % num_tasks
     ids = [e for e in range(num_experts) if subset >> e & 1] or None
     top_k = min(top_k, len(ids) if ids else num_experts)
@@ -77,11 +77,10 @@ def test_export_forms_equal_the_routed_layer(seed, router, num_experts, top_k, n
     layer.double()
     with torch.no_grad():
         expected = layer(x, task) if batch else torch.zeros_like(x)
-        for form in (SparseExportMoE, DenseEquivalentMoE):
-            torch.testing.assert_close(form(layer, task)(x), expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(SparseExportMoE(layer, task)(x), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_export_forms_refuse_capacity_factor():
+def test_export_form_refuses_capacity_factor():
     layer = MoE(6, 5, 4, 2, capacity_factor=1.0).eval()
     with pytest.raises(ValueError, match="dropless"):
         SparseExportMoE(layer)(torch.randn(1, 3, 6))
@@ -188,14 +187,13 @@ def test_export_errors(tmp_path):
         export_onnx(_model(), tmp_path / "x.onnx")
     with pytest.raises(ValueError, match="unknown task 'depth'"):
         export_onnx(_model(), tmp_path / "x.onnx", task="depth")
-    with pytest.raises(ValueError, match="not an ONNX MoE form"):
-        export_onnx(_model(), tmp_path / "x.onnx", task="sal", moe="padded")
     assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------
 # Batch 0: onnxruntime died of SIGFPE on the first export (its dense-equivalent MoE's Einsum over an
 # empty token axis). Run it in a subprocess, so a crash fails the test instead of killing pytest.
+# The dense model covers the graph without MoE (test_export_of_a_dense_model_...).
 # ----------------------------------------------------------------------------------------------
 
 _RUN_BATCHES = """
@@ -264,7 +262,7 @@ def test_sparse_graph_runs_each_expert_on_its_routed_tokens_only(multi_gate, cal
     rows, gemms = _expert_gemm_rows(path, images)
     assert gemms == 8 and rows == Counter({e: c for e, c in enumerate(counts) if c})
     # One NonZero and one ScatterND (index_add) per expert, TopK for the routing, and no [tokens, experts]
-    # combine matrix (the dense-equivalent form's ScatterElements).
+    # combine matrix (a dense-equivalent form scatters the top-k weights into one: ScatterElements).
     ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     assert ops["NonZero"] == 8 and ops["ScatterND"] == 8 and ops["TopK"] == 1 and ops["ScatterElements"] == 0
 
@@ -274,7 +272,7 @@ def test_sparse_graph_runs_each_expert_on_its_routed_tokens_only(multi_gate, cal
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["dynamic", "static"])
+@pytest.mark.parametrize("method", ["static", "dynamic"])
 def test_int8_runs_is_smaller_and_close_with_float_routing(method, multi_gate, calibration, tmp_path):
     import onnx
 
@@ -283,23 +281,26 @@ def test_int8_runs_is_smaller_and_close_with_float_routing(method, multi_gate, c
     _, path = multi_gate
     images = _images(calibration, 6)
     int8 = quantize_onnx(path, tmp_path / "sal.int8.onnx", method=method, calibration=images)
-    assert int8.stat().st_size < 0.75 * path.stat().st_size  # measured 0.57 (dynamic), 0.64 (static)
+    # Measured 0.63 (static), 0.79 (dynamic: convolutions stay float); a tiny model's file is mostly graph, so
+    # a real model's shrinks more (m3vit_small, static: 0.27).
+    assert int8.stat().st_size < 0.85 * path.stat().st_size
     assert read_metadata(int8) == read_metadata(path)
     fp32 = onnx_session(path).run(None, {"images": images.numpy()})[0]
     got = onnx_session(int8).run(None, {"images": images.numpy()})[0]
     diff, scale = float(abs(got - fp32).max()), float(abs(fp32).max())
-    assert 0 < diff <= 0.15 * scale  # measured 3% (dynamic) and 7% (static) of the largest output here
+    assert 0 < diff <= 0.15 * scale  # measured 4.0% (static) and 1.3% (dynamic) of the largest output
 
     proto = onnx.load(str(int8))
     ops = Counter(node.op_type for node in proto.graph.node)
-    quantized_experts = {name for node in proto.graph.node for name in node.input
-                         if ".mlp.w1." in name and "quantized" in name}
-    assert len(quantized_experts) == 8, "every expert's first GEMM weight is int8"
-    if method == "dynamic":
-        assert ops["MatMulInteger"] > 0 and ops["ConvInteger"] > 0
-    else:
-        assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    # The routing stays in float: the gate reads the float tokens and a float weight, softmax feeds TopK.
+    int8_weights = {name for node in proto.graph.node for name in node.input if "quantized" in name}
+    assert len({w for w in int8_weights if ".mlp.w1." in w}) == 8, "every expert's first GEMM weight is int8"
+    conv_weights = {w for w in int8_weights if ".stages." in w or ".patch_embed." in w}
+    if method == "dynamic":  # linear layers only, through DynamicQuantizeLinear + MatMulInteger
+        assert ops["MatMulInteger"] > 0 and not conv_weights and ops["QuantizeLinear"] == 0
+    else:  # QDQ convolutions and linear layers
+        assert conv_weights and ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0 and ops["MatMulInteger"] == 0
+    # Float stays: the routing (the gate reads the float tokens and weight, softmax feeds TopK) and the
+    # attention's two activation x activation products per block.
     produced_by = {out: node for node in proto.graph.node for out in node.output}
     floats = {init.name for init in proto.graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
     (topk,) = [node for node in proto.graph.node if node.op_type == "TopK"]
@@ -307,6 +308,13 @@ def test_int8_runs_is_smaller_and_close_with_float_routing(method, multi_gate, c
     gate = produced_by[produced_by[softmax.input[0]].input[0]]
     assert softmax.op_type == "Softmax" and gate.op_type == "MatMul"
     assert gate.input[1] in floats and produced_by[gate.input[0]].op_type == "LayerNormalization"
+    weights = {init.name for init in proto.graph.initializer}
+    dequantized_weights = {node.output[0] for node in proto.graph.node
+                           if node.op_type == "DequantizeLinear" and node.input[0] in weights}
+    products = [node for node in proto.graph.node if node.op_type == "MatMul"
+                and not {node.input[0], node.input[1]} & (weights | dequantized_weights)]
+    assert len(products) == 2 * 2  # q k^T and (softmax) v in each of the two blocks
+    assert all(produced_by[i].op_type != "DequantizeLinear" for node in products for i in node.input)
 
 
 def test_quantize_errors(multi_gate, tmp_path):
@@ -387,7 +395,7 @@ def test_cli_export_onnx_int8_and_eval_onnx(tmp_path, capsys):
     assert code == 0, err
     assert "int8 (static): model.int8.onnx" in stdout and "model.int8.onnx)" in stdout
     report = json.loads((out / "export.json").read_text())["onnx"]
-    assert report["checked"] and report["max_abs_diff"] <= TOLERANCE and report["moe"] == "sparse"
+    assert report["checked"] and report["max_abs_diff"] <= TOLERANCE
     int8 = report["int8"]
     assert int8["method"] == "static" and int8["num_images"] == 4 and int8["max_abs_diff_vs_fp32"] > 0
     assert int8["bytes"] == (out / "model.int8.onnx").stat().st_size < report["bytes"] == (out / "model.onnx").stat().st_size

@@ -306,7 +306,7 @@ def _exported_run(run: dict[str, Any], extracted: MultiTaskModel) -> dict[str, A
 
 def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.PathLike, *,
                       calibration: int | None = 64, min_usage: float = 0.0, gate_softmax: str = "all",
-                      onnx: bool = False, onnx_moe: str = "sparse", int8: str | None = None,
+                      onnx: bool = False, int8: str | None = None,
                       batch_size: int | None = None, device: str = "cpu",
                       overrides: list[str] | dict | None = None) -> ExtractionReport:
     """Extract ``task`` from a checkpoint directory into ``out`` (a normal checkpoint directory, written
@@ -315,8 +315,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
     The calibration set is the first ``calibration`` images of the checkpoint's run data, validation
     split (``engine.checkpoints.load_run``; ``overrides`` are its ``--set`` keys); ``calibration=None``
     uses the whole split. ``batch_size`` defaults to the run's ``eval.batch_size``. With ``onnx`` the
-    graph (MoE layers in form ``onnx_moe``, ``onnx_export.MOE_FORMS``) is checked against PyTorch with
-    onnxruntime when that is installed (max abs diff recorded; more than 1e-4 raises). ``int8`` (a
+    graph is checked against PyTorch with onnxruntime when that is installed (max abs diff recorded; more than 1e-4 raises). ``int8`` (a
     method of ``onnx_export.QUANTIZATION_METHODS``; needs ``onnx`` and onnxruntime) also writes
     ``model.int8.onnx``, calibrated (static) on the calibration images, and records both files' sizes
     and the int8 file's max abs difference from the float one on those images.
@@ -324,10 +323,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
     from ..engine.builders import build_eval_dataset
     from ..engine.checkpoints import checkpoint_step, load_run
     from ..models.checkpoint import read_checkpoint_config
-    from .onnx_export import MOE_FORMS, QUANTIZATION_METHODS
+    from .onnx_export import QUANTIZATION_METHODS
 
-    if onnx_moe not in MOE_FORMS:
-        raise ValueError(f"onnx_moe={onnx_moe!r} is not an ONNX MoE form; choose one of {list(MOE_FORMS)}")
     if int8 is not None and int8 not in QUANTIZATION_METHODS:
         raise ValueError(f"int8={int8!r} is not a quantisation method; choose one of {list(QUANTIZATION_METHODS)}")
     if int8 is not None and not onnx:
@@ -357,7 +354,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
         if onnx:
             images = prepare_images([dataset[i]["image"] for i in range(report.num_images)],
                                     extracted.config.img_size)
-            report.onnx = _export_onnx_files(extracted, staging, images, onnx_moe, int8, batch_size)
+            report.onnx = _export_onnx_files(extracted, staging, images, int8, batch_size)
             if report.onnx["checked"] and not report.onnx["max_abs_diff"] <= report.onnx["tolerance"]:
                 raise ValueError(f"the ONNX graph differs from PyTorch by {report.onnx['max_abs_diff']:.3g} "
                                  f"(> {report.onnx['tolerance']}); nothing was written to {out}")
@@ -365,15 +362,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
     return report
 
 
-def _export_onnx_files(extracted: MultiTaskModel, folder: Path, images: Tensor, moe: str, int8: str | None,
+def _export_onnx_files(extracted: MultiTaskModel, folder: Path, images: Tensor, int8: str | None,
                        batch_size: int) -> dict[str, Any]:
     """Write ``model.onnx`` (and ``model.int8.onnx``) into ``folder``; their part of the report.
     ``images``: the calibration images, ImageNet-normalised at the model's size."""
     from .onnx_export import (INPUT_NAME, ONNX_TOLERANCE, OnnxUnavailable, check_onnx, export_onnx, onnx_session,
                               quantize_onnx)
 
-    onnx_path = export_onnx(extracted, folder / ONNX_FILE, moe=moe)
-    info: dict[str, Any] = {"file": ONNX_FILE, "bytes": onnx_path.stat().st_size, "moe": moe, "checked": False,
+    onnx_path = export_onnx(extracted, folder / ONNX_FILE)
+    info: dict[str, Any] = {"file": ONNX_FILE, "bytes": onnx_path.stat().st_size, "checked": False,
                             "max_abs_diff": None, "tolerance": ONNX_TOLERANCE, "int8": None}
     try:
         info.update(checked=True, max_abs_diff=check_onnx(extracted, onnx_path, images[:4]))

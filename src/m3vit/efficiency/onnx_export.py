@@ -2,24 +2,22 @@
 the export itself (``export_onnx``), its check against PyTorch with onnxruntime (``check_onnx``) and
 int8 quantisation of the exported file (``quantize_onnx``).
 
-**Export forms of an MoE layer.** ``SparseExportMoE`` (the default, ``moe="sparse"``) is the routed
-computation written in ops an ONNX graph has: the layer's own router and ``top_k_gate`` (ONNX
-``TopK``), then for each held expert the token positions routed to it (``NonZero``: a data-dependent
-length), a gather of those tokens, the expert MLP on them only, the combine weights, and an
-``index_add`` back (``ScatterND`` with ``reduction="add"``). An expert no token picked runs on zero
-rows; the expert GEMMs execute ``tokens x top_k`` rows in all, as PyTorch's dispatch does.
-``DenseEquivalentMoE`` (``moe="dense"``) runs every held expert on every token and mixes their outputs
-with the top-k weights scattered into a ``[tokens, experts]`` matrix: the same function with
-``experts / top_k`` times the expert FLOPs but static shapes (one batched GEMM per layer).
-
-Both forms get their routing from ``export_routing``, the one place that re-expresses a router for
-tracing (a multi-gate router picks its task's gate with a data-dependent branch, which ``torch.export``
-cannot trace; the other routers are called as they are).
+**The MoE export form.** ``SparseExportMoE`` is the routed computation written in ops an ONNX graph
+has: the layer's own router and ``top_k_gate`` (ONNX ``TopK``), then for each held expert the token
+positions routed to it (``NonZero``: a data-dependent length), a gather of those tokens, the expert
+MLP on them only, their combine weights, and an ``index_add`` back (``ScatterND``, ``reduction="add"``).
+An expert no token picked runs on zero rows: the expert GEMMs execute ``tokens x top_k`` rows in all,
+as PyTorch's dispatch does. ``torch.onnx.export(dynamo=True)`` traces the ``nonzero`` lengths as
+unbacked sizes without hints. (A dense-equivalent form, every expert on every token mixed by a
+``[tokens, experts]`` weight matrix, was slower at every size measured and was removed; see
+``docs/deployment_onnx.md``.) The routing comes from ``export_routing``, the one place that
+re-expresses a router for tracing: a multi-gate router picks its task's gate with a data-dependent
+branch that ``torch.export`` cannot trace; the other routers are called as they are.
 
 **Batch axis.** The graph's input is ``images [batch, 3, H, W]`` with a symbolic ``batch`` (traced with
-``min=1``; ONNX itself records no bounds) and output ``[batch, C, H, W]``. Both forms also compute
-batch 0 (an empty output) in onnxruntime; the first dense-equivalent form used ``Einsum``, whose
-onnxruntime kernel divides by zero on an empty batch (SIGFPE), so it is now written with ``MatMul``.
+``min=1``; ONNX records no bounds) and its output ``[batch, C, H, W]``; batch 0 gives an empty output.
+(The first export's dense-equivalent MoE combined the experts with an ``Einsum`` whose onnxruntime
+kernel divides by zero on an empty token axis: SIGFPE.)
 
 **Metadata.** The file records the model config (``m3vit.config``, JSON) and the task (``m3vit.task``),
 so ``m3vit.efficiency.onnx_model.OnnxModel`` can evaluate it without the checkpoint.
@@ -31,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -45,13 +44,12 @@ from ..nn.moe import MoE, top_k_gate
 from ..nn.routers import MultiGateRouter
 from ..utils.errors import InputError
 
-__all__ = ["MOE_FORMS", "QUANTIZATION_METHODS", "ONNX_TOLERANCE", "OnnxError", "OnnxUnavailable",
-           "export_routing", "ExportRouter", "SparseExportMoE", "DenseEquivalentMoE", "TaskGraph", "export_onnx", "check_onnx",
+__all__ = ["QUANTIZATION_METHODS", "ONNX_TOLERANCE", "OnnxError", "OnnxUnavailable",
+           "export_routing", "ExportRouter", "SparseExportMoE", "TaskGraph", "export_onnx", "check_onnx",
            "quantize_onnx", "onnx_session", "read_metadata"]
 
 ONNX_TOLERANCE = 1e-4
-MOE_FORMS = ("sparse", "dense")
-QUANTIZATION_METHODS = ("dynamic", "static")
+QUANTIZATION_METHODS = ("static", "dynamic")
 METADATA_CONFIG = "m3vit.config"
 METADATA_TASK = "m3vit.task"
 METADATA_MOE = "m3vit.moe_form"
@@ -150,43 +148,17 @@ class SparseExportMoE(nn.Module):
         return out.reshape(batch, num_tokens, dim)
 
 
-class DenseEquivalentMoE(nn.Module):
-    """Export form of an ``MoE`` layer for one task with static shapes: every held expert runs on every
-    token; the top-k combine weights, scattered into a ``[tokens, experts]`` matrix (zero where an
-    expert was not picked), mix the expert outputs. Equal to the routed layer up to summation order."""
-
-    def __init__(self, moe: MoE, task_index: int = 0):
-        super().__init__()
-        self.moe, self.route = moe, ExportRouter(moe, task_index)
-
-    def forward(self, x: Tensor) -> Tensor:
-        moe = self.moe
-        batch, num_tokens, dim = x.shape
-        weights, indices = self.route(x)
-        combine = torch.zeros(batch * num_tokens, moe.num_experts, dtype=weights.dtype, device=x.device)
-        combine = combine.scatter(1, indices, weights).to(x.dtype)              # [S, E]
-        tokens = x.reshape(batch * num_tokens, dim)
-        hidden = F.gelu(torch.matmul(tokens, moe.w1) + moe.b1.unsqueeze(1))      # [E, S, H]
-        outputs = torch.matmul(hidden, moe.w2) + moe.b2.unsqueeze(1)            # [E, S, D]
-        return (outputs * combine.t().unsqueeze(-1)).sum(0).reshape(batch, num_tokens, dim)
-
-
-_FORMS = {"sparse": SparseExportMoE, "dense": DenseEquivalentMoE}
-
-
 class TaskGraph(nn.Module):
-    """``images -> prediction`` of one task of ``model`` (a copy), its MoE layers in export form ``moe``."""
+    """``images -> prediction`` of one task of ``model`` (a copy), its MoE layers as ``SparseExportMoE``."""
 
-    def __init__(self, model: MultiTaskModel, task: str | None = None, moe: str = "sparse"):
+    def __init__(self, model: MultiTaskModel, task: str | None = None):
         super().__init__()
-        if moe not in _FORMS:
-            raise ValueError(f"moe={moe!r} is not an ONNX MoE form; choose one of {list(MOE_FORMS)}")
         self.task = _one_task(model, task)
         task_index = model.tasks.index(self.task)
         self.model = copy.deepcopy(model).cpu().float().eval()
         for block in self.model.backbone.blocks:
             if block.is_moe:
-                block.mlp = _FORMS[moe](block.mlp, task_index)
+                block.mlp = SparseExportMoE(block.mlp, task_index)
         self.eval()
 
     def forward(self, images: Tensor) -> Tensor:
@@ -209,25 +181,22 @@ def _one_task(model: MultiTaskModel, task: str | None) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, task: str | None = None,
-                moe: str = "sparse") -> Path:
+def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, task: str | None = None) -> Path:
     """Write ``task``'s pathway of ``model`` (default: its only task) as ONNX to ``path``, atomically.
 
     Input ``images [batch, 3, H, W]`` (ImageNet-normalised, ``H, W`` the model's ``img_size``, ``batch``
     dynamic, 0 allowed), output the task's prediction ``[batch, C, H, W]`` named after the task. MoE
-    layers are exported in form ``moe`` (``"sparse"`` or ``"dense"``, see the module docstring); a dense
-    model is exported as it is. Exported with ``torch.onnx.export(dynamo=True)``.
+    layers are exported as ``SparseExportMoE``; a dense model is exported as it is. Exported with
+    ``torch.onnx.export(dynamo=True)``.
     """
-    if moe not in MOE_FORMS:
-        raise ValueError(f"moe={moe!r} is not an ONNX MoE form; choose one of {list(MOE_FORMS)}")
     _require("onnx")
     _require("onnxscript")
-    graph = TaskGraph(model, task, moe)
+    graph = TaskGraph(model, task)
     cfg = model.config
     example = torch.randn(2, cfg.in_chans, *cfg.img_size)
     batch = torch.export.Dim("batch", min=1)
     metadata = {METADATA_CONFIG: json.dumps(cfg.to_dict()), METADATA_TASK: graph.task,
-                METADATA_MOE: moe if model.moe_layers else "none"}
+                METADATA_MOE: "sparse" if model.moe_layers else "none"}
 
     def write(tmp: str) -> None:
         try:
@@ -292,12 +261,16 @@ def check_onnx(model: MultiTaskModel, path: str | os.PathLike, images: Tensor, *
 # ----------------------------------------------------------------------------------------------
 
 
-def _routing_nodes(proto) -> list[str]:
-    """Names of the nodes an ``ExportRouter`` emitted (their name scope records the module class)."""
+def _float_nodes(proto) -> list[str]:
+    """Nodes ``quantize_onnx`` keeps in float: those an ``ExportRouter`` emitted (found by their name scope,
+    which records the module class), so the experts a token picks are decided as in the float model, and
+    every ``MatMul`` of two activations (attention scores and their product with the values: int8 there
+    costs accuracy and, through a quantised softmax between them, time)."""
+    weights = {init.name for init in proto.graph.initializer}
     out = []
     for node in proto.graph.node:
         scope = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        if ExportRouter.__qualname__ in scope:
+        if ExportRouter.__qualname__ in scope or (node.op_type == "MatMul" and node.input[1] not in weights):
             out.append(node.name)
     return out
 
@@ -319,36 +292,63 @@ class _CalibrationReader:
         self.position = 0
 
 
-def quantize_onnx(source: str | os.PathLike, out: str | os.PathLike, *, method: str = "dynamic",
-                  calibration: Tensor | None = None, op_types: tuple[str, ...] = ("MatMul", "Conv"),
-                  per_channel: bool = True, reduce_range: bool = False, batch_size: int = 4) -> Path:
-    """Write an int8 version of the ONNX file ``source`` to ``out`` (atomically) with onnxruntime's
-    quantiser: ``method="dynamic"`` (int8 weights, activations quantised at run time per tensor) or
-    ``"static"`` (QDQ, activation ranges measured by MinMax on ``calibration``: ImageNet-normalised
-    images ``[N, 3, H, W]``). ``op_types`` are the operators quantised (the weights of ``MatMul``/``Conv``);
-    the MoE routing (gate, softmax, top-k) stays in float so the experts a token picks are decided as in
-    the float model. The source's metadata is copied."""
+class _DropMessages(logging.Filter):
+    """A logging filter that drops records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quantize_onnx(source: str | os.PathLike, out: str | os.PathLike, *, method: str = "static",
+                  calibration: Tensor | None = None, batch_size: int = 4) -> Path:
+    """Write an int8 version of the ONNX file ``source`` to ``out`` (atomically) with onnxruntime's quantiser.
+
+    ``method``:
+
+    * ``"static"``: QDQ; the weights of every ``Conv`` and weight ``MatMul`` int8 (per output channel),
+      their input activations uint8 with ranges measured (MinMax) on ``calibration`` (ImageNet-normalised
+      images ``[N, 3, H, W]``, run ``batch_size`` at a time);
+    * ``"dynamic"``: weight ``MatMul`` only (int8 weights per channel, activations quantised per tensor at
+      run time, no calibration); convolutions stay float (onnxruntime's dynamic ``ConvInteger`` ran 2x
+      slower than float convolutions on an AVX2 CPU).
+
+    The MoE routing (gate, softmax, top-k) and the attention's activation x activation products stay in
+    float (``_float_nodes``). The source's metadata is copied.
+    """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"method={method!r} is not a quantisation method; choose one of {list(QUANTIZATION_METHODS)}")
     if method == "static" and (calibration is None or len(calibration) == 0):
         raise ValueError("static quantisation needs calibration images")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     onnx = _require("onnx")
     _require("onnxruntime")
     from onnxruntime import quantization as q
 
     proto = onnx.load(str(source))
-    options = dict(op_types_to_quantize=list(op_types), per_channel=per_channel, reduce_range=reduce_range,
-                   nodes_to_exclude=_routing_nodes(proto))
+    keep_float = _float_nodes(proto)
 
     def write(tmp: str) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the quantiser warns about its own pre-processing advice
-            if method == "dynamic":
-                q.quantize_dynamic(proto, tmp, weight_type=q.QuantType.QInt8, **options)
+        # The quantiser advises (root logger) to pre-process first: shape inference and fusions. The exporter
+        # has already folded constants and batch norms, and pre-processing drops the name scopes that
+        # ``_float_nodes`` reads, so the advice is left out.
+        advice = _DropMessages("pre-process")
+        logging.getLogger().addFilter(advice)
+        try:
+            if method == "static":
+                q.quantize_static(proto, tmp, _CalibrationReader(calibration, batch_size),
+                                  quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
+                                  per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                                  calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=keep_float)
             else:
-                q.quantize_static(proto, tmp, _CalibrationReader(calibration, batch_size), quant_format=q.QuantFormat.QDQ,
-                                  activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                                  calibrate_method=q.CalibrationMethod.MinMax, **options)
+                q.quantize_dynamic(proto, tmp, op_types_to_quantize=["MatMul"], per_channel=True,
+                                   weight_type=q.QuantType.QInt8, nodes_to_exclude=keep_float)
+        finally:
+            logging.getLogger().removeFilter(advice)
         quantized = onnx.load(tmp)
         del quantized.metadata_props[:]
         quantized.metadata_props.extend(proto.metadata_props)
