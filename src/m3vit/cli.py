@@ -426,7 +426,17 @@ def cmd_eval(args) -> int:
     from .tasks.delta import REFERENCE_DELTA_M_EXCLUDES
 
     formats = _fixed_point_formats(args)
+    if args.onnx and formats is not None:
+        raise CLIError("--fixed-point emulates the PyTorch model: it cannot be combined with --onnx")
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))
+    if args.onnx:  # the ONNX file's predictions, scored on the checkpoint's run data
+        from .efficiency.onnx_export import OnnxError
+        from .efficiency.onnx_model import OnnxModel
+
+        try:
+            model = OnnxModel(args.onnx)
+        except OnnxError as exc:
+            raise CLIError(str(exc)) from None
     tasks = model.resolve_tasks(args.tasks)
     reference = args.protocol == "reference"
     baselines_path = args.baselines or cfg.eval.baselines
@@ -454,6 +464,7 @@ def cmd_eval(args) -> int:
     report = {
         "metrics": metrics,
         "checkpoint": str(args.checkpoint),
+        "onnx": args.onnx,
         "step": checkpoint_step(args.checkpoint),
         "data": {**cfg.to_dict()["data"], "split": split, "num_samples": num_samples},
         "pathway": args.pathway,
@@ -473,7 +484,8 @@ def cmd_eval(args) -> int:
     how = "each task through its own pathway" if args.pathway == "single" else "all tasks in one forward"
     protocol = (" (official protocol: class maps resized nearest, saliency and normals as 8-bit PNGs)"
                 if reference else "")
-    print(f"{args.checkpoint}{step} on {cfg.data.name} {split}, {num_samples} samples, {how}{protocol}:")
+    what = f"{args.onnx} (onnxruntime; data of {args.checkpoint})" if args.onnx else f"{args.checkpoint}{step}"
+    print(f"{what} on {cfg.data.name} {split}, {num_samples} samples, {how}{protocol}:")
     print(_eval_table(metrics))
     if dm is not None:
         left_out = sorted(set(tasks) - set(dm_tasks))
@@ -565,15 +577,18 @@ def _megabytes(n: int) -> str:
 
 
 def cmd_export(args) -> int:
-    from .efficiency.export import OnnxError, export_checkpoint
+    from .efficiency.export import INT8_FILE, ONNX_FILE, export_checkpoint
+    from .efficiency.onnx_export import OnnxError
 
     if not 0 <= args.min_usage < 1:
         raise CLIError(f"--min-usage must be in [0, 1) (a share of the task's expert assignments), got {args.min_usage}")
+    if args.int8 is not None and not args.onnx:
+        raise CLIError("--int8 quantises the ONNX file: add --onnx")
     try:
         report = export_checkpoint(args.checkpoint, args.task, args.out, calibration=args.calibration,
                                    min_usage=args.min_usage, gate_softmax=args.gate_softmax, onnx=args.onnx,
-                                   batch_size=args.eval_batch_size, device=_device(args.device),
-                                   overrides=args.set or [])
+                                   int8=args.int8, batch_size=args.eval_batch_size,
+                                   device=_device(args.device), overrides=args.set or [])
     except OnnxError as exc:
         raise CLIError(str(exc)) from None
     if args.json:
@@ -605,7 +620,13 @@ def cmd_export(args) -> int:
         checked = (f"onnxruntime max abs diff {report.onnx['max_abs_diff']:.3g} (<= {report.onnx['tolerance']:g})"
                    if report.onnx["checked"] else "not checked: onnxruntime is not installed")
         print(f"onnx: {report.onnx['file']} ({_megabytes(report.onnx['bytes'])}), {checked}")
-    print(f"wrote {args.out} (model.safetensors, config.yaml, export.json{', model.onnx' if args.onnx else ''})")
+        int8 = report.onnx["int8"]
+        if int8 is not None:
+            print(f"int8 ({int8['method']}): {int8['file']} ({_megabytes(int8['bytes'])}, {int8['size_ratio']:.2f}x the "
+                  f"float file), max abs diff vs float on {int8['num_images']} calibration images "
+                  f"{int8['max_abs_diff_vs_fp32']:.3g}")
+    files = ["model.safetensors", "config.yaml", "export.json"] + [ONNX_FILE] * args.onnx + [INT8_FILE] * (args.int8 is not None)
+    print(f"wrote {args.out} ({', '.join(files)})")
     return 0
 
 
@@ -891,6 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "M³ViT evaluation (class maps resized nearest, saliency and normals scored from 8-bit maps, Δm "
                    "against the paper's baselines without edge); see docs/reference.md")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--onnx", metavar="FILE",
+                   help="evaluate this ONNX file (model.onnx or model.int8.onnx of 'm3vit export --onnx') with "
+                        "onnxruntime instead of the checkpoint's PyTorch model, on the checkpoint's run data")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--out", help="also write the JSON results to this file")
     fx = p.add_argument_group("fixed point", "emulate the accelerator's number formats ap_fixed<BITS,INT_BITS> "
@@ -959,6 +983,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept experts' gate rows, routing renormalised over them")
     p.add_argument("--onnx", action="store_true",
                    help="also write model.onnx (checked against PyTorch with onnxruntime when installed)")
+    p.add_argument("--int8", nargs="?", const="static", choices=["static", "dynamic"], metavar="METHOD",
+                   help="also write model.int8.onnx with onnxruntime's quantiser: static (the default: convolutions and "
+                        "linear layers int8, activation ranges calibrated on the calibration images) or dynamic "
+                        "(linear layers only, no calibration: more accurate, less fast)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="run config override, e.g. --set data.seed=3")
     p.add_argument("--batch-size", dest="eval_batch_size", type=_positive_int, help="default: the run's eval.batch_size")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -30,13 +30,9 @@ How the gate normalises over fewer experts (``gate_softmax``):
 A token whose original choice was removed picks its next-best kept expert instead; the report gives
 the share of the task's calibration assignments that were rerouted and the metric change.
 
-ONNX (``export_onnx``): the routed dispatch loops over non-empty expert queues with data-dependent
-lengths, which an ONNX graph cannot express, so the exported graph uses a dense-equivalent MoE: every
-kept expert runs on every token and the outputs are combined with the top-k weights scattered into a
-``[tokens, experts]`` matrix (zero for unpicked experts). That is the same function (top-k routing
-included), computing ``kept / top_k`` times the expert FLOPs; it is checked against PyTorch with
-onnxruntime when installed. Needs the optional packages ``onnx`` and ``onnxscript`` (exporter) and
-``onnxruntime`` (check).
+ONNX (``export_checkpoint(onnx=True)``): the extracted model is also written as ``model.onnx`` by
+``m3vit.efficiency.onnx_export`` (MoE layers in the form that keeps top-k sparsity), checked against
+PyTorch with onnxruntime, and with ``int8`` quantised to ``model.int8.onnx``.
 """
 
 from __future__ import annotations
@@ -44,43 +40,32 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.errors import OutputError
+from ..utils.errors import CheckpointError, ConfigError, DataError, InputError, OutputError
 from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_json
 from ..engine.evaluator import evaluate, prepare_images
 from ..engine.experts import expert_usage, moe_block_indices
 from ..models import MultiTaskModel
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX
-from ..nn.moe import MoE, top_k_gate
+from ..nn.moe import MoE
 from ..nn.routers import MultiGateRouter, SharedRouter, TaskConditionedRouter
 
-__all__ = ["LayerExtraction", "ExtractionReport", "extract_task", "export_checkpoint", "export_onnx",
-           "check_onnx", "DenseEquivalentMoE", "OnnxError", "OnnxUnavailable"]
+__all__ = ["LayerExtraction", "ExtractionReport", "extract_task", "export_checkpoint"]
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export.json"
-#: An export folder: a checkpoint plus the export report and the ONNX graph (what ``m3vit export`` replaces).
-EXPORT = OutputKind("export", CHECKPOINT.files | {REPORT_FILE, ONNX_FILE}, CHECKPOINT.identify)
-ONNX_TOLERANCE = 1e-4
-
-
-class OnnxError(RuntimeError):
-    """ONNX export failed; the message says why in one line."""
-
-
-class OnnxUnavailable(OnnxError):
-    """An optional ONNX package (onnx, onnxscript, onnxruntime) is not installed."""
+#: An export folder: a checkpoint plus the export report and the ONNX graphs (what ``m3vit export`` replaces).
+EXPORT = OutputKind("export", CHECKPOINT.files | {REPORT_FILE, ONNX_FILE, INT8_FILE}, CHECKPOINT.identify)
 
 
 @dataclass
@@ -208,10 +193,10 @@ def _extracted_state(model: MultiTaskModel, task: str, subsets: dict[int, list[i
 
 def _calibration_count(dataset, num_images: int | None) -> int:
     if num_images is not None and num_images < 1:
-        raise ValueError(f"the number of calibration images must be >= 1, got {num_images}")
+        raise InputError(f"the number of calibration images must be >= 1, got {num_images}")
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
     if count == 0:
-        raise ValueError("the calibration dataset is empty")
+        raise DataError("the calibration dataset is empty")
     return count
 
 
@@ -246,15 +231,15 @@ def extract_task(model: MultiTaskModel, task: str, calibration_dataset=None, *, 
         raise TypeError(f"extract_task needs a MultiTaskModel, got {type(model).__name__}")
     cfg = model.config
     if task not in model.tasks:
-        raise ValueError(f"unknown task {task!r}; this model's tasks are {model.tasks}")
+        raise InputError(f"unknown task {task!r}; this model's tasks are {model.tasks}")
     if not 0.0 <= min_usage < 1.0:
-        raise ValueError(f"min_usage must be in [0, 1) (a share of the task's expert assignments), got {min_usage}")
+        raise InputError(f"min_usage must be in [0, 1) (a share of the task's expert assignments), got {min_usage}")
     if gate_softmax not in GATE_SOFTMAX:
-        raise ValueError(f"gate_softmax={gate_softmax!r} is not allowed; choose one of {list(GATE_SOFTMAX)}")
+        raise ConfigError(f"gate_softmax={gate_softmax!r} is not allowed; choose one of {list(GATE_SOFTMAX)}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if cfg.expert_subsets:
-        raise ValueError("this model already holds a subset of the experts (it was extracted); "
+        raise CheckpointError("this model already holds a subset of the experts (it was extracted); "
                          "extract from the original multi-task checkpoint instead")
     layers = model.moe_layers
     size = tuple(cfg.img_size if size is None else size)
@@ -264,7 +249,7 @@ def extract_task(model: MultiTaskModel, task: str, calibration_dataset=None, *, 
         usage = expert_usage(model, calibration_dataset, [task], limit=count, batch_size=batch_size,
                              size=size).fractions[:, 0, :]
     elif layers and min_usage > 0:
-        raise ValueError("min_usage > 0 needs a calibration dataset to measure which experts the task uses")
+        raise InputError("min_usage > 0 needs a calibration dataset to measure which experts the task uses")
 
     subsets: dict[int, list[int]] = {}
     layer_reports = []
@@ -273,7 +258,7 @@ def extract_task(model: MultiTaskModel, task: str, calibration_dataset=None, *, 
         row = None if usage is None else [float(u) for u in usage[l_idx]]
         kept = list(experts) if row is None else [e for e in experts if row[e] > min_usage]
         if not kept:
-            raise ValueError(f"min_usage={min_usage} removes every expert of block {block} (its most used expert "
+            raise InputError(f"min_usage={min_usage} removes every expert of block {block} (its most used expert "
                              f"takes {max(row):.3f} of task {task!r}'s assignments); use a smaller threshold")
         removed = [e for e in experts if e not in kept]
         if removed:
@@ -314,110 +299,6 @@ def extract_task(model: MultiTaskModel, task: str, calibration_dataset=None, *, 
 
 
 # ----------------------------------------------------------------------------------------------
-# ONNX
-# ----------------------------------------------------------------------------------------------
-
-
-class DenseEquivalentMoE(nn.Module):
-    """Export stand-in for a (one-task) ``MoE``: same routing and output, static shapes.
-
-    Every held expert runs on every token; the top-k combine weights are scattered into a
-    ``[tokens, experts]`` matrix (zero where an expert was not picked) that mixes the expert outputs.
-    Equal to the routed layer up to float summation order.
-    """
-
-    def __init__(self, moe: MoE):
-        super().__init__()
-        if moe.capacity_factor is not None:
-            raise ValueError("ONNX export supports dropless MoE layers only (capacity_factor=null); this model "
-                             f"drops tokens over capacity_factor={moe.capacity_factor}")
-        self.moe = moe
-
-    def forward(self, x: Tensor) -> Tensor:
-        moe = self.moe
-        batch, num_tokens, dim = x.shape
-        if isinstance(moe.router, MultiGateRouter):  # the one task's gate, without the router's data-dependent branch
-            logits = x @ moe.router.weight[0].t()
-        else:
-            logits = moe.router(x, torch.zeros(batch, dtype=torch.long, device=x.device))
-        logits = logits.reshape(batch * num_tokens, moe.router_experts).float()
-        _, weights, indices = top_k_gate(logits, moe.top_k, moe.renormalize, moe._selectable)
-        combine = torch.zeros(batch * num_tokens, moe.num_experts, dtype=weights.dtype, device=x.device)
-        combine = combine.scatter(1, indices, weights).to(x.dtype)
-        tokens = x.reshape(batch * num_tokens, dim)
-        hidden = F.gelu(torch.einsum("sd,edh->esh", tokens, moe.w1) + moe.b1.unsqueeze(1))
-        outputs = torch.einsum("esh,ehd->esd", hidden, moe.w2) + moe.b2.unsqueeze(1)
-        return torch.einsum("se,esd->sd", combine, outputs).reshape(batch, num_tokens, dim)
-
-
-class _TaskGraph(nn.Module):
-    """``images -> prediction`` of a one-task model, its MoE layers replaced by ``DenseEquivalentMoE``."""
-
-    def __init__(self, model: MultiTaskModel):
-        super().__init__()
-        if len(model.tasks) != 1:
-            raise ValueError(f"ONNX export needs a one-task model (use extract_task first), got tasks {model.tasks}")
-        self.model = copy.deepcopy(model).eval()
-        for block in self.model.backbone.blocks:
-            if block.is_moe:
-                block.mlp = DenseEquivalentMoE(block.mlp)
-        self.task = model.tasks[0]
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)[self.task]
-
-
-def _require(module: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise OnnxUnavailable(f"ONNX export needs the optional package {module!r} "
-                              f"(pip install onnx onnxscript onnxruntime)") from None
-
-
-def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, batch_size: int = 1) -> Path:
-    """Write the one-task ``model`` as ONNX to ``path`` (atomically): input ``images [B, 3, H, W]``
-    (ImageNet-normalised, ``H, W`` the model's ``img_size``, ``B`` dynamic), output the task's
-    prediction ``[B, C, H, W]``. MoE layers are exported dense-equivalent (see the module docstring)."""
-    _require("onnx")
-    _require("onnxscript")
-    from ..utils.io import write_atomic
-
-    graph = _TaskGraph(model).cpu().float().eval()
-    h, w = model.config.img_size
-    example = torch.randn(max(2, batch_size), model.config.in_chans, h, w)
-    batch = torch.export.Dim("batch", min=1)
-
-    def write(tmp: str) -> None:
-        try:
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # the exporter's own deprecation notices
-                program = torch.onnx.export(graph, (example,), dynamo=True, input_names=["images"],
-                                            output_names=[graph.task], dynamic_shapes=({0: batch},),
-                                            external_data=False, verbose=False)
-        except Exception as exc:  # the exporter raises many types, with pages of diagnostics
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise OnnxError(f"torch.onnx could not export the {graph.task!r} pathway: {first}") from exc
-        program.save(tmp)
-
-    return write_atomic(path, write)
-
-
-@torch.no_grad()
-def check_onnx(model: MultiTaskModel, path: str | os.PathLike, images: Tensor) -> float:
-    """Max abs difference between onnxruntime on the ONNX file and the PyTorch ``model`` on ``images``
-    (ImageNet-normalised ``[B, 3, H, W]``)."""
-    ort = _require("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    task = model.tasks[0]
-    expected = model(images.to(next(model.parameters()).device), tasks=[task])[task].float().cpu()
-    (got,) = session.run(None, {session.get_inputs()[0].name: images.float().cpu().numpy()})
-    return float((torch.from_numpy(got) - expected).abs().max())
-
-
-# ----------------------------------------------------------------------------------------------
 # Checkpoint to checkpoint
 # ----------------------------------------------------------------------------------------------
 
@@ -436,7 +317,8 @@ def _exported_run(run: dict[str, Any], extracted: MultiTaskModel) -> dict[str, A
 
 def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.PathLike, *,
                       calibration: int | None = 64, min_usage: float = 0.0, gate_softmax: str = "all",
-                      onnx: bool = False, batch_size: int | None = None, device: str = "cpu",
+                      onnx: bool = False, int8: str | None = None,
+                      batch_size: int | None = None, device: str = "cpu",
                       overrides: list[str] | dict | None = None) -> ExtractionReport:
     """Extract ``task`` from a checkpoint directory into ``out`` (a normal checkpoint directory, written
     atomically, with ``export.json`` and, with ``onnx``, ``model.onnx``).
@@ -444,23 +326,30 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
     The calibration set is the first ``calibration`` images of the checkpoint's run data, validation
     split (``engine.checkpoints.load_run``; ``overrides`` are its ``--set`` keys); ``calibration=None``
     uses the whole split. ``batch_size`` defaults to the run's ``eval.batch_size``. With ``onnx`` the
-    graph is checked against PyTorch with onnxruntime when that is installed (max abs diff recorded;
-    more than 1e-4 raises).
+    graph is checked against PyTorch with onnxruntime when that is installed (max abs diff recorded; more than 1e-4 raises). ``int8`` (a
+    method of ``onnx_export.QUANTIZATION_METHODS``; needs ``onnx`` and onnxruntime) also writes
+    ``model.int8.onnx``, calibrated (static) on the calibration images, and records both files' sizes
+    and the int8 file's max abs difference from the float one on those images.
     """
     from ..engine.builders import build_eval_dataset
     from ..engine.checkpoints import checkpoint_step, load_run
     from ..models.checkpoint import read_checkpoint_config
+    from .onnx_export import QUANTIZATION_METHODS
 
+    if int8 is not None and int8 not in QUANTIZATION_METHODS:
+        raise ConfigError(f"int8={int8!r} is not a quantisation method; choose one of {list(QUANTIZATION_METHODS)}")
+    if int8 is not None and not onnx:
+        raise ConfigError("int8 quantises the ONNX file: it needs onnx=True (--onnx)")
     source, out = Path(checkpoint), Path(out)
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
         raise OutputError(f"--out {out} is the checkpoint being exported (or inside it); choose another folder")
     check_replaceable(out, EXPORT)  # before the work: refuse a folder that is not an m3vit export
     model, run_cfg = load_run(source, overrides, map_location=device)
     if task not in model.tasks:
-        raise ValueError(f"unknown task {task!r}; the checkpoint's tasks are {model.tasks}")
+        raise InputError(f"unknown task {task!r}; the checkpoint's tasks are {model.tasks}")
     dataset = build_eval_dataset(run_cfg, split=run_cfg.data.val_split)
     if task not in dataset.tasks:
-        raise ValueError(f"the calibration data ({run_cfg.data.name} {run_cfg.data.val_split}) has no labels for "
+        raise DataError(f"the calibration data ({run_cfg.data.name} {run_cfg.data.val_split}) has no labels for "
                          f"task {task!r}; it provides {list(dataset.tasks)}")
     batch_size = run_cfg.eval.batch_size if batch_size is None else batch_size
     extracted, report = extract_task(model, task, dataset, min_usage=min_usage, num_images=calibration,
@@ -476,19 +365,40 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
                                                               "gate_softmax": gate_softmax}})
         report.file_bytes_after = (staging / WEIGHTS).stat().st_size
         if onnx:
-            onnx_path = export_onnx(extracted, staging / ONNX_FILE)
-            report.onnx = {"file": ONNX_FILE, "bytes": onnx_path.stat().st_size, "checked": False,
-                           "max_abs_diff": None, "tolerance": ONNX_TOLERANCE}
-            try:
-                images = prepare_images([dataset[i]["image"] for i in range(min(4, len(dataset)))],
-                                        extracted.config.img_size)
-                diff = check_onnx(extracted, onnx_path, images)
-            except OnnxUnavailable:
-                log.warning("onnxruntime is not installed: %s was not checked against PyTorch", ONNX_FILE)
-            else:
-                report.onnx.update(checked=True, max_abs_diff=diff)
-                if not diff <= ONNX_TOLERANCE:
-                    raise ValueError(f"the ONNX graph differs from PyTorch by {diff:.3g} (> {ONNX_TOLERANCE}); "
-                                     f"nothing was written to {out}")
+            images = prepare_images([dataset[i]["image"] for i in range(report.num_images)],
+                                    extracted.config.img_size)
+            report.onnx = _export_onnx_files(extracted, staging, images, int8, batch_size)
+            if report.onnx["checked"] and not report.onnx["max_abs_diff"] <= report.onnx["tolerance"]:
+                raise ValueError(f"the ONNX graph differs from PyTorch by {report.onnx['max_abs_diff']:.3g} "
+                                 f"(> {report.onnx['tolerance']}); nothing was written to {out}")
         write_json(staging / REPORT_FILE, report.to_dict())
     return report
+
+
+def _export_onnx_files(extracted: MultiTaskModel, folder: Path, images: Tensor, int8: str | None,
+                       batch_size: int) -> dict[str, Any]:
+    """Write ``model.onnx`` (and ``model.int8.onnx``) into ``folder``; their part of the report.
+    ``images``: the calibration images, ImageNet-normalised at the model's size."""
+    from .onnx_export import (INPUT_NAME, ONNX_TOLERANCE, OnnxUnavailable, check_onnx, export_onnx, onnx_session,
+                              quantize_onnx)
+
+    onnx_path = export_onnx(extracted, folder / ONNX_FILE)
+    info: dict[str, Any] = {"file": ONNX_FILE, "bytes": onnx_path.stat().st_size, "checked": False,
+                            "max_abs_diff": None, "tolerance": ONNX_TOLERANCE, "int8": None}
+    try:
+        info.update(checked=True, max_abs_diff=check_onnx(extracted, onnx_path, images[:4]))
+    except OnnxUnavailable:
+        if int8 is not None:
+            raise
+        log.warning("onnxruntime is not installed: %s was not checked against PyTorch", ONNX_FILE)
+    if int8 is not None:
+        int8_path = quantize_onnx(onnx_path, folder / INT8_FILE, method=int8, calibration=images, batch_size=batch_size)
+        fp32, quantized = onnx_session(onnx_path), onnx_session(int8_path)
+        worst = 0.0
+        for start in range(0, len(images), batch_size):
+            batch = {INPUT_NAME: images[start:start + batch_size].numpy()}
+            worst = max(worst, float(abs(fp32.run(None, batch)[0] - quantized.run(None, batch)[0]).max()))
+        info["int8"] = {"file": INT8_FILE, "bytes": int8_path.stat().st_size, "method": int8,
+                        "max_abs_diff_vs_fp32": worst, "num_images": len(images),
+                        "size_ratio": int8_path.stat().st_size / info["bytes"]}
+    return info

@@ -1,0 +1,357 @@
+"""ONNX deployment of one task's pathway: the export form of the MoE layer that keeps top-k sparsity,
+the export itself (``export_onnx``), its check against PyTorch with onnxruntime (``check_onnx``) and
+int8 quantisation of the exported file (``quantize_onnx``).
+
+**The MoE export form.** ``SparseExportMoE`` is the routed computation written in ops an ONNX graph
+has: the layer's own router and ``top_k_gate`` (ONNX ``TopK``), then for each held expert the token
+positions routed to it (``NonZero``: a data-dependent length), a gather of those tokens, the expert
+MLP on them only, their combine weights, and an ``index_add`` back (``ScatterND``, ``reduction="add"``).
+An expert no token picked runs on zero rows: the expert GEMMs execute ``tokens x top_k`` rows in all,
+as PyTorch's dispatch does. ``torch.onnx.export(dynamo=True)`` traces the ``nonzero`` lengths as
+unbacked sizes without hints. (A dense-equivalent form, every expert on every token mixed by a
+``[tokens, experts]`` weight matrix, was slower at every size measured and was removed; see
+``docs/deployment_onnx.md``.) The routing comes from ``export_routing``, the one place that
+re-expresses a router for tracing: a multi-gate router picks its task's gate with a data-dependent
+branch that ``torch.export`` cannot trace; the other routers are called as they are.
+
+**Batch axis.** The graph's input is ``images [batch, 3, H, W]`` with a symbolic ``batch`` (traced with
+``min=1``; ONNX records no bounds) and its output ``[batch, C, H, W]``; batch 0 gives an empty output.
+(The first export's dense-equivalent MoE combined the experts with an ``Einsum`` whose onnxruntime
+kernel divides by zero on an empty token axis: SIGFPE.)
+
+**Metadata.** The file records the model config (``m3vit.config``, JSON) and the task (``m3vit.task``),
+so ``m3vit.efficiency.onnx_model.OnnxModel`` can evaluate it without the checkpoint.
+
+Needs the optional packages ``onnx`` and ``onnxscript`` (exporter) and ``onnxruntime`` (check, int8).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..utils.io import write_atomic
+from ..models import MultiTaskModel
+from ..nn.moe import MoE, top_k_gate
+from ..nn.routers import MultiGateRouter
+from ..utils.errors import InputError
+
+__all__ = ["QUANTIZATION_METHODS", "ONNX_TOLERANCE", "OnnxError", "OnnxUnavailable",
+           "export_routing", "ExportRouter", "SparseExportMoE", "TaskGraph", "export_onnx", "check_onnx",
+           "quantize_onnx", "onnx_session", "read_metadata"]
+
+ONNX_TOLERANCE = 1e-4
+QUANTIZATION_METHODS = ("static", "dynamic")
+METADATA_CONFIG = "m3vit.config"
+METADATA_TASK = "m3vit.task"
+METADATA_MOE = "m3vit.moe_form"
+INPUT_NAME = "images"
+# Node metadata the exporter writes that a deployed file does not need (the "namespace" name scope stays:
+# ``quantize_onnx`` finds the routing nodes by it).
+_DROPPED_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy",
+                          "pkg.torch.onnx.name_scopes")
+
+
+class OnnxError(RuntimeError):
+    """ONNX export failed; the message says why in one line."""
+
+
+class OnnxUnavailable(OnnxError):
+    """An optional ONNX package (onnx, onnxscript, onnxruntime) is not installed."""
+
+
+def _require(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OnnxUnavailable(f"ONNX export needs the optional package {module!r} "
+                              f"(pip install onnx onnxscript onnxruntime)") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Export forms of an MoE layer
+# ----------------------------------------------------------------------------------------------
+
+
+def export_routing(moe: MoE, x: Tensor, task_index: int) -> tuple[Tensor, Tensor]:
+    """Top-k routing of tokens ``x [B, N, D]`` for task ``task_index``, in a form ``torch.export`` traces:
+    ``weights [B*N, k]`` (float32 or wider) and ``indices [B*N, k]`` into the layer's held experts.
+
+    The router and ``top_k_gate`` are the layer's own; only ``MultiGateRouter`` is re-expressed (its
+    forward branches on whether the batch holds one task, which tracing cannot decide): for one task
+    its logits are ``x @ weight[task].T``, the branch the router takes for a one-task batch.
+    """
+    if moe.capacity_factor is not None:
+        raise ValueError("ONNX export supports dropless MoE layers only (capacity_factor=null); this model "
+                         f"drops tokens over capacity_factor={moe.capacity_factor}")
+    batch, num_tokens, _ = x.shape
+    if isinstance(moe.router, MultiGateRouter):
+        logits = x @ moe.router.weight[task_index].t()
+    else:
+        logits = moe.router(x, torch.full((batch,), task_index, dtype=torch.long, device=x.device))
+    logits = logits.reshape(batch * num_tokens, moe.router_experts)
+    _, weights, indices = top_k_gate(logits, moe.top_k, moe.renormalize, moe._selectable)
+    return weights, indices
+
+
+class ExportRouter(nn.Module):
+    """``export_routing`` of one layer and task as a module, so the routing ops of an exported graph are
+    recognisable by their name scope (``quantize_onnx`` keeps them in float: routing decisions stay exact)."""
+
+    def __init__(self, moe: MoE, task_index: int):
+        super().__init__()
+        self.moe, self.task_index = moe, task_index
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return export_routing(self.moe, x, self.task_index)
+
+
+class SparseExportMoE(nn.Module):
+    """Export form of an ``MoE`` layer for one task that keeps top-k sparsity (see the module docstring):
+    each held expert runs only on the tokens routed to it, found with a data-dependent ``nonzero``.
+
+    The experts' weights are held per expert (``w1[e]`` ...), so each becomes its own ONNX initializer,
+    which the int8 quantiser can quantise (it only quantises a ``MatMul`` whose weight is an initializer).
+    """
+
+    def __init__(self, moe: MoE, task_index: int = 0):
+        super().__init__()
+        self.route = ExportRouter(moe, task_index)
+        self.num_experts = moe.num_experts
+        for name in ("w1", "b1", "w2", "b2"):
+            stacked = getattr(moe, name).detach()
+            setattr(self, name, nn.ParameterList(nn.Parameter(w.clone(), requires_grad=False) for w in stacked))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, num_tokens, dim = x.shape
+        weights, indices = self.route(x)
+        top_k = indices.shape[1]
+        choices, gates = indices.reshape(-1), weights.reshape(-1)  # flat slot s*k + j
+        tokens = x.reshape(batch * num_tokens, dim)
+        out = torch.zeros_like(tokens)
+        for e in range(self.num_experts):
+            slots = (choices == e).nonzero().squeeze(1)  # a token picks an expert at most once
+            token = torch.div(slots, top_k, rounding_mode="floor")
+            hidden = F.gelu(tokens.index_select(0, token) @ self.w1[e] + self.b1[e])
+            y = (hidden @ self.w2[e] + self.b2[e]) * gates.index_select(0, slots).unsqueeze(1).to(x.dtype)
+            out = out.index_add(0, token, y)
+        return out.reshape(batch, num_tokens, dim)
+
+
+class TaskGraph(nn.Module):
+    """``images -> prediction`` of one task of ``model`` (a copy), its MoE layers as ``SparseExportMoE``."""
+
+    def __init__(self, model: MultiTaskModel, task: str | None = None):
+        super().__init__()
+        self.task = _one_task(model, task)
+        task_index = model.tasks.index(self.task)
+        self.model = copy.deepcopy(model).cpu().float().eval()
+        for block in self.model.backbone.blocks:
+            if block.is_moe:
+                block.mlp = SparseExportMoE(block.mlp, task_index)
+        self.eval()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images, tasks=[self.task])[self.task]
+
+
+def _one_task(model: MultiTaskModel, task: str | None) -> str:
+    if task is None:
+        if len(model.tasks) != 1:
+            raise ValueError(f"the model has tasks {model.tasks}: name the one to export (task=...), or extract "
+                             f"it first (extract_task)")
+        return model.tasks[0]
+    if task not in model.tasks:
+        raise ValueError(f"unknown task {task!r}; this model's tasks are {model.tasks}")
+    return task
+
+
+# ----------------------------------------------------------------------------------------------
+# Export and check
+# ----------------------------------------------------------------------------------------------
+
+
+def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, task: str | None = None) -> Path:
+    """Write ``task``'s pathway of ``model`` (default: its only task) as ONNX to ``path``, atomically.
+
+    Input ``images [batch, 3, H, W]`` (ImageNet-normalised, ``H, W`` the model's ``img_size``, ``batch``
+    dynamic, 0 allowed), output the task's prediction ``[batch, C, H, W]`` named after the task. MoE
+    layers are exported as ``SparseExportMoE``; a dense model is exported as it is. Exported with
+    ``torch.onnx.export(dynamo=True)``.
+    """
+    _require("onnx")
+    _require("onnxscript")
+    graph = TaskGraph(model, task)
+    cfg = model.config
+    example = torch.randn(2, cfg.in_chans, *cfg.img_size)
+    batch = torch.export.Dim("batch", min=1)
+    metadata = {METADATA_CONFIG: json.dumps(cfg.to_dict()), METADATA_TASK: graph.task,
+                METADATA_MOE: "sparse" if model.moe_layers else "none"}
+
+    def write(tmp: str) -> None:
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # the exporter's own deprecation notices
+                program = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                            output_names=[graph.task], dynamic_shapes=({0: batch},),
+                                            external_data=False, verbose=False)
+        except Exception as exc:  # the exporter raises many types, with pages of diagnostics
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxError(f"torch.onnx could not export the {graph.task!r} pathway: {first}") from exc
+        program.model.metadata_props.update(metadata)
+        for node in program.model.graph.all_nodes():  # source locations: kilobytes per node, and local paths
+            for key in _DROPPED_NODE_METADATA:
+                node.metadata_props.pop(key, None)
+        program.save(tmp, external_data=False)
+
+    return write_atomic(path, write)
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU ``InferenceSession`` on ``path`` (all graph optimisations; ``threads`` intra-op
+    threads, default onnxruntime's)."""
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (without loading its weights)."""
+    onnx = _require("onnx")
+    from google.protobuf.message import DecodeError  # onnx's own dependency
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except DecodeError:
+        raise InputError(f"{path} is not an ONNX file (it does not parse as an ONNX model)") from None
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+@torch.no_grad()
+def check_onnx(model: MultiTaskModel, path: str | os.PathLike, images: Tensor, *, task: str | None = None) -> float:
+    """Max abs difference between onnxruntime on the ONNX file and the PyTorch ``model`` on ``images``
+    (ImageNet-normalised ``[B, 3, H, W]``) for ``task`` (default: the model's only task)."""
+    task = _one_task(model, task)
+    session = onnx_session(path)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(images.to(next(model.parameters()).device), tasks=[task])[task].float().cpu()
+    finally:
+        model.train(was_training)
+    (got,) = session.run(None, {session.get_inputs()[0].name: images.float().cpu().numpy()})
+    return float((torch.from_numpy(got) - expected).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# int8
+# ----------------------------------------------------------------------------------------------
+
+
+def _float_nodes(proto) -> list[str]:
+    """Nodes ``quantize_onnx`` keeps in float: those an ``ExportRouter`` emitted (found by their name scope,
+    which records the module class), so the experts a token picks are decided as in the float model, and
+    every ``MatMul`` of two activations (attention scores and their product with the values: int8 there
+    costs accuracy and, through a quantised softmax between them, time)."""
+    weights = {init.name for init in proto.graph.initializer}
+    out = []
+    for node in proto.graph.node:
+        scope = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        if ExportRouter.__qualname__ in scope or (node.op_type == "MatMul" and node.input[1] not in weights):
+            out.append(node.name)
+    return out
+
+
+class _CalibrationReader:
+    """onnxruntime ``CalibrationDataReader``: the calibration images, ``batch_size`` at a time."""
+
+    def __init__(self, images: Tensor, batch_size: int):
+        self.batches = [images[i:i + batch_size].float().cpu().numpy() for i in range(0, len(images), batch_size)]
+        self.position = 0
+
+    def get_next(self):
+        if self.position >= len(self.batches):
+            return None
+        self.position += 1
+        return {INPUT_NAME: self.batches[self.position - 1]}
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+class _DropMessages(logging.Filter):
+    """A logging filter that drops records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quantize_onnx(source: str | os.PathLike, out: str | os.PathLike, *, method: str = "static",
+                  calibration: Tensor | None = None, batch_size: int = 4) -> Path:
+    """Write an int8 version of the ONNX file ``source`` to ``out`` (atomically) with onnxruntime's quantiser.
+
+    ``method``:
+
+    * ``"static"``: QDQ; the weights of every ``Conv`` and weight ``MatMul`` int8 (per output channel),
+      their input activations uint8 with ranges measured (MinMax) on ``calibration`` (ImageNet-normalised
+      images ``[N, 3, H, W]``, run ``batch_size`` at a time);
+    * ``"dynamic"``: weight ``MatMul`` only (int8 weights per channel, activations quantised per tensor at
+      run time, no calibration); convolutions stay float (onnxruntime's dynamic ``ConvInteger`` ran 2x
+      slower than float convolutions on an AVX2 CPU).
+
+    The MoE routing (gate, softmax, top-k) and the attention's activation x activation products stay in
+    float (``_float_nodes``). The source's metadata is copied.
+    """
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"method={method!r} is not a quantisation method; choose one of {list(QUANTIZATION_METHODS)}")
+    if method == "static" and (calibration is None or len(calibration) == 0):
+        raise ValueError("static quantisation needs calibration images")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    from onnxruntime import quantization as q
+
+    proto = onnx.load(str(source))
+    keep_float = _float_nodes(proto)
+
+    def write(tmp: str) -> None:
+        # The quantiser advises (root logger) to pre-process first: shape inference and fusions. The exporter
+        # has already folded constants and batch norms, and pre-processing drops the name scopes that
+        # ``_float_nodes`` reads, so the advice is left out.
+        advice = _DropMessages("pre-process")
+        logging.getLogger().addFilter(advice)
+        try:
+            if method == "static":
+                q.quantize_static(proto, tmp, _CalibrationReader(calibration, batch_size),
+                                  quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
+                                  per_channel=True, activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                                  calibrate_method=q.CalibrationMethod.MinMax, nodes_to_exclude=keep_float)
+            else:
+                q.quantize_dynamic(proto, tmp, op_types_to_quantize=["MatMul"], per_channel=True,
+                                   weight_type=q.QuantType.QInt8, nodes_to_exclude=keep_float)
+        finally:
+            logging.getLogger().removeFilter(advice)
+        quantized = onnx.load(tmp)
+        del quantized.metadata_props[:]
+        quantized.metadata_props.extend(proto.metadata_props)
+        onnx.save(quantized, tmp)
+
+    return write_atomic(out, write)
