@@ -182,8 +182,9 @@ def cmd_hw_compare(args) -> int:
 
     from .hardware.measure import measure_pathway_latency
 
-    if args.cpu_power <= 0 or (args.gpu_power is not None and args.gpu_power <= 0):
-        raise CLIError("--cpu-power and --gpu-power must be > 0 watts")
+    if not 0 < args.cpu_power < float("inf") or (args.gpu_power is not None
+                                                   and not 0 < args.gpu_power < float("inf")):  # NaN too
+        raise CLIError("--cpu-power and --gpu-power must be finite and > 0 watts")
     cfg, task, routing, model = _hw_inputs(args, need_model=True)
     report = _hw_simulate(args, cfg, task, routing)
     devices = [("cpu", args.cpu_power)]
