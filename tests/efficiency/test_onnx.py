@@ -19,7 +19,6 @@ from m3vit.cli import main
 from m3vit.data import build_dataset
 from m3vit.efficiency.export import extract_task
 from m3vit.efficiency.onnx_export import SparseExportMoE
-from m3vit.engine.checkpoints import load_run
 from m3vit.engine.config import load_config
 from m3vit.engine.evaluator import evaluate, prepare_images
 from m3vit.engine.experts import expert_usage
@@ -83,7 +82,9 @@ def test_export_form_equals_the_routed_layer(seed, router, num_experts, top_k, n
 def test_export_form_refuses_capacity_factor():
     layer = MoE(6, 5, 4, 2, capacity_factor=1.0).eval()
     with pytest.raises(ValueError, match="dropless"):
-        SparseExportMoE(layer)(torch.randn(1, 3, 6))
+        SparseExportMoE(layer)
+    with pytest.raises(ValueError, match="outside the layer's 1 tasks"):
+        SparseExportMoE(MoE(6, 5, 4, 2), task_index=1)
 
 
 # ----------------------------------------------------------------------------------------------

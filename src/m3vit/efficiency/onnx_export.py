@@ -79,7 +79,7 @@ def _require(module: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Export forms of an MoE layer
+# The MoE export form
 # ----------------------------------------------------------------------------------------------
 
 
@@ -91,9 +91,6 @@ def export_routing(moe: MoE, x: Tensor, task_index: int) -> tuple[Tensor, Tensor
     forward branches on whether the batch holds one task, which tracing cannot decide): for one task
     its logits are ``x @ weight[task].T``, the branch the router takes for a one-task batch.
     """
-    if moe.capacity_factor is not None:
-        raise ValueError("ONNX export supports dropless MoE layers only (capacity_factor=null); this model "
-                         f"drops tokens over capacity_factor={moe.capacity_factor}")
     batch, num_tokens, _ = x.shape
     if isinstance(moe.router, MultiGateRouter):
         logits = x @ moe.router.weight[task_index].t()
@@ -110,6 +107,11 @@ class ExportRouter(nn.Module):
 
     def __init__(self, moe: MoE, task_index: int):
         super().__init__()
+        if moe.capacity_factor is not None:
+            raise ValueError("ONNX export supports dropless MoE layers only (capacity_factor=null); this model "
+                             f"drops tokens over capacity_factor={moe.capacity_factor}")
+        if not 0 <= task_index < moe.num_tasks:
+            raise ValueError(f"task index {task_index} is outside the layer's {moe.num_tasks} tasks")
         self.moe, self.task_index = moe, task_index
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,25 +221,23 @@ def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, task: str | N
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     """An onnxruntime CPU ``InferenceSession`` on ``path`` (all graph optimisations; ``threads`` intra-op
-    threads, default onnxruntime's)."""
+    threads, default onnxruntime's). A file that is not an ONNX model raises ``InputError``."""
     ort = _require("onnxruntime")
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
+
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except InvalidProtobuf:
+        raise InputError(f"{path} is not an ONNX file (onnxruntime cannot parse it)") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file (without loading its weights)."""
-    onnx = _require("onnx")
-    from google.protobuf.message import DecodeError  # onnx's own dependency
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except DecodeError:
-        raise InputError(f"{path} is not an ONNX file (it does not parse as an ONNX model)") from None
-    return {p.key: p.value for p in proto.metadata_props}
+    """The model-level ``metadata_props`` of an ONNX file (``m3vit.config``, ``m3vit.task``, ...)."""
+    return dict(onnx_session(path, threads=1).get_modelmeta().custom_metadata_map)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..engine.evaluator import evaluate
 from ..models.config import ModelConfig
 from ..utils.errors import InputError
-from .onnx_export import METADATA_CONFIG, METADATA_TASK, onnx_session, read_metadata
+from .onnx_export import METADATA_CONFIG, METADATA_TASK, onnx_session
 
 __all__ = ["OnnxModel", "evaluate_onnx"]
 
@@ -35,7 +35,8 @@ class OnnxModel(nn.Module):
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"ONNX file {self.path} does not exist")
-        metadata = read_metadata(self.path)
+        self.session = onnx_session(self.path, threads)
+        metadata = self.session.get_modelmeta().custom_metadata_map
         if METADATA_CONFIG not in metadata or METADATA_TASK not in metadata:
             raise InputError(f"{self.path} has no m3vit metadata ({METADATA_CONFIG}, {METADATA_TASK}): evaluate a file "
                              f"written by 'm3vit export --onnx'")
@@ -43,7 +44,6 @@ class OnnxModel(nn.Module):
         self.task = metadata[METADATA_TASK]
         self.config = config.replace(tasks={self.task: config.tasks[self.task]})
         self.tasks = [self.task]
-        self.session = onnx_session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.device_marker = nn.Parameter(torch.zeros(0), requires_grad=False)
 
