@@ -256,3 +256,26 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(source, tmp_pa
                             "--calibration", "2")
         _one_line_error(code, err, str(disk / "sal"), "no space left on the device")
         assert list(disk.iterdir()) == []
+
+
+def test_start_fresh_leaves_a_folder_that_is_not_a_run_untouched(tmp_path):
+    """A folder of the user's with its own config.yaml and log.jsonl (the names the trainer writes) is not a
+    run folder: --fresh deletes nothing in it."""
+    out = tmp_path / "m3vit"
+    out.mkdir()
+    (out / "config.yaml").write_text("experiment: my own notes\n")
+    (out / "log.jsonl").write_text('{"mine": 1}\n')
+    with pytest.raises(OutputError, match="config.yaml, log.jsonl"):
+        start_fresh(out)
+    assert (out / "config.yaml").read_text() == "experiment: my own notes\n" and (out / "log.jsonl").is_file()
+
+
+def test_pruning_keeps_a_step_checkpoint_holding_a_user_file(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    cfg = tiny_config(train__steps=2, train__checkpoint_every=1, train__keep_checkpoints=2)
+    train(cfg, out)
+    (out / "checkpoints" / "step-1" / "NOTES.txt").write_text("why step 1 matters")
+    train(cfg.replace({"train.steps": 4, "train.keep_checkpoints": 1}), out, resume=True)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-1", "step-4"]  # step-2 and step-3 were m3vit's alone and were pruned
+    assert (out / "checkpoints" / "step-1" / "NOTES.txt").read_text() == "why step 1 matters"

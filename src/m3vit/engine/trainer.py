@@ -257,6 +257,18 @@ def _clean_temporaries(root: Path) -> None:
 _RUN_FILES = (RUN_CONFIG, LOG_FILE)
 
 
+def _is_run_folder(out: Path) -> bool:
+    """Whether ``out`` is an (empty or) m3vit training run folder: its ``config.yaml`` is a run config."""
+    config = out / RUN_CONFIG
+    if not config.is_file():
+        return not any(out.iterdir())
+    try:
+        saved = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(saved, dict) and "train" in saved and set(saved) <= {"model", "data", "train", "eval"}
+
+
 def remove_run_folder(out: str | os.PathLike) -> list[str]:
     """Delete a training run folder's own content (config, log, step checkpoints, ``final/``,
     TensorBoard event files and the trainer's temporary names), then the folder if nothing else is in
@@ -264,6 +276,8 @@ def remove_run_folder(out: str | os.PathLike) -> list[str]:
     out = Path(out)
     if not out.is_dir():
         return []
+    if not _is_run_folder(out):  # not the trainer's: delete nothing at all
+        return sorted(p.name for p in out.iterdir())
     for sub in (out / "checkpoints", out):
         _clean_temporaries(sub)
     root = out / "checkpoints"
