@@ -9,8 +9,8 @@ import pytest
 
 from m3vit.cli import main
 
-MICRO = ["--set", "embed_dim=32", "--set", "depth=2", "--set", "num_heads=2", "--set", "moe_blocks=[1]",
-         "--set", "head_channels=8"]
+MICRO = ["--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
+         "--set", "model.moe_blocks=[1]", "--set", "model.head_channels=8"]
 
 
 def test_models_lists_registry(capsys):
@@ -45,8 +45,13 @@ def test_flops_from_checkpoint(tmp_path, capsys):
         (["flops", "--model", "m3vit_micro", "--img-size", "30", "32"], "img_size 30x32 is not divisible by the patch size 16"),
         (["flops", "--model", "m3vit_micro", "--img-size", "1600000", "16"], "img_size 1600000x16: each side must be <= 4096"),
         (["flops", "--model", "m3vit_micro", "--img-size", "4096", "4096"], "gives 65536 patch tokens; at most 16384"),
-        (["flops", "--model", "m3vit_micro", "--set", "top_k=99"], "top_k=99 must be <= num_experts=16"),
-        (["flops", "--model", "m3vit_micro", "--set", "nonsense"], "--set expects key=value"),
+        (["flops", "--model", "m3vit_micro", "--set", "model.top_k=99"], "top_k=99 must be <= num_experts=16"),
+        (["flops", "--model", "m3vit_micro", "--set", "nonsense"], "--set expects model.key=value"),
+        (["flops", "--model", "m3vit_micro", "--set", "top_k=2"],
+         "--set top_k: model keys are dotted, as in every command: --set model.top_k=VALUE"),
+        (["flops", "--model", "m3vit_micro", "--set", "train.steps=2"], "flops takes only model keys, model.KEY=VALUE"),
+        (["flops", "--model", "m3vit_micro", "--set", "model.tasks=[edge]"], "--set model.tasks: give it with --tasks"),
+        (["flops", "--model", "m3vit_micro", "--set", "model.bogus=1"], "bogus"),
         (["flops", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
         (["flops", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
@@ -59,6 +64,45 @@ def test_errors_are_one_line_nonzero(argv, message, capsys):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in captured.err
+
+
+def test_flops_set_takes_the_dotted_model_keys_of_every_command(capsys):
+    flat = ["--set", "embed_dim=32"]
+    assert main(["flops", "--model", "m3vit_micro", "--img-size", "32", "32", "--json", *MICRO]) == 0
+    dotted = json.loads(capsys.readouterr().out)
+    assert main(["flops", "--model", "m3vit_micro", "--img-size", "32", "32", "--json", *MICRO, *flat]) == 2
+    assert capsys.readouterr().err == ("error: --set embed_dim: model keys are dotted, as in every command: "
+                                       "--set model.embed_dim=VALUE\n")
+    default = ["--model", "m3vit_micro", "--img-size", "32", "32", "--json"]
+    assert main(["flops", *default]) == 0
+    assert json.loads(capsys.readouterr().out)["params_m"] > dotted["params_m"]  # the overrides took effect
+
+
+def test_choice_lists_agree_with_their_registries():
+    """The parser's choice lists are torch-free copies (m3vit --help loads no PyTorch): each must equal the
+    registry or constant that owns it."""
+    from m3vit.cli import choices
+    from m3vit.data import DATASETS
+    from m3vit.data.synthetic import PEOPLE_MODES
+    from m3vit.efficiency.fixed_point import OVERFLOWS, ROUNDINGS
+    from m3vit.efficiency.onnx_export import QUANTIZATION_METHODS
+    from m3vit.engine.config import DEVICES
+    from m3vit.engine.evaluator import PATHWAYS
+    from m3vit.hardware.simulator import DESIGNS
+    from m3vit.hardware.spec import list_platforms
+    from m3vit.models.config import GATE_SOFTMAX
+    from m3vit.tasks.base import PROTOCOLS
+
+    assert choices.DATASETS == tuple(DATASETS)
+    assert choices.PEOPLE_MODES == tuple(PEOPLE_MODES)
+    assert choices.DEVICES == tuple(DEVICES)
+    assert choices.EVAL_PATHWAYS == tuple(PATHWAYS)
+    assert choices.EVAL_PROTOCOLS == tuple(PROTOCOLS)
+    assert choices.HW_DESIGNS == tuple(DESIGNS)
+    assert (choices.ROUNDINGS, choices.OVERFLOWS) == (tuple(ROUNDINGS), tuple(OVERFLOWS))
+    assert choices.GATE_SOFTMAX == tuple(GATE_SOFTMAX)
+    assert choices.INT8_METHODS == tuple(QUANTIZATION_METHODS)
+    assert choices.packaged_platforms() == list_platforms() and "zcu104" in list_platforms()
 
 
 def test_console_entry_points_without_traceback():
@@ -123,27 +167,28 @@ def test_a_bug_shows_its_traceback_and_user_errors_are_one_line(monkeypatch, cap
     """The error contract: M3ViTError and OSError are the user's (one line, exit 2); any other exception is a
     bug and must not be disguised as a user error (m3vit 0.1 printed a TypeError or KeyError as one line)."""
     import m3vit.cli as cli
+    import m3vit.cli.models as command
     from m3vit.utils.errors import CheckpointError
 
     for bug in (TypeError("unsupported operand"), KeyError("weights"), ValueError("internal invariant")):
         def broken(args, bug=bug):
             raise bug
 
-        monkeypatch.setattr(cli, "cmd_models", broken)
+        monkeypatch.setattr(command, "run", broken)
         with pytest.raises(type(bug)):
             cli.main(["models"])
 
     def user_error(args):
         raise CheckpointError("ckpt/model.safetensors is truncated; re-save it")
 
-    monkeypatch.setattr(cli, "cmd_models", user_error)
+    monkeypatch.setattr(command, "run", user_error)
     assert cli.main(["models"]) == 2
     assert capsys.readouterr().err == "error: ckpt/model.safetensors is truncated; re-save it\n"
 
     def missing(args):
         open("/nonexistent/file.yaml")
 
-    monkeypatch.setattr(cli, "cmd_models", missing)
+    monkeypatch.setattr(command, "run", missing)
     assert cli.main(["models"]) == 2
     assert capsys.readouterr().err == "error: /nonexistent/file.yaml: No such file or directory\n"
 

@@ -21,12 +21,33 @@ print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_help_does_not_import_torch():
-    for argv in (["--help"], ["train", "--help"], ["eval", "--help"], ["infer", "--help"]):
-        code = ("import contextlib, io\nfrom m3vit.cli import main\n"
-                f"with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main({argv!r})\n"
-                "    except SystemExit:\n        pass")
-        assert _loaded_after(code) == [], argv
+def test_help_of_every_command_does_not_import_torch():
+    """``m3vit --help`` and ``m3vit CMD [SUB] --help`` for every (sub)command the parser has, in one process."""
+    code = """
+import argparse, contextlib, io
+from m3vit.cli import build_parser, main
+
+def commands(parser, path=()):
+    yield list(path)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, path + (name,))
+
+seen = set()
+for argv in commands(build_parser()):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        try:
+            main([*argv, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0, (argv, exc.code)
+    assert out.getvalue().startswith("usage: m3vit"), argv
+    seen.add(" ".join(argv))
+expected = {"", "models", "flops", "hw simulate", "hw compare", "demo", "study", "train", "eval", "infer",
+            "experts", "analyze conflicts", "analyze compare", "export", "data show", "serve"}
+assert expected <= seen, sorted(expected - seen)
+"""
+    assert _loaded_after(code) == []
 
 
 def test_import_m3vit_is_light_and_a_model_needs_only_torch():

@@ -128,6 +128,47 @@ class ExtractionReport:
             out["file_bytes_reduction"] = _reduction(self.file_bytes_before, self.file_bytes_after)
         return out
 
+    def to_text(self) -> str:
+        """The report as ``m3vit export`` prints it: what was kept per MoE block, parameters and file sizes
+        before and after, the calibration metrics and prediction difference, and the ONNX files."""
+        data = self.extra.get("data", {})
+        softmax = "every expert (exact)" if self.gate_softmax == "all" else "the kept experts (renormalised)"
+        lines = [f"task {self.task}, {self.num_images} calibration images ({data.get('name')} {data.get('split')}), "
+                 f"experts kept above {self.min_usage:g} of the task's assignments, gate softmax over {softmax}"]
+        for layer in self.layers:
+            total = len(layer.kept) + len(layer.removed)
+            removed = ("none removed" if not layer.removed else
+                       f"removed {' '.join(f'e{e}' for e in layer.removed)}; {layer.rerouted_share:.1%} of "
+                       f"assignments rerouted")
+            lines.append(f"  block {layer.block}: kept {len(layer.kept)}/{total} experts, top-{layer.top_k} "
+                         f"({removed})")
+        d = self.to_dict()
+        lines.append(f"parameters: {self.params_before / 1e6:.3f} M -> {self.params_after / 1e6:.3f} M "
+                     f"({-d['param_reduction']:+.1%}; the task's pathway with every expert: "
+                     f"{self.params_pathway / 1e6:.3f} M, {-d['param_reduction_vs_pathway']:+.1%})")
+        lines.append(f"file size: {_megabytes(self.file_bytes_before)} -> {_megabytes(self.file_bytes_after)} "
+                     f"({-d['file_bytes_reduction']:+.1%})")
+        if self.metrics_before is not None:
+            change = ", ".join(f"{m} {self.metrics_before[m]:.3f} -> {self.metrics_after[m]:.3f} ({v:+.3f})"
+                               for m, v in self.metric_change.items())
+            lines.append(f"{self.task} on the calibration set: {change}")
+        same = " (identical)" if self.max_abs_diff == 0 else ""
+        lines.append(f"max abs prediction difference vs the original pathway: {self.max_abs_diff:.3g}{same}")
+        if self.onnx is not None:
+            checked = (f"onnxruntime max abs diff {self.onnx['max_abs_diff']:.3g} (<= {self.onnx['tolerance']:g})"
+                       if self.onnx["checked"] else "not checked: onnxruntime is not installed")
+            lines.append(f"onnx: {self.onnx['file']} ({_megabytes(self.onnx['bytes'])}), {checked}")
+            int8 = self.onnx["int8"]
+            if int8 is not None:
+                lines.append(f"int8 ({int8['method']}): {int8['file']} ({_megabytes(int8['bytes'])}, "
+                             f"{int8['size_ratio']:.2f}x the float file), max abs diff vs float on "
+                             f"{int8['num_images']} calibration images {int8['max_abs_diff_vs_fp32']:.3g}")
+        return "\n".join(lines)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
 
 def _reduction(before: int, after: int) -> float:
     """Fraction removed: ``1 - after / before``."""

@@ -61,6 +61,7 @@ __all__ = [
     "quantize_model",
     "fold_batchnorm",
     "metric_delta",
+    "fixed_point_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -480,3 +481,30 @@ def metric_delta(reference: Mapping[str, Mapping[str, float]],
     """``{task: {metric: other - reference}}`` over the tasks and metrics both hold."""
     return {task: {m: float(other[task][m]) - float(v) for m, v in values.items() if m in other.get(task, {})}
             for task, values in reference.items() if task in other}
+
+
+def fixed_point_text(block: Mapping[str, Any]) -> str:
+    """The ``fixed_point`` block of ``m3vit eval --fixed-point`` as text: the formats, a table of each task's
+    headline metrics in float and in fixed point, then one line of saturation counts."""
+    from ..tables import format_table
+    from ..tasks.registry import task_class
+
+    f = block["formats"]
+    lines = [f"fixed point: weights {f['weight']['format']}, biases and norms {f['bias']['format']}, activations "
+             f"{f['activation']['format']} (round {f['weight']['rounding']}, {f['weight']['overflow']} on overflow):"]
+    rows = []
+    for task, deltas in block["delta"].items():
+        cls = task_class(task)
+        for metric in sorted((m for m in deltas if "/" not in m), key=lambda m: m != cls.primary_metric):
+            fixed = block["metrics"][task][metric]
+            arrow = "↑" if cls.metric_higher_is_better(metric) else "↓"
+            rows.append([task, metric + arrow, f"{fixed - deltas[metric]:.4f}", f"{fixed:.4f}",
+                         f"{deltas[metric]:+.4f}"])
+    lines.append(format_table(["task", "metric", "float", "fixed", "change"], rows))
+    sat = block["saturation"]
+    worst = max(sat["activations"]["saturated_modules"].items(), key=lambda kv: kv[1]["saturated"], default=None)
+    lines.append(f"saturated: {sat['weights']['saturated']} of {sat['weights']['values']} weights, "
+                 f"{sat['activations']['saturated']} of {sat['activations']['values']} activation values"
+                 + (f" (most in {worst[0]}: {worst[1]['saturated']})" if worst else "")
+                 + f"; largest activation magnitude {sat['activations']['max_abs']:.4g}")
+    return "\n".join(lines)

@@ -17,6 +17,7 @@ from torch.utils import flop_counter as fc
 
 from ..models.config import check_input_size
 from ..models.modes import eval_mode
+from ..tables import format_table
 from ..utils.errors import InputError
 
 __all__ = ["FlopReport", "count_flops", "COMPONENTS"]
@@ -69,6 +70,30 @@ class FlopReport:
         out = asdict(self)
         out["img_size"] = list(self.img_size)
         return out
+
+    def to_text(self) -> str:
+        """The report as ``m3vit flops`` prints it: parameters, then GMACs, GFLOPs and the GFLOPs of each
+        component per task (and for all tasks at once when there are several)."""
+        headers = ["tasks", "GMACs", "GFLOPs"] + list(COMPONENTS)
+        rows = [[t, r["gmacs"], r["gflops"]] + [r["by_component"][c] for c in COMPONENTS]
+                for t, r in self.by_task.items()]
+        if len(self.tasks) > 1:
+            rows.append([f"all {len(self.tasks)}", self.gmacs, self.gflops]
+                        + [self.by_component[c] for c in COMPONENTS])
+        h, w = self.img_size
+        return "\n".join([
+            f"{self.model}: {self.params_m:.1f} M parameters ({self.backbone_params_m:.1f} M in the backbone)",
+            f"{self.model} at {h}x{w}, batch {self.batch_size} (component columns in GFLOPs; FLOPs = 2 x MACs; "
+            f"attention includes {self.attention_matmul_gflops:.2f} GFLOPs of QK^T/AV matmuls)",
+            format_table(headers, rows, cell=_compact_number),
+        ])
+
+
+def _compact_number(value: float) -> str:
+    """A table cell: whole numbers from 100, one decimal from 10, three below."""
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3f}"
 
 
 def _component_flops(model, counts: dict[str, dict]) -> dict[str, int]:

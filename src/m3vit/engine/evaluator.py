@@ -22,7 +22,10 @@ from ..tasks.base import PROTOCOLS
 from ..utils.errors import ConfigError, DataError
 from .builders import build_tasks
 
-__all__ = ["evaluate", "metric_options", "prepare_images"]
+__all__ = ["evaluate", "metric_options", "prepare_images", "metrics_table", "PATHWAYS"]
+
+#: ``pathway`` of ``evaluate``: each task alone (as deployed), or every task in one batched forward.
+PATHWAYS = ("single", "all")
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
     ``eval_cfg`` is an ``EvalSection`` (edge metric options); ``limit`` scores the first N samples.
     ``protocol="reference"`` scores each prediction as the official evaluation does (module docstring).
     """
-    if pathway not in ("single", "all"):
+    if pathway not in PATHWAYS:
         raise ConfigError(f"pathway must be 'single' or 'all', got {pathway!r}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
@@ -121,3 +124,30 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
             close = getattr(metric, "close", None)
             if close is not None:
                 close()
+
+
+def _metric_text(task: str, metric: str, value: float) -> str:
+    from ..tasks.registry import task_class
+
+    arrow = "↑" if task_class(task).metric_higher_is_better(metric) else "↓"
+    number = f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+    return f"{metric}{arrow} {number}"
+
+
+def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
+    """``evaluate``'s result as text (``m3vit eval``): one row per task, its primary metric, then its other
+    headline metrics (per-class IoU: JSON only)."""
+    from ..tasks.registry import task_class
+
+    rows = [["task", "main metric", "other metrics"]]
+    for task, values in metrics.items():
+        cls = task_class(task)
+        order = [cls.primary_metric] + [m for m in cls.higher_is_better if m != cls.primary_metric]
+        order += [m for m in values if m not in order and "/" not in m]
+        shown = [m for m in order if m in values]
+        rows.append([task, _metric_text(task, shown[0], values[shown[0]]) if shown else "-",
+                     ", ".join(_metric_text(task, m, values[m]) for m in shown[1:])])
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0].ljust(widths[0])} | {r[1].ljust(widths[1])} | {r[2]}".rstrip() for r in rows]
+    lines.insert(1, f"{'-' * widths[0]}-+-{'-' * widths[1]}-+-{'-' * max(len(r[2]) for r in rows)}")
+    return "\n".join(lines)

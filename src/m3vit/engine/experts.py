@@ -177,6 +177,23 @@ class ExpertUsage:
             })
         return out
 
+    def to_text(self, threshold: float = 0.9) -> str:
+        """Per MoE block, as ``m3vit experts`` prints it: each task's core experts, then the tasks' mean
+        pairwise overlap and the most shared experts, and the task–expert mutual information."""
+        lines = []
+        for layer in self.summary(threshold):
+            cores = ", ".join(f"{t} {len(c)} ({' '.join(f'e{e}' for e in c)})"
+                              for t, c in layer["core_experts"].items())
+            lines.append(f"block {layer['block']}: core experts per task: {cores}")
+            if layer["mean_jaccard"] is not None:
+                shared = ", ".join(f"e{s['expert']} ({s['tasks']} tasks)" for s in layer["most_shared"])
+                lines.append(f"  mean pairwise overlap: Jaccard {layer['mean_jaccard']:.2f}, shared assignments "
+                             f"{layer['mean_shared']:.2f}; most shared: {shared or '-'}")
+            if layer["mutual_information"] is not None:
+                lines.append(f"  task–expert mutual information: {layer['mutual_information']:.3f} bits "
+                             f"(0: no specialisation; log2 of the number of tasks: each task on its own experts)")
+        return "\n".join(lines)
+
     def to_markdown(self, threshold: float = 0.9) -> str:
         """A Markdown summary: per layer, each task's core experts and the two overlap matrices."""
         ov = self.overlap(threshold)
