@@ -18,7 +18,7 @@ from ..tasks import Task
 from ..tasks.base import PROTOCOLS, resize_bilinear
 from ..utils.errors import ConfigError, DataError
 from .builders import build_tasks
-from .inference import PATHWAYS, check_input_size, predict_checked
+from .inference import PATHWAYS, predict_checked
 
 __all__ = ["evaluate"]
 
@@ -47,7 +47,7 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
     ``protocol="reference"`` scores each prediction as the official evaluation does (module docstring).
     """
     if pathway not in PATHWAYS:
-        raise ConfigError(f"pathway must be one of {list(PATHWAYS)}, got {pathway!r}")
+        raise ConfigError(f"pathway must be {' or '.join(map(repr, PATHWAYS))}, got {pathway!r}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     tasks = model.resolve_tasks(tasks)
@@ -58,7 +58,7 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1 (or None for the whole dataset), got {limit}")
-    size = check_input_size(model, size)
+    size = tuple(int(s) for s in (model.config.img_size if size is None else size))  # the model checks it
     task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)
     extra = {t: task_objs[t].reference_metric_options if protocol == "reference" else {} for t in tasks}
     metrics = {t: task_objs[t].new_metric(**task_objs[t].metric_options(eval_cfg), **extra[t]) for t in tasks}

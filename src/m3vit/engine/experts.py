@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import check_input_size, predict_checked
+from .inference import predict_checked
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
 
 __all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
@@ -257,7 +257,7 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    size = check_input_size(model, size)
+    size = tuple(model.config.img_size if size is None else size)
     # Usage is reported over the router's experts: a layer holding a subset (an extracted task,
     # ``m3vit export``) has its held experts' indices mapped back to their original ids.
     num_experts = layers[0].router_experts

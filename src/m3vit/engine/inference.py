@@ -126,7 +126,7 @@ def predict(model, images: Sequence[torch.Tensor] | torch.Tensor, tasks: Sequenc
     bilinearly, to ``out_size`` (default: left at the network's resolution).
     """
     if pathway not in PATHWAYS:
-        raise ConfigError(f"pathway must be one of {list(PATHWAYS)}, got {pathway!r}")
+        raise ConfigError(f"pathway must be {' or '.join(map(repr, PATHWAYS))}, got {pathway!r}")
     return predict_checked(model, images, model.resolve_tasks(tasks), check_input_size(model, size), out_size,
                            pathway=pathway, after_task=after_task)
 
