@@ -131,7 +131,7 @@ def test_infer_validates_once_and_resizes_each_image_once(model, images, tmp_pat
     monkeypatch.setattr(inference, "upsample_rows", counted("upsample_rows", inference.upsample_rows))
     tasks = ["semseg", "depth"]  # semseg coloured pointwise (in strips), depth as a whole map
     infer_files(model, [images["rgb"], images["grey"]], tasks, tmp_path / "out")
-    forwards = 2 * len(tasks)  # one per image and task: the model's own check of its input
+    forwards = 2  # one forward of every task per image: the model's own check of its input
     assert calls == {"resolve": 1 + forwards, "resize_image": 2, "resize_bilinear": 2, "upsample_rows": 2}
     calls.update(resolve=0)
     predict_checked(model, [read_image(images["rgb"])], tasks, (32, 32))

@@ -249,7 +249,8 @@ def infer_files(model, paths: Sequence[str | os.PathLike], tasks: Sequence[str] 
                 result.failed.append((path, str(exc)))
                 continue
             original = (int(image.shape[-2]), int(image.shape[-1]))
-            outputs = {t: pred[0] for t, pred in predict_checked(model, [image], tasks, size).items()}
+            # one forward for every task, as infer always did (the single pathways agree up to float rounding)
+            outputs = {t: pred[0] for t, pred in predict_checked(model, [image], tasks, size, pathway="all").items()}
             del image  # the full-size image is no longer needed: free it before the full-size outputs
             for task in tasks:
                 picture, decoded = _task_outputs(task_objs[task], outputs.pop(task), original, save_npy)
