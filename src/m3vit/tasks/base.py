@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
+import numpy
 import torch
 import torch.nn.functional as F
 
 from ..utils.errors import ConfigError
-
-if TYPE_CHECKING:
-    import numpy
 
 __all__ = ["IGNORE", "Task", "Metric", "check_batch", "check_positive_int", "resize_bilinear", "resize_nearest",
            "quantize_8bit", "PROTOCOLS"]
@@ -127,8 +125,8 @@ class Task(abc.ABC):
         default the output itself as float32, ``[H, W]`` for one channel; tasks whose outputs are logits or
         unnormalised vectors override it (class ids, probabilities, unit vectors)."""
         if pred.shape[0] == 1:
-            return pred[0].numpy().astype("float32")
-        return pred.numpy().astype("float32")
+            return pred[0].numpy().astype(numpy.float32)
+        return pred.numpy().astype(numpy.float32)
 
     @classmethod
     def metric_higher_is_better(cls, metric: str) -> bool:
