@@ -41,7 +41,8 @@ from m3vit.efficiency.onnx_export import QUANTIZATION_METHODS, quantize_onnx
 from m3vit.efficiency.onnx_model import evaluate_onnx
 from m3vit.engine.builders import build_eval_dataset
 from m3vit.engine.checkpoints import load_run
-from m3vit.engine.evaluator import evaluate, prepare_images
+from m3vit.data import preprocess
+from m3vit.engine.evaluator import evaluate
 from m3vit.models import load_checkpoint
 from m3vit.tasks.registry import task_class
 
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     val = build_eval_dataset(run_cfg, split=run_cfg.data.val_split)
     train = build_eval_dataset(run_cfg, split=run_cfg.data.train_split)
     count = min(args.calib_images, len(train))
-    calibration = prepare_images([train[i]["image"] for i in range(count)], model.config.img_size)
+    calibration = preprocess([train[i]["image"] for i in range(count)], model.config.img_size)
     load_before = loadavg()
     print(f"loadavg before: {load_before}", flush=True)
     results = {}

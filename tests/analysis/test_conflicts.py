@@ -18,8 +18,7 @@ from torch import nn
 
 from m3vit.analysis import (gradient_conflicts, measure_conflicts, parameter_groups, plot_conflict_evolution,
                             plot_conflict_matrices, task_gradient_cosines)
-from m3vit.data import SyntheticScenes
-from m3vit.engine.evaluator import prepare_images
+from m3vit.data import SyntheticScenes, preprocess
 from m3vit.models import create_model
 from m3vit.tasks import get_task
 
@@ -39,7 +38,7 @@ def _model(router="multi_gate", seed=0, dtype=torch.float32):
 
 def _batch(scenes, n=3, dtype=torch.float32):
     samples = [scenes[i] for i in range(n)]
-    images = prepare_images([s["image"] for s in samples], (32, 32)).to(dtype)
+    images = preprocess([s["image"] for s in samples], (32, 32)).to(dtype)
     return images, {t: torch.stack([s[t] for s in samples]) for t in TASKS}
 
 

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from m3vit.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, Compose, Normalize, PadCrop, RandomHorizontalFlip, RandomScaleRotate, Resize,
-    eval_transforms, train_transforms,
+    eval_transforms, preprocess, resize_image, train_transforms,
 )
+from m3vit.utils.errors import InputError
 from m3vit.tasks import get_task
 
 IGNORE = 255
@@ -318,6 +319,67 @@ def test_resize_image_keeps_constants_and_range():
         torch.testing.assert_close(out, torch.full((3, *size), 0.25))
     noisy = Resize((7, 9))({"image": torch.rand(3, 30, 40)}, rng())["image"]
     assert noisy.min() >= -1e-6 and noisy.max() <= 1 + 1e-6
+
+
+# --- preprocess: the network input of every prediction ---------------------------------------------
+
+@FAST
+@given(seed=st.integers(0, 2**32 - 1), sizes=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 40)),
+                                                      min_size=1, max_size=3),
+       size=st.tuples(st.integers(1, 24), st.integers(1, 24)))
+def test_preprocess_equals_the_training_resize_and_normalize(seed, sizes, size):
+    """Bit for bit what ``Resize(size)`` then ``Normalize()`` give each sample, whatever the sizes (shrinking,
+    enlarging, one side each, or already the size)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, h, w, generator=g) for h, w in sizes]
+    batch = preprocess(images, size)
+    assert batch.shape == (len(images), 3, *size) and batch.dtype == torch.float32
+    pipeline = Compose([Resize(size), Normalize()])
+    for i, image in enumerate(images):
+        assert torch.equal(batch[i], pipeline({"image": image}, rng())["image"])
+    if len({tuple(s) for s in sizes}) == 1:  # a batch tensor gives the same
+        assert torch.equal(preprocess(torch.stack(images), size), batch)
+
+
+def test_resize_image_antialiases_only_when_shrinking():
+    """Against a slow reference: shrinking 8 -> 2 with antialiasing averages a neighbourhood with the
+    stretched triangle (tent) filter, weights renormalised at the border; enlarging is plain bilinear."""
+    image = torch.rand(3, 8, 8, dtype=torch.float64)
+    shrunk = resize_image(image, (2, 2))
+    # antialiased bilinear with scale 4: triangle filter of support 8 centred on the block centre
+    weights = torch.tensor([1.0, 3, 5, 7, 7, 5, 3, 1], dtype=torch.float64)
+    expected = torch.zeros(3, 2, 2, dtype=torch.float64)
+    for r in range(2):
+        for c in range(2):
+            acc, total = torch.zeros(3, dtype=torch.float64), 0.0
+            for i in range(8):
+                for j in range(8):
+                    y, x = 4 * r - 2 + i, 4 * c - 2 + j
+                    if 0 <= y < 8 and 0 <= x < 8:
+                        acc += weights[i] * weights[j] * image[:, y, x]
+                        total += float(weights[i] * weights[j])
+            expected[:, r, c] = acc / total
+    torch.testing.assert_close(shrunk, expected)
+    enlarged = resize_image(image[:, :2, :2], (4, 4))  # no antialiasing: plain bilinear at pixel centres
+    expected_row = [image[0, 0, 0], 0.75 * image[0, 0, 0] + 0.25 * image[0, 0, 1],
+                    0.25 * image[0, 0, 0] + 0.75 * image[0, 0, 1], image[0, 0, 1]]
+    torch.testing.assert_close(enlarged[0, 0], torch.stack(expected_row))
+    assert resize_image(image, (8, 8)) is image
+
+
+def test_preprocess_constants_and_bad_input():
+    image = torch.full((3, 10, 14), 0.5)
+    batch = preprocess([image, torch.zeros(3, 32, 32)], (32, 32))
+    assert batch.shape == (2, 3, 32, 32)
+    for c in range(3):
+        assert torch.allclose(batch[0, c], torch.tensor((0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]), atol=1e-6)
+        assert torch.allclose(batch[1, c], torch.tensor(-IMAGENET_MEAN[c] / IMAGENET_STD[c]), atol=1e-6)
+    with pytest.raises(InputError, match="wrap it in a list"):
+        preprocess(image, (8, 8))
+    with pytest.raises(InputError, match="at least one image"):
+        preprocess([], (8, 8))
+    with pytest.raises(InputError, match=r"\[3, H, W\]"):
+        preprocess([torch.zeros(1, 8, 8)], (8, 8))
 
 
 # --- whole pipelines -------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3vit.cli import main
-from m3vit.data import build_dataset
+from m3vit.data import build_dataset, preprocess
 from m3vit.efficiency.export import extract_task
 from m3vit.engine.config import load_config
-from m3vit.engine.evaluator import prepare_images
 from m3vit.engine.experts import expert_usage
 from m3vit.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
 from m3vit.models.config import ConfigError
@@ -59,7 +58,7 @@ def _starve(model, task: str = "sal") -> None:
 
 def _images(dataset, count=None):
     count = len(dataset) if count is None else count
-    return prepare_images([dataset[i]["image"] for i in range(count)], IMG)
+    return preprocess([dataset[i]["image"] for i in range(count)], IMG)
 
 
 def _moe_input(model, images, task):

@@ -16,11 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3vit.cli import main
-from m3vit.data import build_dataset
+from m3vit.data import build_dataset, preprocess
 from m3vit.efficiency.export import extract_task
 from m3vit.efficiency.onnx_export import SparseExportMoE
 from m3vit.engine.config import load_config
-from m3vit.engine.evaluator import evaluate, prepare_images
+from m3vit.engine.evaluator import evaluate
 from m3vit.engine.experts import expert_usage
 from m3vit.models import create_model, save_checkpoint
 from m3vit.nn import MoE
@@ -42,7 +42,7 @@ def _model(router: str = "multi_gate", seed: int = 0, tasks=TASKS, **overrides):
 
 
 def _images(dataset, count):
-    return prepare_images([dataset[i]["image"] for i in range(count)], IMG)
+    return preprocess([dataset[i]["image"] for i in range(count)], IMG)
 
 
 def _onnx():

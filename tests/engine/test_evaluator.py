@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from m3vit.data import SyntheticScenes
+from m3vit.data import SyntheticScenes, eval_transforms, preprocess
 from m3vit.engine import builders
-from m3vit.engine.evaluator import evaluate, prepare_images
+from m3vit.engine.evaluator import evaluate
 from m3vit.models import ModelConfig, create_model
 from m3vit.utils.errors import DataError
 
@@ -50,7 +50,7 @@ def test_outputs_of_a_task_do_not_depend_on_the_other_tasks(scenes):
     the same maps as inside the task-batched forward."""
     torch.manual_seed(1)
     model = create_model("m3vit_micro", scenes.task_channels, img_size=(32, 32), moe_blocks=[0, 1], **MICRO).eval()
-    images = prepare_images([scenes[i]["image"] for i in range(2)], (32, 32))
+    images = preprocess([scenes[i]["image"] for i in range(2)], (32, 32))
     with torch.no_grad():
         together = model(images)
         for task in TASKS:
@@ -165,14 +165,25 @@ def test_same_size_labels_in_one_batch_and_a_custom_input_size():
     assert model.seen_shapes == [(2, 3, 16, 32)] * 2  # one forward per task (single pathways)
 
 
-def test_images_are_resized_and_imagenet_normalised():
-    image = torch.full((3, 10, 14), 0.5)
-    batch = prepare_images([image, torch.zeros(3, 32, 32)], (32, 32))
-    assert batch.shape == (2, 3, 32, 32)
-    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    for c in range(3):
-        assert torch.allclose(batch[0, c], torch.tensor((0.5 - mean[c]) / std[c]), atol=1e-6)
-        assert torch.allclose(batch[1, c], torch.tensor(-mean[c] / std[c]), atol=1e-6)
+class RecordingModel(RampModel):
+    """``RampModel`` that keeps every input batch it sees."""
+
+    def forward(self, images, tasks=None):
+        self.seen = getattr(self, "seen", []) + [images.clone()]
+        return super().forward(images, tasks)
+
+
+def test_the_network_sees_what_the_training_resize_gives():
+    """Images larger than the input are shrunk with antialiasing, smaller ones enlarged, exactly as the
+    evaluation transform (``Resize`` + ``Normalize``) does to a training sample."""
+    dataset = BigLabels(sizes=((48, 64), (160, 64)))  # images 32x30 (enlarged) and 60x30 (shrunk)
+    model = RecordingModel(img_size=(32, 32))
+    evaluate(model, dataset, ["depth"], batch_size=2)
+    (batch,) = model.seen
+    rng = np.random.default_rng(0)
+    for i, sample in enumerate(dataset.samples):
+        expected = eval_transforms((32, 32))({"image": sample["image"]}, rng)["image"]
+        assert torch.equal(batch[i], expected)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from PIL import Image
 from m3vit.engine.builders import build_tasks
 from m3vit.engine.inference import (
     ImageReadError,
-    decode_prediction,
     infer_files,
     output_stems,
     predict,
+    predict_checked,
     read_image,
     upsample_rows,
 )
@@ -52,8 +52,10 @@ def images(tmp_path):
 
 
 def _manual_prediction(model, image: torch.Tensor, task: str) -> torch.Tensor:
-    """Reference: bilinear resize to 32x32, ImageNet normalisation by hand, the task alone, back to size."""
-    x = F.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False)
+    """Reference: bilinear resize to 32x32 (antialiased when a side shrinks, as the training ``Resize``),
+    ImageNet normalisation by hand, the task alone, back to size."""
+    shrinking = image.shape[-2] > 32 or image.shape[-1] > 32
+    x = F.interpolate(image[None], size=(32, 32), mode="bilinear", align_corners=False, antialias=shrinking)
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
         out = model(x, tasks=[task])[task]
@@ -70,13 +72,70 @@ def test_read_image_gives_rgb_in_unit_range(images):
     assert read_image(images["rgba"]).shape == (3, 33, 17)
 
 
+def _predict_one(model, image, tasks=None, **kwargs):
+    """``predict`` of one image, outputs at the image's own size, ``{task: [C, H, W]}``."""
+    return {t: p[0] for t, p in predict(model, [image], tasks, out_size=image.shape[-2:], **kwargs).items()}
+
+
 def test_predict_runs_only_the_requested_pathway_at_the_image_size(model, images):
+    for key in ("rgb", "grey", "rgba"):  # shrinking, enlarging, one side each
+        image = read_image(images[key])
+        preds = _predict_one(model, image, ["semseg", "normals"])
+        assert set(preds) == {"semseg", "normals"}
+        assert preds["semseg"].shape == (8, *image.shape[-2:]) and preds["normals"].shape == (3, *image.shape[-2:])
+        for task in preds:
+            torch.testing.assert_close(preds[task], _manual_prediction(model, image, task), atol=1e-5, rtol=1e-5)
+
+
+def test_predict_batches_pathways_and_output_sizes(model, images):
     image = read_image(images["rgb"])
-    preds = predict(model, image, ["semseg", "normals"])
-    assert set(preds) == {"semseg", "normals"}
-    assert preds["semseg"].shape == (8, 50, 70) and preds["normals"].shape == (3, 50, 70)
-    for task in preds:
-        torch.testing.assert_close(preds[task], _manual_prediction(model, image, task), atol=1e-5, rtol=1e-5)
+    grey = read_image(images["grey"])
+    single = predict(model, [image, grey], ["sal", "depth"])
+    together = predict(model, [image, grey], ["sal", "depth"], pathway="all")
+    for task in ("sal", "depth"):
+        assert single[task].shape == (2, 1, 32, 32) and single[task].dtype == torch.float32  # network size
+        torch.testing.assert_close(single[task], together[task], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(single[task][1], predict(model, [grey], [task])[task][0], atol=1e-5, rtol=1e-5)
+    assert predict(model, torch.stack([image, image]), ["sal"], out_size=(7, 9))["sal"].shape == (2, 1, 7, 9)
+    seen = []
+    predict(model, [image], ["sal", "edge"], after_task=seen.append)
+    assert seen == ["sal", "edge"]
+    with pytest.raises(ValueError, match="pathway"):
+        predict(model, [image], ["sal"], pathway="some")
+    with pytest.raises(InputError, match="wrap it in a list"):
+        predict(model, image, ["sal"])
+    with pytest.raises(InputError, match=r"unknown task\(s\) \['bogus'\]"):
+        predict(model, [image], ["bogus"])
+    with pytest.raises(InputError, match="not divisible by the patch size"):
+        predict(model, [image], ["sal"], size=(30, 32))
+
+
+def test_infer_validates_once_and_resizes_each_image_once(model, images, tmp_path, monkeypatch):
+    """The task names are checked at infer_files' entry (the model checks its own forward); each image is
+    resized for the network once, each raw output once to the image size."""
+    import m3vit.data.transforms as transforms
+    import m3vit.engine.inference as inference
+
+    calls = {"resolve": 0, "resize_image": 0, "resize_bilinear": 0, "upsample_rows": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(model, "resolve_tasks", counted("resolve", model.resolve_tasks))
+    monkeypatch.setattr(transforms, "resize_image", counted("resize_image", transforms.resize_image))
+    monkeypatch.setattr(inference, "resize_bilinear", counted("resize_bilinear", inference.resize_bilinear))
+    monkeypatch.setattr(inference, "_STRIP_PIXELS", 1 << 30)  # one strip per output
+    monkeypatch.setattr(inference, "upsample_rows", counted("upsample_rows", inference.upsample_rows))
+    tasks = ["semseg", "depth"]  # semseg coloured pointwise (in strips), depth as a whole map
+    infer_files(model, [images["rgb"], images["grey"]], tasks, tmp_path / "out")
+    forwards = 2  # one forward of every task per image: the model's own check of its input
+    assert calls == {"resolve": 1 + forwards, "resize_image": 2, "resize_bilinear": 2, "upsample_rows": 2}
+    calls.update(resolve=0)
+    predict_checked(model, [read_image(images["rgb"])], tasks, (32, 32))
+    assert calls["resolve"] == len(tasks)  # predict_checked trusts its caller
 
 
 def test_infer_writes_a_png_per_image_and_task_at_the_original_size(model, images, tmp_path):
@@ -119,15 +178,15 @@ def test_npy_holds_the_documented_arrays(model, images, tmp_path):
     assert arrays["depth"].shape == (50, 70) and np.allclose(arrays["depth"], ref["depth"][0].numpy(), atol=1e-5)
 
 
-def test_decode_prediction_per_task_kind():
+def test_decode_per_task_kind():
     tasks = build_tasks(TASKS)
     logits = torch.zeros(8, 2, 2)
     logits[5, 0, 1] = 1.0
-    assert decode_prediction(tasks["semseg"], logits).tolist() == [[0, 5], [0, 0]]
-    assert decode_prediction(tasks["sal"], torch.zeros(1, 2, 2)).tolist() == [[0.5, 0.5], [0.5, 0.5]]
-    normals = decode_prediction(tasks["normals"], torch.tensor([3.0, 0.0, 4.0]).view(3, 1, 1).expand(3, 2, 2))
+    assert tasks["semseg"].decode(logits).tolist() == [[0, 5], [0, 0]]
+    assert tasks["sal"].decode(torch.zeros(1, 2, 2)).tolist() == [[0.5, 0.5], [0.5, 0.5]]
+    normals = tasks["normals"].decode(torch.tensor([3.0, 0.0, 4.0]).view(3, 1, 1).expand(3, 2, 2))
     assert np.allclose(normals[:, 0, 0], [0.6, 0.0, 0.8])
-    assert decode_prediction(tasks["depth"], torch.full((1, 2, 3), 2.5)).shape == (2, 3)
+    assert tasks["depth"].decode(torch.full((1, 2, 3), 2.5)).shape == (2, 3)
 
 
 def test_a_corrupt_file_is_reported_and_the_others_are_written(model, images, tmp_path):
@@ -177,7 +236,7 @@ def test_input_size(model, images, tmp_path):
     result = infer_files(model, [images["rgb"]], ["depth"], out, size=(48, 64), save_npy=True)
     assert not result.failed and np.load(out / "room_depth.npy").shape == (50, 70)
     # another input size gives another prediction (the network really saw 48x64)
-    default = predict(model, read_image(images["rgb"]), ["depth"])["depth"][0].numpy()
+    default = _predict_one(model, read_image(images["rgb"]), ["depth"])["depth"][0].numpy()
     assert not np.allclose(np.load(out / "room_depth.npy"), default)
     for size, message in [((30, 32), "size 30x32 is not divisible by the patch size 16"),
                           ((32, 0), "size 32x0 must be positive")]:
@@ -215,14 +274,14 @@ def test_strips_give_the_same_files_as_one_piece(model, tmp_path, monkeypatch):
     Image.fromarray(np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(path)
     monkeypatch.setattr(inference, "_STRIP_PIXELS", 53 * 5)  # 5 rows per strip: 8 strips
     infer_files(model, [path], list(TASKS), tmp_path / "out", save_npy=True)
-    preds = predict(model, read_image(path))
+    preds = _predict_one(model, read_image(path))
     task_objs = build_tasks(TASKS)
     for task in TASKS:
         picture = np.asarray(Image.open(tmp_path / "out" / f"wide_{task}.png"), dtype=int)
         reference = task_objs[task].colorize(preds[task], kind="pred").astype(int)
         assert (np.abs(picture - reference) > 1).mean() < 0.005, task
         array = np.load(tmp_path / "out" / f"wide_{task}.npy")
-        expected = decode_prediction(task_objs[task], preds[task])
+        expected = task_objs[task].decode(preds[task])
         assert array.shape == expected.shape and array.dtype == expected.dtype
         if array.dtype == np.uint8:
             assert (array == expected).mean() > 0.995
@@ -234,7 +293,7 @@ def test_a_sixteen_bit_image_predicts_like_its_eight_bit_twin(model, tmp_path):
     values = np.random.default_rng(4).integers(0, 256, (30, 40), dtype=np.uint16)
     Image.fromarray(values.astype(np.uint8)).save(tmp_path / "a8.png")
     Image.fromarray(values * 257).save(tmp_path / "a16.png")  # the same picture at 16 bits
-    eight, sixteen = (predict(model, read_image(tmp_path / n), ["sal"])["sal"] for n in ("a8.png", "a16.png"))
+    eight, sixteen = (_predict_one(model, read_image(tmp_path / n), ["sal"])["sal"] for n in ("a8.png", "a16.png"))
     torch.testing.assert_close(eight, sixteen, rtol=1e-5, atol=1e-5)
 
 

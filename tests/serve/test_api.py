@@ -17,10 +17,15 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from fastapi.testclient import TestClient  # noqa: E402
 
 from m3vit.engine.builders import build_tasks  # noqa: E402
-from m3vit.engine.inference import decode_prediction, predict  # noqa: E402
+from m3vit.engine.inference import predict as predict_batch  # noqa: E402
 from m3vit.models import load_checkpoint  # noqa: E402
 from m3vit.serve import create_app, running_server  # noqa: E402
 from m3vit.utils.errors import InputError  # noqa: E402
+
+def predict(model, image, tasks):
+    """One image's raw outputs at its own size, ``{task: [C, H, W]}`` (``m3vit.engine.inference.predict``)."""
+    return {t: p[0] for t, p in predict_batch(model, [image], tasks, out_size=image.shape[-2:]).items()}
+
 
 TOKENS = 1 + (64 // 16) ** 2  # class token + 4x4 patches of the 64x64 input
 TOP_K, EXPERTS, BLOCKS = 2, 4, [1, 3, 5]
@@ -161,7 +166,7 @@ def test_predict_a_subset_with_raw_values(client, checkpoint, to_png, make_image
     task_objects = build_tasks(dict(model.config.tasks))
     for task, entry in body["tasks"].items():
         values = npy_array(entry["npy"])
-        expected = decode_prediction(task_objects[task], predict(model, as_tensor(array), [task])[task])
+        expected = task_objects[task].decode(predict(model, as_tensor(array), [task])[task])
         assert values.dtype == expected.dtype and values.shape == expected.shape
         np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
     assert npy_array(body["tasks"]["normals"]["npy"]).shape == (3, 30, 20)
@@ -294,7 +299,7 @@ def test_many_requests_at_once_are_answered_correctly(make_client, checkpoint, t
         body = answer.json()
         assert list(body["tasks"]) == task_cycle[i % 4].split(",")
         for task, entry in body["tasks"].items():
-            expected = decode_prediction(task_objects[task], predict(model, as_tensor(array), [task])[task])
+            expected = task_objects[task].decode(predict(model, as_tensor(array), [task])[task])
             np.testing.assert_allclose(npy_array(entry["npy"]), expected, rtol=1e-5, atol=1e-6)
     assert client.get("/api/info").json()["requests_served"] == 12
     assert client.app.state.service.in_flight == 0
@@ -351,7 +356,7 @@ def test_a_real_server_answers_concurrent_clients(checkpoint, to_png, make_image
     task = build_tasks(dict(model.config.tasks))["sal"]
     for i, array in enumerate(arrays):  # each answer is its own image's map
         assert results[i].status_code == 200, results[i].text
-        expected = decode_prediction(task, predict(model, as_tensor(array), ["sal"])["sal"])
+        expected = task.decode(predict(model, as_tensor(array), ["sal"])["sal"])
         np.testing.assert_allclose(npy_array(results[i].json()["tasks"]["sal"]["npy"]), expected, rtol=1e-5, atol=1e-6)
 
 

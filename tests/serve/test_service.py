@@ -96,7 +96,8 @@ def test_predict_without_http_matches_the_model(service, checkpoint, to_png, mak
     body = service.predict(to_png(array), "depth", raw=True)
     assert list(body["tasks"]) == ["depth"] and body["image_size"] == [24, 32]
     model = load_checkpoint(checkpoint)
-    expected = predict(model, torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255), ["depth"])["depth"]
+    image = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)
+    expected = predict(model, [image], ["depth"], out_size=image.shape[-2:])["depth"][0]
     import base64
     import io
 

@@ -1,9 +1,9 @@
-"""Task lookup, options, channel defaults and default loss weights."""
+"""Task lookup, options and channel defaults."""
 
 import pytest
 
 from m3vit.models.registry import TASK_CHANNELS
-from m3vit.tasks import Task, default_loss_weights, get_task, list_tasks
+from m3vit.tasks import Task, get_task, list_tasks
 
 
 def test_every_model_task_is_known_with_the_same_default_channels():
@@ -37,15 +37,3 @@ def test_options():
         get_task("edge", pos_weight=1.5)
     with pytest.raises(TypeError, match="bins"):
         get_task("normals").new_metric(bins=3)
-
-
-def test_default_loss_weights():
-    pascal = {"semseg": 1, "human_parts": 2, "sal": 5, "edge": 50, "normals": 10}
-    assert default_loss_weights("pascal_context") == pascal
-    assert default_loss_weights("nyud") == {"semseg": 1, "depth": 1, "normals": 10, "edge": 50}
-    assert set(default_loss_weights("synthetic")) == set(TASK_CHANNELS)
-    weights = default_loss_weights("nyud")
-    weights["semseg"] = 99
-    assert default_loss_weights("nyud")["semseg"] == 1  # a fresh dict each time
-    with pytest.raises(ValueError, match="known datasets are .*nyud"):
-        default_loss_weights("coco")

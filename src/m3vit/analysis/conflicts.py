@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data import preprocess
 from ..data.transforms import Resize
 from ..engine.builders import build_tasks
-from ..engine.evaluator import prepare_images
 from ..tasks import get_task
 
 __all__ = ["task_gradient_cosines", "gradient_conflicts", "GradientConflicts", "ConflictReport",
@@ -323,7 +323,7 @@ class ConflictReport:
 def _batch(dataset, indices: Sequence[int], size: tuple[int, int], tasks: Sequence[str], device) -> tuple:
     resize = Resize(size)
     samples = [resize(dataset[i], None) for i in indices]
-    images = prepare_images([s["image"] for s in samples], size).to(device)
+    images = preprocess([s["image"] for s in samples], size).to(device)
     targets = {t: torch.stack([s[t] for s in samples]).to(device) for t in tasks}
     return images, targets
 
@@ -368,7 +368,7 @@ def plot_conflict_matrices(matrices: Mapping[str, np.ndarray], tasks: Sequence[s
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from ..data.show import save_figure
+    from ..utils.figures import save_figure
 
     tasks = list(tasks)
     cell = 0.55
@@ -399,7 +399,7 @@ def plot_conflict_evolution(reports: Mapping[int, ConflictReport], path: str | o
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from ..data.show import save_figure
+    from ..utils.figures import save_figure
 
     steps = sorted(reports)
     first = reports[steps[0]]

@@ -27,6 +27,8 @@ from .transforms import (
     RandomScaleRotate,
     Resize,
     eval_transforms,
+    preprocess,
+    resize_image,
     train_transforms,
 )
 
@@ -34,7 +36,8 @@ __all__ = [
     "DATASETS", "build_dataset", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
     "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
     "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms", "SCALE_ROTATE_RECIPES",
-    "scale_rotate_options", "read_image", "ImageReadError", "ImageTooLargeError", "MAX_PIXELS",
+    "scale_rotate_options", "reference_loss_weights", "read_image", "ImageReadError", "ImageTooLargeError",
+    "MAX_PIXELS", "preprocess", "resize_image",
 ]
 
 #: Dataset name -> class (the names configs and the CLI use).
@@ -52,6 +55,14 @@ def scale_rotate_options(name: str, recipe: str = "reference") -> dict:
     if recipe == "reference":
         return dict(getattr(DATASETS[name], "REFERENCE_SCALE_ROTATE", PASCAL_SCALE_ROTATE))
     return dict(PASCAL_SCALE_ROTATE)
+
+
+def reference_loss_weights(name: str) -> dict[str, float]:
+    """Per-task loss weights of the reference recipe for dataset ``name`` (its ``REFERENCE_LOSS_WEIGHTS``;
+    a fresh dict)."""
+    if name not in DATASETS:
+        raise ConfigError(f"no reference loss weights for dataset {name!r}; known datasets are {sorted(DATASETS)}")
+    return dict(DATASETS[name].REFERENCE_LOSS_WEIGHTS)
 
 
 def build_dataset(name: str, split: str = "train", *, root: str | None = None, size: Sequence[int] | None = None,

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..tasks.base import IGNORE
+from ..tasks.base import IGNORE, resize_nearest
 from ..utils.errors import ConfigError, DataError, InputError
 from .images import read_image
 
@@ -78,15 +78,6 @@ def sample_rng(seed: int, split_code: int, index: int, epoch: int) -> np.random.
     return np.random.default_rng(np.random.SeedSequence([seed, split_code, index, epoch, 1]))
 
 
-def resize_nearest(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a label ``[..., H, W]`` to ``size`` (pixel centres, values copied)."""
-    h_in, w_in = label.shape[-2:]
-    h_out, w_out = size
-    rows = ((torch.arange(h_out, dtype=torch.float64) + 0.5) * (h_in / h_out)).floor().long().clamp_(0, h_in - 1)
-    cols = ((torch.arange(w_out, dtype=torch.float64) + 0.5) * (w_in / w_out)).floor().long().clamp_(0, w_in - 1)
-    return label[..., rows[:, None], cols[None, :]]
-
-
 class FolderDataset(torch.utils.data.Dataset):
     """Base of the on-disk multi-task datasets; see ``PascalContextMT`` and ``NYUDMT``.
 
@@ -95,7 +86,7 @@ class FolderDataset(torch.utils.data.Dataset):
     image's size with nearest neighbours if the two differ).
     """
 
-    #: ``meta["dataset"]``, also the name ``m3vit.tasks.default_loss_weights`` knows.
+    #: ``meta["dataset"]``, also its name in ``m3vit.data.DATASETS``.
     dataset_name: str
     #: Name of the top folder in the documentation (``PASCAL_MT``, ``NYUD_MT``).
     tree_name: str

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ..tasks import task_class
 from ..tasks.base import IGNORE
 from ..utils.errors import DataError
 from ._io import FolderDataset, label_file, mask_invalid, read_png, unit_vectors
@@ -83,8 +84,10 @@ class NYUDMT(FolderDataset):
         "edge": ("edge/{id}.npy", "edge/{id}.png"),
     }
     all_tasks = ("semseg", "depth", "normals", "edge")
-    channels = {"semseg": len(NYUD_CLASSES), "depth": 1, "normals": 3, "edge": 1}
+    channels = {**{t: task_class(t).default_channels for t in all_tasks}, "semseg": len(NYUD_CLASSES)}
     classes = NYUD_CLASSES
+    #: Per-task loss weights of the reference recipe (M³ViT / ATRC code base; normals and edge: 4-task NYUD).
+    REFERENCE_LOSS_WEIGHTS = {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}
     #: The official M³ViT's NYUD augmentation (``data.scale_rotate: reference``): a scale drawn from
     #: {1.0, 1.2, 1.5}, never rotated, depth divided by the scale (docs/reference.md).
     REFERENCE_SCALE_ROTATE = {"scale_choices": (1.0, 1.2, 1.5), "degrees": (0.0, 0.0)}

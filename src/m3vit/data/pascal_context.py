@@ -49,6 +49,7 @@ from scipy.io.matlab import MatReadError
 import torch
 from skimage.morphology import thin
 
+from ..tasks import task_class
 from ..tasks.base import IGNORE
 from ..utils.errors import DataError
 from ._io import FolderDataset, label_file, read_png, unit_vectors
@@ -202,8 +203,10 @@ class PascalContextMT(FolderDataset):
         "label_map": ("pascal-context/trainval/{id}.mat",),
     }
     all_tasks = ("semseg", "human_parts", "normals", "sal", "edge")
-    channels = {"semseg": len(VOC_CLASSES), "human_parts": 7, "normals": 3, "sal": 1, "edge": 1}
+    channels = {**{t: task_class(t).default_channels for t in all_tasks}, "semseg": len(VOC_CLASSES)}
     classes = VOC_CLASSES
+    #: Per-task loss weights of the reference recipe (M³ViT / ATRC code base).
+    REFERENCE_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0}
 
     def __init__(self, root: str | os.PathLike, split: str = "train", tasks: Sequence[str] | None = None,
                  transform: Callable | None = None, seed: int = 0,

@@ -22,21 +22,21 @@ x right, y up, z towards the camera, so the same angle rotates their (x, y) coun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tasks import get_task, list_tasks
+from ..tasks import TASK_CLASSES
 from ..tasks.base import IGNORE, Task
-from ..utils.errors import ConfigError
-from ._io import resize_nearest
+from ..utils.errors import ConfigError, InputError
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Transform", "Compose", "RandomHorizontalFlip", "RandomScaleRotate",
     "PadCrop", "Resize", "Normalize", "train_transforms", "eval_transforms", "warp_sample", "source_coordinates",
-    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE",
+    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE", "resize_image", "preprocess",
 ]
 
 #: ImageNet channel statistics (RGB, images in [0, 1]).
@@ -54,6 +54,9 @@ PASCAL_SCALE_ROTATE = {"scales": (0.75, 1.25), "degrees": (-20.0, 20.0)}
 
 #: Sample keys that are carried along untouched.
 _PASS_THROUGH = ("meta",)
+
+#: The task of each label key, resolved once (the label hooks do not depend on task options).
+_LABEL_TASKS: Mapping[str, Task] = MappingProxyType({cls.name: cls() for cls in TASK_CLASSES})
 
 
 # --- argument checks -------------------------------------------------------------------------------
@@ -94,16 +97,15 @@ def _entries(sample: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, 
     if not isinstance(image, torch.Tensor) or image.ndim != 3:
         raise ConfigError(f"sample['image'] must be a tensor [C, H, W], got {getattr(image, 'shape', type(image))}")
     size = tuple(image.shape[-2:])
-    known = set(list_tasks())
     labels = {}
     for key, value in sample.items():
         if key == "image" or key in _PASS_THROUGH:
             continue
-        if key not in known:
+        task = _LABEL_TASKS.get(key)
+        if task is None:
             if isinstance(value, torch.Tensor):
-                raise ConfigError(f"sample[{key!r}] is not a known task ({sorted(known)}); cannot transform it")
+                raise ConfigError(f"sample[{key!r}] is not a known task ({sorted(_LABEL_TASKS)}); cannot transform it")
             continue
-        task = get_task(key)
         expected_ndim = 2 if task.label_kind == "class" else 3
         if not isinstance(value, torch.Tensor) or value.ndim != expected_ndim or tuple(value.shape[-2:]) != size:
             raise ConfigError(
@@ -112,13 +114,6 @@ def _entries(sample: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, 
             )
         labels[key] = (value, task)
     return image, labels
-
-
-def _renormalise(normals: torch.Tensor) -> torch.Tensor:
-    """Unit-length normals on valid pixels; ignored pixels stay 255 in all channels."""
-    invalid = (normals == IGNORE).any(dim=0, keepdim=True)
-    length = (normals * normals).sum(dim=0, keepdim=True).sqrt_().clamp_min_(1e-12)  # faster than norm(dim=0)
-    return torch.where(invalid, torch.full_like(normals, IGNORE), normals / length)
 
 
 # --- transforms ------------------------------------------------------------------------------------
@@ -294,11 +289,47 @@ def _window(x: torch.Tensor, top: int, left: int, size: tuple[int, int], fill: f
     return out
 
 
-class Resize:
-    """Resize to ``size``: image bilinear (antialiased when shrinking), labels nearest (pixel centres).
+def resize_image(image: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """One image ``[C, H, W]`` resized to ``size``: bilinear with pixel centres (``align_corners=False``),
+    antialiased when either side shrinks; unchanged when already that size. Computed in float32 (at
+    least), returned in the image's dtype."""
+    size = tuple(int(s) for s in size)
+    if tuple(image.shape[-2:]) == size:
+        return image
+    shrinking = image.shape[-2] > size[0] or image.shape[-1] > size[1]
+    return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False,
+                         antialias=shrinking)[0].to(image.dtype)
 
-    Normals are renormalised to unit length on valid pixels afterwards (ignored stay 255).
+
+def preprocess(images: Sequence[torch.Tensor] | torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Images in ``[0, 1]`` (a sequence of ``[3, H, W]``, sizes may differ, or a batch ``[B, 3, H, W]``) ->
+    one ImageNet-normalised float32 batch ``[B, 3, *size]`` for the network.
+
+    Exactly the evaluation transform ``Resize(size)`` then ``Normalize()`` per image (``resize_image``:
+    bilinear, antialiased when shrinking), so a prediction sees what training saw.
     """
+    size = _as_size(size)
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        raise InputError(f"preprocess takes a list of [3, H, W] images or a batch [B, 3, H, W], got one image "
+                         f"{list(images.shape)}: wrap it in a list")
+    images = list(images)
+    if not images:
+        raise InputError("preprocess needs at least one image")
+    out = []
+    for image in images:
+        if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != len(IMAGENET_MEAN):
+            raise InputError(f"each image must be a tensor [3, H, W], got {list(getattr(image, 'shape', []))}")
+        out.append(resize_image(image.float(), size))
+    batch = torch.stack(out)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+class Resize:
+    """Resize to ``size``: image with ``resize_image`` (bilinear, antialiased when shrinking), labels with
+    ``Task.resize_label`` (nearest, pixel centres; normals renormalised to unit length on valid pixels,
+    ignored stay 255)."""
 
     def __init__(self, size) -> None:
         self.size = _as_size(size)
@@ -308,14 +339,9 @@ class Resize:
         if tuple(image.shape[-2:]) == self.size:
             return sample
         out = dict(sample)
-        shrinking = image.shape[-2] > self.size[0] or image.shape[-1] > self.size[1]
-        out["image"] = F.interpolate(image[None].float(), size=self.size, mode="bilinear", align_corners=False,
-                                     antialias=shrinking)[0].to(image.dtype)
+        out["image"] = resize_image(image, self.size)
         for key, (label, task) in labels.items():
-            moved = resize_nearest(label, self.size)
-            if task.name == "normals":
-                moved = _renormalise(moved)
-            out[key] = moved
+            out[key] = task.resize_label(label, self.size)
         return out
 
     def __repr__(self) -> str:

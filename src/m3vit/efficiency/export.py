@@ -49,7 +49,9 @@ from torch import Tensor, nn
 
 from ..utils.errors import CheckpointError, ConfigError, DataError, InputError, OutputError
 from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_json
-from ..engine.evaluator import evaluate, prepare_images
+from ..data import preprocess
+from ..engine.evaluator import evaluate
+from ..engine.inference import predict_checked
 from ..engine.experts import expert_usage, moe_block_indices
 from ..models import MultiTaskModel
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
@@ -245,13 +247,11 @@ def _calibration_count(dataset, num_images: int | None) -> int:
 def _max_abs_diff(original: MultiTaskModel, extracted: MultiTaskModel, task: str, dataset, count: int,
                   batch_size: int, size) -> float:
     """Largest |original task-T prediction - extracted prediction| over the calibration images."""
-    device = next(original.parameters()).device
     worst = 0.0
     for start in range(0, count, batch_size):
-        images = prepare_images([dataset[i]["image"] for i in range(start, min(start + batch_size, count))],
-                                size).to(device)
-        a = original(images, tasks=[task])[task].float()
-        b = extracted(images)[task].float()
+        images = [dataset[i]["image"] for i in range(start, min(start + batch_size, count))]
+        a = predict_checked(original, images, [task], size)[task]
+        b = predict_checked(extracted, images, [task], size)[task]
         worst = max(worst, float((a - b).abs().max()))
     return worst
 
@@ -406,8 +406,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, task: str, out: str | os.Pa
                                                               "gate_softmax": gate_softmax}})
         report.file_bytes_after = (staging / WEIGHTS).stat().st_size
         if onnx:
-            images = prepare_images([dataset[i]["image"] for i in range(report.num_images)],
-                                    extracted.config.img_size)
+            images = preprocess([dataset[i]["image"] for i in range(report.num_images)],
+                                extracted.config.img_size)
             report.onnx = _export_onnx_files(extracted, staging, images, int8, batch_size)
             if report.onnx["checked"] and not report.onnx["max_abs_diff"] <= report.onnx["tolerance"]:
                 raise ValueError(f"the ONNX graph differs from PyTorch by {report.onnx['max_abs_diff']:.3g} "

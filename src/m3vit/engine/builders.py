@@ -6,11 +6,12 @@ from typing import Any
 
 import torch
 
-from ..data import Compose, Normalize, Resize, build_dataset, scale_rotate_options, train_transforms
+from ..data import (Compose, Normalize, Resize, build_dataset, reference_loss_weights, scale_rotate_options,
+                    train_transforms)
 from ..data.show import dataset_tasks
 from ..models import create_model
 from ..models.config import ConfigError
-from ..tasks import Task, default_loss_weights
+from ..tasks import Task
 from .config import RunConfig
 
 __all__ = ["build_train_dataset", "build_eval_dataset", "build_tasks", "loss_weights", "build_model", "collate"]
@@ -55,7 +56,7 @@ def loss_weights(cfg: RunConfig, tasks: list[str]) -> dict[str, float]:
     """``train.loss_weights`` or the dataset's reference weights, for ``tasks`` (a missing task: error)."""
     weights = cfg.train.loss_weights
     if weights is None:
-        weights = default_loss_weights(cfg.data.name)
+        weights = reference_loss_weights(cfg.data.name)
     missing = [t for t in tasks if t not in weights]
     if missing:
         raise ConfigError(f"train.loss_weights: no weight for task(s) {missing}; give one per task of {tasks}")

@@ -13,52 +13,22 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD
-from ..models.modes import eval_mode
 from ..tasks import Task
-from ..tasks.base import PROTOCOLS
+from ..tasks.base import PROTOCOLS, resize_bilinear
 from ..utils.errors import ConfigError, DataError
 from .builders import build_tasks
+from .inference import PATHWAYS, predict_checked
 
-__all__ = ["evaluate", "metric_options", "prepare_images", "metrics_table", "PATHWAYS"]
-
-#: ``pathway`` of ``evaluate``: each task alone (as deployed), or every task in one batched forward.
-PATHWAYS = ("single", "all")
+__all__ = ["evaluate", "metrics_table", "PATHWAYS"]
 
 log = logging.getLogger(__name__)
-
-
-def metric_options(eval_cfg: Any, task: str) -> dict[str, Any]:
-    """Options for ``Task.new_metric`` from an ``EvalSection`` (only the edge metric has any)."""
-    if task == "edge" and eval_cfg is not None:
-        return {"num_thresholds": eval_cfg.edge_thresholds, "max_dist": eval_cfg.edge_max_dist,
-                "workers": eval_cfg.edge_workers}
-    return {}
 
 
 def _to_label_size(task: Task, pred: torch.Tensor, size, protocol: str) -> torch.Tensor:
     if protocol == "reference":
         return task.reference_prediction(pred, size)
-    if tuple(pred.shape[-2:]) != tuple(size):
-        pred = F.interpolate(pred, size=tuple(size), mode="bilinear", align_corners=False)
-    return pred
-
-
-def prepare_images(images: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-    """``[3, H, W]`` images in ``[0, 1]`` -> one ImageNet-normalised batch ``[B, 3, *size]`` (bilinear)."""
-    size = tuple(int(s) for s in size)
-    out = []
-    for image in images:
-        image = image.float()
-        if tuple(image.shape[-2:]) != size:
-            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-        out.append(image)
-    batch = torch.stack(out)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=batch.dtype).view(1, 3, 1, 1)
-    return (batch - mean) / std
+    return resize_bilinear(pred, size)
 
 
 @torch.no_grad()
@@ -68,15 +38,16 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
              progress: bool = False, protocol: str = "default") -> dict[str, dict[str, float]]:
     """Score ``model`` on ``dataset``: ``{task: {metric: value}}``.
 
-    Images (``[0, 1]``, untransformed) are resized to ``size`` (default: the model's ``img_size``) and
-    normalised; each prediction is upsampled (bilinear) to its label's resolution before the metric
-    sees it. ``pathway="single"`` runs each task alone (its router, the experts it picks, its head),
+    Images (``[0, 1]``, untransformed) go through ``m3vit.engine.inference.predict`` (preprocessed to
+    ``size``, default the model's ``img_size``, as the training ``Resize`` does); each prediction is
+    upsampled (bilinear) to its label's resolution before the metric sees it. ``pathway="single"`` runs each task alone (its router, the experts it picks, its head),
     as a deployed model would; ``"all"`` runs every task in one batched forward (the results agree).
-    ``eval_cfg`` is an ``EvalSection`` (edge metric options); ``limit`` scores the first N samples.
+    ``eval_cfg`` is an ``EvalSection`` (metric options: ``Task.metric_options``); ``limit`` scores the
+    first N samples; ``device`` is where the images go (default the model's).
     ``protocol="reference"`` scores each prediction as the official evaluation does (module docstring).
     """
     if pathway not in PATHWAYS:
-        raise ConfigError(f"pathway must be 'single' or 'all', got {pathway!r}")
+        raise ConfigError(f"pathway must be {' or '.join(map(repr, PATHWAYS))}, got {pathway!r}")
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}")
     tasks = model.resolve_tasks(tasks)
@@ -87,11 +58,10 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be >= 1 (or None for the whole dataset), got {limit}")
-    size = tuple(model.config.img_size if size is None else size)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    size = tuple(int(s) for s in (model.config.img_size if size is None else size))  # the model checks it
     task_objs: dict[str, Task] = build_tasks({t: model.config.tasks[t] for t in tasks}, dataset)
     extra = {t: task_objs[t].reference_metric_options if protocol == "reference" else {} for t in tasks}
-    metrics = {t: task_objs[t].new_metric(**metric_options(eval_cfg, t), **extra[t]) for t in tasks}
+    metrics = {t: task_objs[t].new_metric(**task_objs[t].metric_options(eval_cfg), **extra[t]) for t in tasks}
     count = len(dataset) if limit is None else min(limit, len(dataset))
     starts = range(0, count, batch_size)
     if progress:
@@ -99,25 +69,20 @@ def evaluate(model, dataset, tasks: Sequence[str] | None = None, *, batch_size: 
 
         starts = tqdm(starts, desc="eval", unit="batch", leave=False)
     try:
-        with eval_mode(model):
-            for start in starts:
-                samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-                images = prepare_images([s["image"] for s in samples], size).to(device)
-                if pathway == "all":
-                    outputs = model(images, tasks=tasks)
+        for start in starts:
+            samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+            outputs = predict_checked(model, [s["image"] for s in samples], tasks, size, pathway=pathway,
+                                      device=device)
+            for task in tasks:
+                pred = outputs[task]
+                labels = [s[task] for s in samples]
+                if all(label.shape[-2:] == labels[0].shape[-2:] for label in labels):
+                    target = torch.stack(labels)
+                    metrics[task].update(_to_label_size(task_objs[task], pred, target.shape[-2:], protocol), target)
                 else:
-                    outputs = {t: model(images, tasks=[t])[t] for t in tasks}
-                for task in tasks:
-                    pred = outputs[task].float().cpu()
-                    labels = [s[task] for s in samples]
-                    if all(label.shape[-2:] == labels[0].shape[-2:] for label in labels):
-                        target = torch.stack(labels)
-                        metrics[task].update(_to_label_size(task_objs[task], pred, target.shape[-2:], protocol),
-                                             target)
-                    else:
-                        for i, label in enumerate(labels):
-                            one = _to_label_size(task_objs[task], pred[i:i + 1], label.shape[-2:], protocol)
-                            metrics[task].update(one, label[None])
+                    for i, label in enumerate(labels):
+                        one = _to_label_size(task_objs[task], pred[i:i + 1], label.shape[-2:], protocol)
+                        metrics[task].update(one, label[None])
         return {t: {k: float(v) for k, v in metrics[t].compute().items()} for t in tasks}
     finally:
         for metric in metrics.values():

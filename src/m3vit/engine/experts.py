@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluator import prepare_images
+from .inference import predict_checked
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
 
 __all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
@@ -281,7 +281,6 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
     original_ids = [None if layer.expert_ids is None else torch.tensor(layer.expert_ids) for layer in layers]
     counts = np.zeros((len(layers), len(tasks), num_experts), dtype=np.int64)
     weight_sums = np.zeros((len(layers), len(tasks), num_experts), dtype=np.float64)
-    device = next(model.parameters()).device
     count = len(dataset) if limit is None else min(limit, len(dataset))
     if count == 0:
         raise ValueError("the dataset is empty")
@@ -290,23 +289,25 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="experts", unit="batch", leave=False)
+
+    def record(task: str) -> None:  # right after the task's forward: its routing is in last_routing
+        t_idx = tasks.index(task)
+        for l_idx, layer in enumerate(layers):
+            routing = layer.last_routing
+            indices = routing["indices"].reshape(-1).cpu()
+            if original_ids[l_idx] is not None:
+                indices = original_ids[l_idx][indices]
+            weights = routing["weights"].reshape(-1).double().cpu()
+            counts[l_idx, t_idx] += torch.bincount(indices, minlength=num_experts).numpy()
+            weight_sums[l_idx, t_idx] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
+                0, indices, weights).numpy()
+
     was_training = model.training
     model.eval()
     try:
         for start in starts:
-            images = prepare_images([dataset[i]["image"] for i in range(start, min(start + batch_size, count))],
-                                    size).to(device)
-            for t_idx, task in enumerate(tasks):
-                model(images, tasks=[task])
-                for l_idx, layer in enumerate(layers):
-                    routing = layer.last_routing
-                    indices = routing["indices"].reshape(-1).cpu()
-                    if original_ids[l_idx] is not None:
-                        indices = original_ids[l_idx][indices]
-                    weights = routing["weights"].reshape(-1).double().cpu()
-                    counts[l_idx, t_idx] += torch.bincount(indices, minlength=num_experts).numpy()
-                    weight_sums[l_idx, t_idx] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
-                        0, indices, weights).numpy()
+            predict_checked(model, [dataset[i]["image"] for i in range(start, min(start + batch_size, count))],
+                            tasks, size, after_task=record)
     finally:
         model.train(was_training)
     return ExpertUsage(tasks=list(tasks), layers=moe_block_indices(model), num_experts=num_experts,

@@ -1,12 +1,17 @@
 """Inference on image files: run only the requested tasks' sparse pathways and write coloured PNGs (and raw arrays).
 
-Each image (any format PIL reads, read by ``m3vit.data.images.read_image``: RGB in [0, 1], EXIF
-orientation applied, 16-bit and float images scaled by their real range) is resized
-(bilinear) to the model's ``img_size`` or to a given size, ImageNet-normalised and run through
-``model(images, tasks=[...])``, which activates only those tasks' routers, experts and heads. Each
-raw output is upsampled (bilinear, as the evaluator does) back to the original image size, then
-written as ``OUT/<image stem>_<task>.png`` (``Task.colorize(pred, kind="pred")``) and, on request,
-``OUT/<image stem>_<task>.npy`` holding the decoded prediction at the original size:
+``predict`` is the one way from images to predictions (evaluation, ``m3vit infer``, the demo report,
+the routing trace, export calibration and expert usage all use it): images in ``[0, 1]`` go through
+``m3vit.data.preprocess`` (resized to the model's ``img_size`` or a given size exactly as the training
+``Resize`` does -- bilinear, antialiased when shrinking -- and ImageNet-normalised) and through
+``model(images, tasks=[...])``, which activates only those tasks' routers, experts and heads; the raw
+outputs are resized once, bilinearly, to ``out_size`` when asked.
+
+``infer_files`` reads each image (any format PIL reads, read by ``m3vit.data.images.read_image``: RGB in
+[0, 1], EXIF orientation applied, 16-bit and float images scaled by their real range), predicts, and
+upsamples each raw output (bilinear, as the evaluator does) back to the original image size, then
+writes ``OUT/<image stem>_<task>.png`` (``Task.colorize(pred, kind="pred")``) and, on request,
+``OUT/<image stem>_<task>.npy`` holding the decoded prediction (``Task.decode``) at the original size:
 
 ==================================  ========================  ========================================
 task                                dtype / shape             values
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,16 +54,21 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.images import MAX_PIXELS, ImageReadError, ImageTooLargeError, read_image
+from ..data.transforms import preprocess
 from ..models.config import check_input_size as check_size_rule
 from ..models.modes import eval_mode
-from ..utils.io import OutputFolder, write_atomic
 from ..tasks import Task
-from ..utils.errors import InputError
+from ..tasks.base import resize_bilinear
+from ..utils.errors import ConfigError, InputError
+from ..utils.io import OutputFolder, write_atomic
 from .builders import build_tasks
-from .evaluator import prepare_images
 
 __all__ = ["ImageReadError", "ImageTooLargeError", "InferenceResult", "read_image", "check_input_size", "predict",
-           "decode_prediction", "output_stems", "infer_files", "upsample_rows", "MAX_PIXELS"]
+           "predict_checked", "PATHWAYS", "output_stems", "infer_files", "upsample_rows", "MAX_PIXELS"]
+
+#: How ``predict`` runs several tasks: ``single`` one forward per task (its router, the experts it picks,
+#: its head: what a deployed model does), ``all`` one batched forward of every task (the results agree).
+PATHWAYS = ("single", "all")
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +84,8 @@ class InferenceResult:
     processed: list[Path] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    #: The task names predicted, as validated (in the order given).
+    tasks: list[str] = field(default_factory=list)
 
 
 def check_input_size(model, size: Sequence[int] | None = None) -> tuple[int, int]:
@@ -82,17 +94,6 @@ def check_input_size(model, size: Sequence[int] | None = None) -> tuple[int, int
     if size is None:
         return tuple(model.config.img_size)
     return check_size_rule(size, model.config.patch_size, "size", error=InputError)
-
-
-@torch.no_grad()
-def _network_outputs(model, image: torch.Tensor, tasks: list[str], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Raw outputs ``{task: float32 [C, h, w]}`` (CPU) at the network's input size."""
-    if image.dim() != 3 or image.shape[0] != 3:
-        raise InputError(f"image must be [3, H, W], got shape {list(image.shape)}")
-    device = next(model.parameters()).device
-    with eval_mode(model):
-        outputs = model(prepare_images([image], size).to(device), tasks=tasks)
-    return {task: outputs[task][0].float().cpu() for task in tasks}
 
 
 def upsample_rows(pred: torch.Tensor, size: Sequence[int], start: int, stop: int) -> torch.Tensor:
@@ -113,38 +114,53 @@ def upsample_rows(pred: torch.Tensor, size: Sequence[int], start: int, stop: int
     return upper + (lower - upper) * weight
 
 
-@torch.no_grad()
-def predict(model, image: torch.Tensor, tasks: Sequence[str] | None = None,
-            size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Raw outputs ``{task: [C, H, W]}`` of one image ``[3, H, W]`` in ``[0, 1]``, at the image's own size.
+def predict(model, images: Sequence[torch.Tensor] | torch.Tensor, tasks: Sequence[str] | None = None,
+            out_size: Sequence[int] | None = None, *, size: Sequence[int] | None = None, pathway: str = "single",
+            after_task: Callable[[str], None] | None = None) -> dict[str, torch.Tensor]:
+    """Raw outputs ``{task: float32 [B, C, H, W]}`` (CPU) of ``images`` in ``[0, 1]`` (a list of
+    ``[3, H, W]``, sizes may differ, or a batch ``[B, 3, H, W]``).
 
-    The image is resized to ``size`` (default the model's ``img_size``) for the network; only the
-    pathways of ``tasks`` (default all) run.
+    Validates ``tasks`` (default all of the model's) and the network input ``size`` (default the model's
+    ``img_size``), then runs ``predict_checked``: the images are preprocessed once (``m3vit.data.preprocess``),
+    only the pathways of ``tasks`` run (``pathway``: see ``PATHWAYS``), and the outputs are resized once,
+    bilinearly, to ``out_size`` (default: left at the network's resolution).
     """
-    tasks = model.resolve_tasks(tasks)
-    size = check_input_size(model, size)
-    outputs = _network_outputs(model, image, tasks, size)
-    original = tuple(image.shape[-2:])
+    if pathway not in PATHWAYS:
+        raise ConfigError(f"pathway must be {' or '.join(map(repr, PATHWAYS))}, got {pathway!r}")
+    return predict_checked(model, images, model.resolve_tasks(tasks), check_input_size(model, size), out_size,
+                           pathway=pathway, after_task=after_task)
+
+
+@torch.no_grad()
+def predict_checked(model, images: Sequence[torch.Tensor] | torch.Tensor, tasks: list[str], size: tuple[int, int],
+                    out_size: Sequence[int] | None = None, *, pathway: str = "single",
+                    after_task: Callable[[str], None] | None = None,
+                    device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """``predict`` for a caller that validated ``tasks`` (``model.resolve_tasks``), ``size``
+    (``check_input_size``) and ``pathway`` once at its own entry: a loop over batches does not check them again.
+
+    ``after_task(task)`` is called right after each task's forward (``pathway="single"``; once with the
+    last task for ``"all"``), while the MoE layers' ``last_routing`` still holds that task's routing.
+    ``device`` is where the images go (default the model's).
+    """
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    batch = preprocess(images, size).to(device)
+    with eval_mode(model):
+        if pathway == "all":
+            outputs = model(batch, tasks=tasks)
+            if after_task is not None:
+                after_task(tasks[-1])
+        else:
+            outputs = {}
+            for task in tasks:
+                outputs[task] = model(batch, tasks=[task])[task]
+                if after_task is not None:
+                    after_task(task)
     out = {}
     for task in tasks:
-        pred = outputs[task]
-        if tuple(pred.shape[-2:]) != original:
-            pred = F.interpolate(pred[None], size=original, mode="bilinear", align_corners=False)[0]
-        out[task] = pred
+        pred = outputs[task].float().cpu()
+        out[task] = pred if out_size is None else resize_bilinear(pred, out_size)
     return out
-
-
-def decode_prediction(task: Task, pred: torch.Tensor) -> np.ndarray:
-    """The array ``--npy`` saves for a raw output ``[C, H, W]`` (see the module docstring)."""
-    if task.label_kind == "class":
-        return pred.argmax(dim=0).numpy().astype(np.uint8)
-    if task.name in ("sal", "edge"):
-        return torch.sigmoid(pred[0]).numpy().astype(np.float32)
-    if task.name == "normals":
-        return F.normalize(pred, dim=0, eps=1e-12).numpy().astype(np.float32)
-    if pred.shape[0] == 1:
-        return pred[0].numpy().astype(np.float32)
-    return pred.numpy().astype(np.float32)
 
 
 def output_stems(paths: Sequence[str | os.PathLike]) -> dict[Path, str]:
@@ -187,9 +203,8 @@ def _task_outputs(task: Task, pred: torch.Tensor, size: tuple[int, int], save_np
     output ``pred [C, h, w]`` upsampled to ``size``: in strips of rows when the task's colours are pointwise."""
     height, width = size
     if not task.pointwise_colors or tuple(pred.shape[-2:]) == size:
-        full = pred if tuple(pred.shape[-2:]) == size else F.interpolate(pred[None], size=size, mode="bilinear",
-                                                                             align_corners=False)[0]
-        return task.colorize(full, kind="pred"), decode_prediction(task, full) if save_npy else None
+        full = resize_bilinear(pred[None], size)[0]
+        return task.colorize(full, kind="pred"), task.decode(full) if save_npy else None
     picture = np.empty((height, width, 3), dtype=np.uint8)
     decoded = None
     step = max(1, _STRIP_PIXELS // width)
@@ -198,7 +213,7 @@ def _task_outputs(task: Task, pred: torch.Tensor, size: tuple[int, int], save_np
         strip = upsample_rows(pred, size, start, stop)
         picture[start:stop] = task.colorize(strip, kind="pred")
         if save_npy:
-            rows = decode_prediction(task, strip)
+            rows = task.decode(strip)
             if decoded is None:
                 decoded = np.empty((*rows.shape[:-2], height, width), dtype=rows.dtype)
             decoded[..., start:stop, :] = rows
@@ -222,7 +237,7 @@ def infer_files(model, paths: Sequence[str | os.PathLike], tasks: Sequence[str] 
     stems = output_stems(paths)
     task_objs = build_tasks({t: model.config.tasks[t] for t in tasks})
     suffixes = (".png", ".npy") if save_npy else (".png",)
-    result = InferenceResult()
+    result = InferenceResult(tasks=list(tasks))
     with OutputFolder(out_dir, kind="infer") as out:
         # Before any image is read: no output may replace a file m3vit did not write.
         out.claim(f"{stem}_{task}{suffix}" for stem in stems.values() for task in tasks for suffix in suffixes)
@@ -234,7 +249,8 @@ def infer_files(model, paths: Sequence[str | os.PathLike], tasks: Sequence[str] 
                 result.failed.append((path, str(exc)))
                 continue
             original = (int(image.shape[-2]), int(image.shape[-1]))
-            outputs = _network_outputs(model, image, tasks, size)
+            # one forward for every task, as infer always did (the single pathways agree up to float rounding)
+            outputs = {t: pred[0] for t, pred in predict_checked(model, [image], tasks, size, pathway="all").items()}
             del image  # the full-size image is no longer needed: free it before the full-size outputs
             for task in tasks:
                 picture, decoded = _task_outputs(task_objs[task], outputs.pop(task), original, save_npy)

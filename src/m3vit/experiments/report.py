@@ -8,29 +8,17 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import tables
-from ..data.show import save_figure
 from ..engine.builders import build_tasks
-from ..engine.evaluator import prepare_images
+from ..engine.inference import predict
+from ..tasks import task_class, task_title
+from ..utils.errors import ConfigError
+from ..utils.figures import image_to_uint8, new_figure, picture_grid, save_figure
 
 __all__ = ["read_log", "plot_curves", "plot_predictions", "plot_intervals", "metrics_table", "format_table",
            "headline_metrics"]
-
-_TITLES = {"semseg": "semseg", "human_parts": "human parts", "sal": "saliency", "normals": "normals",
-           "edge": "edges", "depth": "depth"}
-
-
-def _figure(width: float, height: float):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The records of a run's ``log.jsonl`` (training and evaluation lines), in order."""
@@ -51,7 +39,7 @@ def plot_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike) 
     panels = ["total"] + tasks
     cols = min(4, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = _figure(3.2 * cols, 2.5 * rows)
+    fig = new_figure(3.2 * cols, 2.5 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, panel in enumerate(panels):
         ax = axes[i // cols][i % cols]
@@ -61,7 +49,7 @@ def plot_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike) 
             if points:
                 steps, values = zip(*points)
                 ax.plot(steps, values, label=name, linewidth=1.2)
-        ax.set_title("total loss (weighted)" if panel == "total" else f"{_TITLES.get(panel, panel)} loss", fontsize=9)
+        ax.set_title("total loss (weighted)" if panel == "total" else f"{task_title(panel)} loss", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         if panel == "total":
@@ -72,43 +60,23 @@ def plot_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike) 
     return save_figure(fig, path)
 
 
-def _image_to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-
-
 @torch.no_grad()
 def plot_predictions(models: Mapping[str, torch.nn.Module], dataset, indices: Sequence[int], task: str,
                      path: str | os.PathLike) -> str:
     """One PNG for ``task``: a row per sample with the image, the label and each model's prediction
     (each task run through its own pathway, upsampled to the label)."""
-    import torch.nn.functional as F
-
     first = next(iter(models.values()))
     task_obj = build_tasks({task: first.config.tasks[task]}, dataset)[task]
-    columns = ["image", "label", *models]
-    fig = _figure(1.8 * len(columns), 1.8 * len(indices) + 0.3)
-    axes = fig.subplots(len(indices), len(columns), squeeze=False)
-    for row, index in enumerate(indices):
+    rows = []
+    for index in indices:
         sample = dataset[index]
         label = sample[task]
-        pictures = [_image_to_uint8(sample["image"]), task_obj.colorize(label, kind="label")]
+        pictures = [image_to_uint8(sample["image"]), task_obj.colorize(label, kind="label")]
         for model in models.values():
-            model.eval()
-            images = prepare_images([sample["image"]], model.config.img_size)
-            pred = model(images, tasks=[task])[task].float()
-            pred = F.interpolate(pred, size=tuple(label.shape[-2:]), mode="bilinear", align_corners=False)
+            pred = predict(model, [sample["image"]], [task], out_size=label.shape[-2:])[task]
             pictures.append(task_obj.colorize(pred[0], kind="pred"))
-        for col, picture in enumerate(pictures):
-            ax = axes[row][col]
-            ax.imshow(picture, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(columns[col], fontsize=9)
-    fig.suptitle(_TITLES.get(task, task), fontsize=10)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / (1.8 * len(indices) + 0.3),
-                        wspace=0.04, hspace=0.04)
-    return save_figure(fig, path)
+        rows.append(pictures)
+    return picture_grid(rows, ["image", "label", *models], path, cell=1.8, title=task_title(task))
 
 
 def plot_intervals(panels: Mapping[str, Mapping[str, Mapping[str, Mapping | None]]],
@@ -118,7 +86,7 @@ def plot_intervals(panels: Mapping[str, Mapping[str, Mapping[str, Mapping | None
     defined) and a dot per seed value. Stats are ``m3vit.analysis.stats.summarize`` dicts (None: no bar)."""
     rows = list(panels)
     cols = max(len(p) for p in panels.values())
-    fig = _figure(2.7 * cols, 2.6 * len(rows) + 0.3)
+    fig = new_figure(2.7 * cols, 2.6 * len(rows) + 0.3)
     axes = fig.subplots(len(rows), cols, squeeze=False)
     colors = {}
     for r, row in enumerate(rows):
@@ -148,14 +116,14 @@ def plot_intervals(panels: Mapping[str, Mapping[str, Mapping[str, Mapping | None
     return save_figure(fig, path)
 
 
-#: The metrics a report table shows per task (all metrics stay in the JSON).
-_HEADLINE = {"semseg": ["mIoU"], "human_parts": ["mIoU"], "sal": ["maxF", "mIoU"],
-             "normals": ["mean", "median"], "edge": ["odsF"], "depth": ["rmse", "log_rmse"]}
-
-
 def headline_metrics(task: str, metrics: Mapping[str, float]) -> list[str]:
-    """The metric names a table shows for ``task`` (those of ``_HEADLINE`` it has, else all scalar ones)."""
-    names = [m for m in _HEADLINE.get(task, []) if m in metrics]
+    """The metric names a table shows for ``task``: those of its ``Task.headline_metrics`` that ``metrics``
+    has, else (an unknown task, or none present) every scalar one."""
+    try:
+        headline = task_class(task).headline_metrics
+    except ConfigError:  # a task m3vit does not know
+        headline = ()
+    names = [m for m in headline if m in metrics]
     return names or [m for m in metrics if "/" not in m]
 
 
@@ -177,8 +145,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence], markdown: boo
 def metrics_table(results: Mapping[str, Mapping[str, Mapping[str, float]]], markdown: bool = False,
                   diff: bool = True) -> str:
     """Rows task/metric, one column per run (``{run: {task: {metric: v}}}``), plus ``a - b`` for two runs."""
-    from ..tasks.registry import task_class
-
     names = list(results)
     tasks = list(dict.fromkeys(t for r in results.values() for t in r))
     headers = ["task", "metric", *names]

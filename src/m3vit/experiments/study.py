@@ -77,9 +77,9 @@ def single_task_config(cfg: RunConfig, task: str) -> RunConfig:
         raise ConfigError(f"data.tasks: {task!r} is not one of {tasks}")
     weights = cfg.train.loss_weights
     if weights is None:
-        from ..tasks import default_loss_weights
+        from ..data import reference_loss_weights
 
-        weights = default_loss_weights(cfg.data.name)
+        weights = reference_loss_weights(cfg.data.name)
     if task not in weights:
         raise ConfigError(f"train.loss_weights: no weight for task {task!r}")
     return cfg.replace({"data.tasks": [task], "train.loss_weights": {task: weights[task]}})

@@ -70,18 +70,12 @@ def synthetic_routing(num_layers: int, num_tokens: int, num_experts: int, top_k:
 def trace_routing(model, image, task: str, size: Sequence[int] | None = None) -> Routing:
     """Run ``model`` on one image (``[3, H, W]`` in [0, 1]) for ``task`` and read each MoE layer's
     ``last_routing["indices"]``; ``size`` is the network input size (default the model's img_size)."""
-    import torch
-
-    from ..engine.evaluator import prepare_images
-    from ..engine.inference import check_input_size
-    from ..models.modes import eval_mode
+    from ..engine.inference import check_input_size, predict_checked
 
     task = model.resolve_tasks([task])[0]
     if not model.moe_layers:
         raise InputError(f"model {model.config.name!r} has no MoE layer: there is no routing to trace")
     size = check_input_size(model, size)
-    device = next(model.parameters()).device
-    with eval_mode(model), torch.no_grad():
-        model(prepare_images([image], size).to(device), tasks=[task])
+    predict_checked(model, [image], [task], size)
     layers = tuple(layer.last_routing["indices"].cpu().numpy().astype(np.int64) for layer in model.moe_layers)
     return Routing(layers, f"trace of task {task!r} at {size[0]}x{size[1]}")

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from ..tasks.registry import default_task_channels
 from .config import ConfigError, ModelConfig
 
 __all__ = ["TASK_CHANNELS", "register_model", "list_models", "create_model", "model_config", "resolve_task_channels"]
 
-# Default output channels of the known tasks (PASCAL-Context: 21 semantic classes, 7 human-part
-# labels incl. background; 1-channel saliency and edge logits; 3-channel normals; 1-channel depth).
-TASK_CHANNELS: dict[str, int] = {
-    "semseg": 21,
-    "human_parts": 7,
-    "sal": 1,
-    "normals": 3,
-    "edge": 1,
-    "depth": 1,
-}
+#: Default output channels of the known tasks, from the task classes (``Task.default_channels``:
+#: PASCAL-Context's 21 semantic classes, 7 human-part labels incl. background, 1-channel saliency and
+#: edge logits, 3-channel normals, 1-channel depth).
+TASK_CHANNELS: dict[str, int] = default_task_channels()
 
 _REGISTRY: dict[str, tuple[ModelConfig, str]] = {}
 

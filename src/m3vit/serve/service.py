@@ -4,7 +4,7 @@
 everything a request needs: task names checked against the model, an uploaded image decoded within
 the size limits, each task's pathway run alone (``model(images, tasks=[t])``, timed around that call
 only), the experts its tokens chose per MoE block (``MoE.last_routing["indices"]``), and the coloured
-maps (``Task.colorize``) and decoded arrays (``decode_prediction``) at the uploaded image's size.
+maps (``Task.colorize``) and decoded arrays (``Task.decode``) at the uploaded image's size.
 
 Concurrency: at most ``workers + queue_size`` requests are admitted at once (``admit``); one more is
 refused with ``ServiceBusyError`` (HTTP 503). Model calls run only on the worker threads, one call at
@@ -37,10 +37,10 @@ from PIL import Image
 
 from ..efficiency.streaming import expert_weight_bytes
 from ..engine.builders import build_tasks
-from ..engine.evaluator import prepare_images
 from ..engine.experts import moe_block_indices
 from ..data.images import ImageReadError, ImageTooLargeError, read_image
-from ..engine.inference import check_input_size, decode_prediction
+from ..data.transforms import preprocess
+from ..engine.inference import check_input_size
 from ..utils.errors import InputError, M3ViTError
 
 __all__ = ["RequestError", "ServiceBusyError", "PathwayRun", "PredictionService", "read_image_bytes",
@@ -369,7 +369,7 @@ class PredictionService:
         """Run each task's pathway on ``image`` ``[3, H, W]`` on a worker: a future of ``list[PathwayRun]``."""
         if self._closed:
             raise ServiceBusyError("the server is shutting down; retry later")
-        batch = prepare_images([image], self.input_size)
+        batch = preprocess([image], self.input_size)
         return self._pool.submit(lambda model: _run_pathways(model, batch, list(tasks)))
 
     def encode(self, image_size: Sequence[int], runs: Sequence[PathwayRun], raw: bool = False) -> dict:
@@ -384,7 +384,7 @@ class PredictionService:
             entry = {"png": _png_b64(task.colorize(pred, kind="pred")), "ms": round(run.ms, 3),
                      "experts_read": run.experts_read, "bytes_read": run.bytes_read}
             if raw:
-                entry["npy"] = _npy_b64(decode_prediction(task, pred))
+                entry["npy"] = _npy_b64(task.decode(pred))
             tasks[run.task] = entry
             experts[run.task] = run.experts
         with self._lock:

@@ -25,18 +25,16 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
+import numpy
 import torch
 import torch.nn.functional as F
 
 from ..utils.errors import ConfigError
 
-if TYPE_CHECKING:
-    import numpy
-
-__all__ = ["IGNORE", "Task", "Metric", "check_batch", "check_positive_int", "resize_bilinear", "quantize_8bit",
-           "PROTOCOLS"]
+__all__ = ["IGNORE", "Task", "Metric", "check_batch", "check_positive_int", "resize_bilinear", "resize_nearest",
+           "quantize_8bit", "PROTOCOLS"]
 
 #: Evaluation protocols: ``default`` scores float predictions upsampled bilinearly to the label;
 #: ``reference`` scores what the official M³ViT evaluation reads back from its saved files
@@ -74,6 +72,13 @@ class Task(abc.ABC):
     higher_is_better: ClassVar[dict[str, bool]]
     #: The metric Δm and model selection use unless told otherwise.
     primary_metric: ClassVar[str]
+    #: The metrics a report table shows, in order (every metric stays in the JSON); their direction is
+    #: ``higher_is_better``.
+    headline_metrics: ClassVar[tuple[str, ...]]
+    #: Human-readable name for figure titles and tables ("human parts", "saliency").
+    title: ClassVar[str]
+    #: Output channels of the head when nothing says otherwise (``m3vit.models.TASK_CHANNELS``).
+    default_channels: ClassVar[int]
 
     #: Channels of a dense label (``[C, H, W]``); class labels have none (``[H, W]``).
     label_channels: ClassVar[int] = 0
@@ -110,6 +115,19 @@ class Task(abc.ABC):
         code does for depth); tasks whose official predictions go through 8-bit or label files override it."""
         return resize_bilinear(pred, size)
 
+    def metric_options(self, eval_cfg) -> dict:
+        """``new_metric`` options taken from an evaluation config (``m3vit.engine.config.EvalSection``, or None
+        for the defaults); most tasks have none."""
+        return {}
+
+    def decode(self, pred: torch.Tensor) -> numpy.ndarray:
+        """The displayable values of one raw output ``[C, H, W]`` (what ``m3vit infer --npy`` saves): by
+        default the output itself as float32, ``[H, W]`` for one channel; tasks whose outputs are logits or
+        unnormalised vectors override it (class ids, probabilities, unit vectors)."""
+        if pred.shape[0] == 1:
+            return pred[0].numpy().astype(numpy.float32)
+        return pred.numpy().astype(numpy.float32)
+
     @classmethod
     def metric_higher_is_better(cls, metric: str) -> bool:
         """Direction of ``metric`` for Δm and model selection; ``ValueError`` for a metric the task lacks."""
@@ -142,6 +160,15 @@ class Task(abc.ABC):
         """Values after zooming the image by ``scale`` (> 1 enlarges; depth divides by it when asked)."""
         return label
 
+    def resize_values(self, label: torch.Tensor) -> torch.Tensor:
+        """Values after the pixels were resampled nearest-neighbour to a new size (normals renormalise)."""
+        return label
+
+    def resize_label(self, label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """One label ``[..., H, W]`` resized to ``size``: pixels nearest-neighbour (``resize_nearest``: values
+        copied, never blended, so no new class id appears), then ``resize_values``."""
+        return self.resize_values(resize_nearest(label, size))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(channels={self.channels})"
 
@@ -153,6 +180,16 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == size:
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_nearest(label: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a label ``[..., H, W]`` to ``size`` (pixel centres: output pixel ``i``
+    copies source pixel ``floor((i + 0.5) * in / out)``; values copied)."""
+    h_in, w_in = label.shape[-2:]
+    h_out, w_out = (int(s) for s in size)
+    rows = ((torch.arange(h_out, dtype=torch.float64) + 0.5) * (h_in / h_out)).floor().long().clamp_(0, h_in - 1)
+    cols = ((torch.arange(w_out, dtype=torch.float64) + 0.5) * (w_in / w_out)).floor().long().clamp_(0, w_in - 1)
+    return label[..., rows[:, None], cols[None, :]]
 
 
 def quantize_8bit(values: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

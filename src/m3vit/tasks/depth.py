@@ -52,10 +52,13 @@ class Depth(Task):
     """Metric depth (label ``float32 [1, H, W]`` in metres, 255 unknown; one output channel)."""
 
     name = "depth"
+    title = "depth"
     label_kind = "dense"
     label_channels = 1
+    default_channels = 1
     higher_is_better = {"rmse": False, "log_rmse": False}
     primary_metric = "rmse"
+    headline_metrics = ("rmse", "log_rmse")
 
     def __init__(self) -> None:
         self.channels = 1

@@ -36,7 +36,7 @@ import torch
 
 from ..utils.errors import ConfigError
 from .base import IGNORE, Metric, Task, check_batch, check_positive_int
-from .sal import balanced_bce_with_logits, binary_map_for_picture
+from .sal import balanced_bce_with_logits, binary_map_for_picture, sigmoid_probability
 
 __all__ = ["Edge", "EdgeMetric", "edge_counts", "boundary_scores"]
 
@@ -206,10 +206,13 @@ class Edge(Task):
     pointwise_colors = True
 
     name = "edge"
+    title = "edges"
     label_kind = "dense"
     label_channels = 1
+    default_channels = 1
     higher_is_better = {"odsF": True, "oisF": True, "AP": True}
     primary_metric = "odsF"
+    headline_metrics = ("odsF",)
 
     def __init__(self, pos_weight: float = 0.95) -> None:
         if isinstance(pos_weight, bool) or not isinstance(pos_weight, (int, float)) or not 0 <= pos_weight <= 1:
@@ -226,6 +229,18 @@ class Edge(Task):
     ) -> Metric:
         """See ``EdgeMetric`` for the options."""
         return EdgeMetric(self, num_thresholds=num_thresholds, max_dist=max_dist, thin=thin, workers=workers)
+
+    def metric_options(self, eval_cfg) -> dict:
+        """``num_thresholds``, ``max_dist`` and ``workers`` from the evaluation config's ``edge_thresholds``,
+        ``edge_max_dist`` and ``edge_workers`` (none without a config)."""
+        if eval_cfg is None:
+            return {}
+        return {"num_thresholds": eval_cfg.edge_thresholds, "max_dist": eval_cfg.edge_max_dist,
+                "workers": eval_cfg.edge_workers}
+
+    def decode(self, pred: torch.Tensor) -> np.ndarray:
+        """Edge probability ``float32 [H, W]``: the sigmoid of the logit."""
+        return sigmoid_probability(pred)
 
     def colorize(self, x, kind: str = "auto") -> np.ndarray:
         """Grey picture: sigmoid probability of logits, or the 0/1 label (ignored pixels black)."""

@@ -24,9 +24,12 @@ class HumanParts(SemSeg):
     """
 
     name = "human_parts"
+    title = "human parts"
+    default_channels = len(HUMAN_PART_NAMES)
     _skip_without_foreground = True
+    class_names_attribute = "part_names"
 
-    def __init__(self, num_classes: int = 7, class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, num_classes: int = default_channels, class_names: Sequence[str] | None = None) -> None:
         if class_names is None and num_classes == len(HUMAN_PART_NAMES):
             class_names = HUMAN_PART_NAMES
         super().__init__(num_classes=num_classes, class_names=class_names)

@@ -96,10 +96,13 @@ class Normals(Task):
     pointwise_colors = True
 
     name = "normals"
+    title = "normals"
     label_kind = "dense"
     label_channels = 3
+    default_channels = 3
     higher_is_better = {"mean": False, "median": False, "rmse": False, "11.25": True, "22.5": True, "30": True}
     primary_metric = "mean"
+    headline_metrics = ("mean", "median")
 
     def __init__(self) -> None:
         self.channels = 3
@@ -116,6 +119,10 @@ class Normals(Task):
     def new_metric(self, bin_deg: float = 0.001) -> Metric:
         """Option ``bin_deg``: histogram bin width (degrees) for the median."""
         return NormalsMetric(self, bin_deg=bin_deg)
+
+    def decode(self, pred: torch.Tensor) -> np.ndarray:
+        """Unit vectors ``float32 [3, H, W]`` (x right, y up, z to the camera): the L2-normalised output."""
+        return F.normalize(pred, dim=0, eps=1e-12).numpy().astype(np.float32)
 
     def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The official evaluation's PNG read back: ``2q / 255 - 1`` with ``q`` the 8-bit
@@ -149,6 +156,13 @@ class Normals(Task):
         x = label[..., 0:1, :, :]
         out[..., 0:1, :, :] = torch.where(valid, -x, x)
         return out
+
+    def resize_values(self, label: torch.Tensor) -> torch.Tensor:
+        """Unit length again on valid pixels (a resample may copy or blend vectors); ignored pixels (255 in
+        any channel) become 255 in all three."""
+        invalid = (label == IGNORE).any(dim=-3, keepdim=True)
+        length = (label * label).sum(dim=-3, keepdim=True).sqrt_().clamp_min_(1e-12)  # faster than norm()
+        return torch.where(invalid, torch.full_like(label, IGNORE), label / length)
 
     def rotate_values(self, label: torch.Tensor, angle_deg: float) -> torch.Tensor:
         """Content rotated ``angle_deg`` counter-clockwise as displayed: (x, y) rotates CCW by the same

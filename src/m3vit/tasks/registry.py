@@ -1,4 +1,4 @@
-"""Task lookup by name and the reference loss weights per dataset."""
+"""Task lookup by name: the task classes, in their canonical order, and what each declares about itself."""
 
 from __future__ import annotations
 
@@ -11,16 +11,12 @@ from .normals import Normals
 from .sal import Saliency
 from .semseg import SemSeg
 
-__all__ = ["get_task", "list_tasks", "task_class", "default_loss_weights"]
+__all__ = ["TASK_CLASSES", "get_task", "list_tasks", "task_class", "task_title", "default_task_channels"]
 
-_TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SemSeg, HumanParts, Saliency, Normals, Edge, Depth)}
+#: Every known task class, in the canonical order (PASCAL-Context's five, then depth).
+TASK_CLASSES: tuple[type[Task], ...] = (SemSeg, HumanParts, Saliency, Normals, Edge, Depth)
 
-# Loss weights of the reference recipe (M³ViT / ATRC code base).
-_LOSS_WEIGHTS: dict[str, dict[str, float]] = {
-    "pascal_context": {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0},
-    "nyud": {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0},
-    "synthetic": {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0, "depth": 1.0},
-}
+_TASKS: dict[str, type[Task]] = {cls.name: cls for cls in TASK_CLASSES}
 
 
 def list_tasks() -> list[str]:
@@ -43,8 +39,11 @@ def get_task(name: str, **opts) -> Task:
     return task_class(name)(**opts)
 
 
-def default_loss_weights(dataset: str) -> dict[str, float]:
-    """Per-task loss weights of the reference recipe for ``dataset`` (a fresh dict)."""
-    if dataset not in _LOSS_WEIGHTS:
-        raise ConfigError(f"no default loss weights for dataset {dataset!r}; known datasets are {sorted(_LOSS_WEIGHTS)}")
-    return dict(_LOSS_WEIGHTS[dataset])
+def task_title(name: str) -> str:
+    """The figure / table title of task ``name`` ("human parts"); an unknown name is its own title."""
+    return _TASKS[name].title if name in _TASKS else name
+
+
+def default_task_channels() -> dict[str, int]:
+    """``{task name: default output channels}`` of every known task, in the canonical order (a fresh dict)."""
+    return {cls.name: cls.default_channels for cls in TASK_CLASSES}

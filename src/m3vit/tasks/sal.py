@@ -12,7 +12,7 @@ from ..utils.errors import ConfigError
 from .base import IGNORE, Metric, Task, check_batch, quantize_8bit
 from .colors import as_tensor, check_kind, gray_image
 
-__all__ = ["Saliency", "SaliencyMetric", "balanced_bce_with_logits", "binary_map_for_picture"]
+__all__ = ["Saliency", "SaliencyMetric", "balanced_bce_with_logits", "binary_map_for_picture", "sigmoid_probability"]
 
 
 def balanced_bce_with_logits(pred: torch.Tensor, target: torch.Tensor, pos_weight: float | None = None) -> torch.Tensor:
@@ -56,6 +56,11 @@ def binary_map_for_picture(task: Task, x, kind: str) -> np.ndarray:
         ignore = x == IGNORE
         return gray_image(torch.where(ignore, torch.zeros_like(x), x), ignore)
     return gray_image(torch.sigmoid(x), torch.zeros_like(x, dtype=torch.bool))
+
+
+def sigmoid_probability(pred: torch.Tensor) -> np.ndarray:
+    """Probability ``float32 [H, W]`` of a one-channel logit map ``[1, H, W]`` (the sigmoid)."""
+    return torch.sigmoid(pred[0]).numpy().astype(np.float32)
 
 
 class SaliencyMetric(Metric):
@@ -130,10 +135,13 @@ class Saliency(Task):
     pointwise_colors = True
 
     name = "sal"
+    title = "saliency"
     label_kind = "dense"
     label_channels = 1
+    default_channels = 1
     higher_is_better = {"maxF": True, "mIoU": True}
     primary_metric = "mIoU"  # the M³ViT paper reports saliency as mIoU
+    headline_metrics = ("maxF", "mIoU")
     reference_metric_options = {"inputs": "probabilities"}
 
     def __init__(self) -> None:
@@ -148,6 +156,10 @@ class Saliency(Task):
         """Options: ``thresholds`` (default 15 from 0.2 to 0.9), ``beta2`` of the F-measure (default 0.3),
         ``inputs`` (``logits`` or ``probabilities``)."""
         return SaliencyMetric(self, thresholds=thresholds, beta2=beta2, inputs=inputs)
+
+    def decode(self, pred: torch.Tensor) -> np.ndarray:
+        """Saliency probability ``float32 [H, W]``: the sigmoid of the logit."""
+        return sigmoid_probability(pred)
 
     def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The official evaluation's PNG read back: ``q / 255`` with ``q`` the 8-bit ``255·sigmoid`` map

@@ -91,12 +91,17 @@ class SemSeg(Task):
     pointwise_colors = True
 
     name = "semseg"
+    title = "semseg"
     label_kind = "class"
+    default_channels = 21
     higher_is_better = {"mIoU": True, "pixel_acc": True}
     primary_metric = "mIoU"
+    headline_metrics = ("mIoU",)
     _skip_without_foreground = False
+    #: The dataset attribute listing this task's class names, in id order (``m3vit.data.show.dataset_tasks``).
+    class_names_attribute = "classes"
 
-    def __init__(self, num_classes: int = 21, class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, num_classes: int = default_channels, class_names: Sequence[str] | None = None) -> None:
         self.num_classes = check_positive_int("num_classes", num_classes)
         if num_classes >= IGNORE:
             raise ConfigError(f"num_classes must be < {IGNORE} (the ignore label), got {num_classes}")
@@ -122,6 +127,10 @@ class SemSeg(Task):
 
     def new_metric(self) -> Metric:
         return ConfusionMatrixMetric(self, self.class_names, skip_without_foreground=self._skip_without_foreground)
+
+    def decode(self, pred: torch.Tensor) -> np.ndarray:
+        """Class ids ``uint8 [H, W]``: the argmax of the logits ``[C, H, W]``."""
+        return pred.argmax(dim=0).numpy().astype(np.uint8)
 
     def reference_prediction(self, pred: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
         """The official evaluation's label file: the argmax at the network's resolution resized
