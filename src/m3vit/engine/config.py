@@ -22,7 +22,8 @@ import yaml
 from ..data import DATASETS, SCALE_ROTATE_RECIPES
 from ..data.synthetic import PEOPLE_MODES
 from ..models.config import MAX_INPUT_SIDE, ConfigError, ModelConfig, parse_number
-from ..models.registry import list_models, model_config
+from ..models.factory import model_config
+from ..models.registry import list_models
 from ..tasks import list_tasks
 from .cross_task import CROSS_TASK_MODULES
 from .schedules import LR_UPDATES, WEIGHT_DECAY_EXCLUDES

@@ -2,8 +2,8 @@
 SETR-PUP head per task. With ``moe_blocks=()`` the same file is the dense multi-task M-ViT.
 
 Read top to bottom: ``VisionTransformer`` (patch embedding, cls token, interpolated positional
-embedding, blocks), then ``MultiTaskModel`` (task-batched backbone pass, one head per task), then
-the named configurations registered for ``create_model``.
+embedding, blocks), then ``MultiTaskModel`` (task-batched backbone pass, one head per task). The named
+configurations ``create_model`` builds are in ``models/zoo.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from torch import Tensor, nn
 
 from ..nn import Block, Mlp, MoE, SETRPUPHead, TaskEmbedding
 from ..utils.errors import ConfigError, InputError
-from .config import REFERENCE_OPTIONS, ModelConfig
-from .registry import register_model
+from .config import ModelConfig
 
 __all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed"]
 
@@ -248,27 +247,3 @@ class MultiTaskModel(nn.Module):
         for layer in self.moe_layers:
             total = total + layer.aux_loss()
         return total
-
-
-# ----------------------------------------------------------------------------------------------
-# Named configurations. ``m3vit_*``: MoE in every other block (1, 3, ...), 16 experts, top-4,
-# expert hidden = width (a token's active MLP compute equals the dense MLP's), multi-gate routing,
-# and the official code's balance loss, initialisation, shared task embedding and bilinear
-# positional-embedding resize (REFERENCE_OPTIONS, docs/reference.md). ``mvit_*``: the dense
-# multi-task baseline (bilinear resize, the one option that applies to it). ``*_micro`` is a
-# CPU-scale config (width 96, 6 blocks) for demos and tests; it is not a paper configuration.
-# ----------------------------------------------------------------------------------------------
-_SIZES = {
-    "micro": dict(embed_dim=96, depth=6, num_heads=3, head_channels=64),
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
-
-for _size, _arch in _SIZES.items():
-    _moe = dict(_arch, moe_blocks=tuple(range(1, _arch["depth"], 2)), num_experts=16, top_k=4,
-                expert_ratio=1.0, router="multi_gate", **REFERENCE_OPTIONS)
-    register_model(f"m3vit_{_size}", ModelConfig(name=f"m3vit_{_size}", **_moe),
-                   f"M³ViT-{_size}: MoE ViT, {_arch['embed_dim']} wide, 16 experts top-4, multi-gate")
-    register_model(f"mvit_{_size}", ModelConfig(name=f"mvit_{_size}", pos_embed_resize="bilinear", **_arch),
-                   f"M-ViT-{_size}: dense multi-task ViT baseline, {_arch['embed_dim']} wide")
