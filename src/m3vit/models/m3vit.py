@@ -216,21 +216,31 @@ class MultiTaskModel(nn.Module):
     def forward(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
         return self._forward(images, tasks, head_features=False)[0]
 
+    def forward_features(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+        """The backbone's tokens for each requested task, what its head consumes: ``{task: [B, 1 + h*w, D]}``
+        (cls token first, then the ``h x w`` patch grid, ``h, w = H // patch_size, W // patch_size``), before
+        any norm. Runs only the backbone of those tasks' pathways (no head); a task-agnostic backbone (dense
+        or shared router) gives every task the same tensor."""
+        return self._tokens(images, tasks)[0]
+
     def forward_with_head_features(self, images: Tensor, tasks: str | Sequence[str] | None = None
                                    ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
         """``forward`` plus each head's stage outputs (``SETRPUPHead.forward_stages``), for training-only
         cross-task modules: ``(outputs, {task: [stage 0, stage 1, ...]})``."""
         return self._forward(images, tasks, head_features=True)
 
-    def _forward(self, images: Tensor, tasks, head_features: bool):
+    def _tokens(self, images: Tensor, tasks) -> tuple[dict[str, Tensor], tuple[int, int]]:
+        """``forward_features`` and the token grid ``(h, w)``."""
         tasks = self.resolve_tasks(tasks)
         self.check_images(images)
-        task_ids = [self.tasks.index(t) for t in tasks]
-        features, grid = self.backbone(images, task_ids)
+        features, grid = self.backbone(images, [self.tasks.index(t) for t in tasks])
+        return {task: features[i] if features.shape[0] > 1 else features[0] for i, task in enumerate(tasks)}, grid
+
+    def _forward(self, images: Tensor, tasks, head_features: bool):
+        features, grid = self._tokens(images, tasks)
         size = tuple(images.shape[-2:])
         outputs, stages = {}, {}
-        for i, task in enumerate(tasks):
-            tokens = features[i] if features.shape[0] > 1 else features[0]
+        for task, tokens in features.items():
             if head_features:
                 outputs[task], stages[task] = self.heads[task].forward_stages(tokens, grid, size)
             else:
