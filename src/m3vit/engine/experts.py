@@ -34,6 +34,7 @@ import torch
 
 from .evaluator import prepare_images
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
+from ..models.modes import eval_mode
 
 __all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
            "write_summary"]
@@ -273,9 +274,7 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
         from tqdm import tqdm
 
         starts = tqdm(starts, desc="experts", unit="batch", leave=False)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in starts:
             images = prepare_images([dataset[i]["image"] for i in range(start, min(start + batch_size, count))],
                                     size).to(device)
@@ -290,8 +289,6 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
                     counts[l_idx, t_idx] += torch.bincount(indices, minlength=num_experts).numpy()
                     weight_sums[l_idx, t_idx] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
                         0, indices, weights).numpy()
-    finally:
-        model.train(was_training)
     return ExpertUsage(tasks=list(tasks), layers=moe_block_indices(model), num_experts=num_experts,
                        top_k=max(layer.top_k for layer in layers), num_images=count, counts=counts,
                        weight_sums=weight_sums)
