@@ -511,3 +511,10 @@ def test_forward_features_are_the_tokens_the_heads_read(name, router):
         model.forward_features(images, ["edge"])
     with pytest.raises(InputError, match="not divisible by the patch size"):
         model.forward_features(torch.randn(1, 3, 30, 32))
+
+
+def test_moe_block_indices_are_the_configured_blocks():
+    from m3vit.models import moe_block_indices
+
+    assert moe_block_indices(tiny(moe_blocks=(0, 3))) == [0, 3]
+    assert moe_block_indices(tiny("mvit_micro")) == []

@@ -55,5 +55,5 @@ def test_public_names_keep_their_places():
     assert m3vit.TASK_CHANNELS is models.TASK_CHANNELS is registry.TASK_CHANNELS
     assert models.model_config is factory.model_config and m3vit.ModelConfig is ModelConfig
     for name in ("describe_models", "register_model", "MultiTaskModel", "load_checkpoint", "save_checkpoint",
-                 "load_pretrained_vit", "resample_pos_embed", "eval_mode"):
+                 "load_pretrained_vit", "resample_pos_embed", "eval_mode", "moe_block_indices"):
         assert name in models.__all__ and hasattr(models, name)

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 from ..utils.errors import CheckpointError, ConfigError, DataError, InputError, OutputError
 from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_json
 from ..engine.evaluator import evaluate, prepare_images
-from ..engine.experts import expert_usage, moe_block_indices
-from ..models import MultiTaskModel
+from ..engine.experts import expert_usage
+from ..models import MultiTaskModel, moe_block_indices
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX
 from ..models.modes import eval_mode

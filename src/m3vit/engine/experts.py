@@ -34,17 +34,12 @@ import torch
 
 from .evaluator import prepare_images
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
+from ..models import moe_block_indices
 from ..models.modes import eval_mode
 
-__all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
-           "write_summary"]
+__all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "plot_heatmaps", "write_usage", "write_summary"]
 
 log = logging.getLogger(__name__)
-
-
-def moe_block_indices(model) -> list[int]:
-    """Indices of the backbone blocks whose MLP is a mixture of experts."""
-    return [i for i, block in enumerate(model.backbone.blocks) if block.is_moe]
 
 
 @dataclass

@@ -4,7 +4,7 @@ checkpoint I/O, and ``eval_mode``."""
 
 from .config import ConfigError, ModelConfig
 from .registry import TASK_CHANNELS, describe_models, list_models, register_model, registered_config
-from .m3vit import MultiTaskModel, VisionTransformer, resample_pos_embed
+from .m3vit import MultiTaskModel, VisionTransformer, moe_block_indices, resample_pos_embed
 from .factory import create_model, model_config
 from .checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from .modes import eval_mode
@@ -13,6 +13,6 @@ from .pretrained import load_pretrained_vit, read_state_dict
 __all__ = [
     "ConfigError", "ModelConfig", "TASK_CHANNELS", "create_model", "describe_models", "list_models",
     "model_config", "register_model", "registered_config", "MultiTaskModel", "VisionTransformer",
-    "resample_pos_embed", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
+    "resample_pos_embed", "moe_block_indices", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
     "eval_mode", "load_pretrained_vit", "read_state_dict",
 ]

@@ -19,7 +19,7 @@ from ..nn import Block, Mlp, MoE, SETRPUPHead, TaskEmbedding
 from ..utils.errors import ConfigError, InputError
 from .config import ModelConfig
 
-__all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed"]
+__all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed", "moe_block_indices"]
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
@@ -257,3 +257,8 @@ class MultiTaskModel(nn.Module):
         for layer in self.moe_layers:
             total = total + layer.aux_loss()
         return total
+
+
+def moe_block_indices(model: MultiTaskModel) -> list[int]:
+    """Indices of the backbone blocks whose MLP is a mixture of experts."""
+    return [i for i, block in enumerate(model.backbone.blocks) if block.is_moe]

@@ -38,10 +38,10 @@ from PIL import Image
 from ..efficiency.streaming import expert_weight_bytes
 from ..engine.builders import build_tasks
 from ..engine.evaluator import prepare_images
-from ..engine.experts import moe_block_indices
 from ..data.images import ImageReadError, ImageTooLargeError, read_image
 from ..engine.inference import check_input_size, decode_prediction
 from ..utils.errors import InputError, M3ViTError
+from ..models import moe_block_indices
 
 __all__ = ["RequestError", "ServiceBusyError", "PathwayRun", "PredictionService", "read_image_bytes",
            "process_memory_mb", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MAX_PIXELS", "DEFAULT_QUEUE_SIZE"]
