@@ -37,11 +37,12 @@ from PIL import Image
 
 from ..efficiency.streaming import expert_weight_bytes
 from ..engine.builders import build_tasks
+from ..engine.device import resolve_device
 from ..engine.evaluator import prepare_images
 from ..data.images import ImageReadError, ImageTooLargeError, read_image
 from ..engine.inference import check_input_size, decode_prediction
-from ..utils.errors import InputError, M3ViTError
 from ..models import moe_block_indices
+from ..utils.errors import InputError, M3ViTError
 
 __all__ = ["RequestError", "ServiceBusyError", "PathwayRun", "PredictionService", "read_image_bytes",
            "process_memory_mb", "DEFAULT_MAX_UPLOAD_MB", "DEFAULT_MAX_PIXELS", "DEFAULT_QUEUE_SIZE"]
@@ -283,8 +284,6 @@ class PredictionService:
             raise InputError(f"workers (--workers) must be >= 1, got {workers}")
         workers = int(workers)
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
-            from ..engine.trainer import resolve_device
-
             if isinstance(device, torch.device):
                 target = device
             else:
