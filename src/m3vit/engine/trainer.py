@@ -63,11 +63,12 @@ from torch import nn
 from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, read_weights_into, save_checkpoint,
                                  task_embed_layout_error, verify_checkpoint, write_checkpoint_files)
 from ..models.config import REFERENCE_OPTIONS, ConfigError
+from ..nn.heads import CrossTaskHead
 from ..utils.errors import CheckpointError, M3ViTError, one_line
 from ..utils.io import FolderLock, atomic_directory, remove_output, write_bytes, write_text
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
-from .cross_task import CrossTaskHead, TaskAttention
+from .cross_task import TaskAttention
 from .device import resolve_device
 from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier, cleanup_distributed,
                           convert_sync_batchnorm, env_rank, gather_objects, init_distributed)
