@@ -1,9 +1,11 @@
-"""The package's layering (DESIGN.md): a lower layer never imports a higher one, and module-level imports
-form no cycle. Read from the source with ``ast``, so lazy imports inside functions count too."""
+"""The package's layering (DESIGN.md): a lower layer never imports a higher one, module-level imports form
+no cycle, and no import inside a function hides one (it would close a cycle if it were at module level).
+Read from the source with ``ast``, so lazy imports inside functions count too."""
 
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -96,20 +98,74 @@ def test_no_lower_layer_imports_a_higher_one(path):
     assert not bad, f"{path.relative_to(SRC)} imports a higher layer: " + "; ".join(bad)
 
 
-def test_module_level_imports_form_no_cycle():
-    modules = {_module_name(p): p for p in FILES}
+MODULES = {_module_name(p): p for p in FILES}
+
+
+def _real_module(module: str) -> str | None:
+    """``from .x import y`` may name a submodule ``y`` or an attribute of ``x``: the longest real module."""
+    while module not in MODULES and "." in module:
+        module = module.rpartition(".")[0]
+    return module if module in MODULES else None
+
+
+@functools.cache
+def _module_level_graph() -> dict[str, set[str]]:
+    """``{module: the m3vit modules it imports at module level}`` (read it, never change it)."""
     graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        edges = set()
-        for module, top, _ in _imports(path):
-            if not top:
-                continue
-            # "from .x import y" may name a submodule y or an attribute of x: keep the longest real module
-            while module not in modules and "." in module:
-                module = module.rpartition(".")[0]
-            if module in modules and module != name:
-                edges.add(module)
-        graph[name] = edges
+    for name, path in MODULES.items():
+        graph[name] = {m for module, top, _ in _imports(path) if top
+                       and (m := _real_module(module)) is not None and m != name}
+    return graph
+
+
+def _import_path(graph: dict[str, set[str]], start: str, goal: str) -> list[str] | None:
+    """A chain of module-level imports from ``start`` to ``goal`` (breadth first), or None. A module importing
+    its own package is not followed (Python resolves it: the package is already being imported)."""
+    previous: dict[str, str | None] = {start: None}
+    queue = [start]
+    for node in queue:
+        if node == goal:
+            path = [node]
+            while previous[path[-1]] is not None:
+                path.append(previous[path[-1]])
+            return path[::-1]
+        for nxt in sorted(graph[node]):
+            if nxt not in previous and not node.startswith(nxt + "."):
+                previous[nxt] = node
+                queue.append(nxt)
+    return None
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_function_level_import_hides_a_cycle(path):
+    """An import inside a function that would close a module-level cycle dodges the cycle instead of removing
+    it (split the modules so that the import can live at the top). Lazy imports kept for start-up cost are
+    fine as long as moving them to the top would not make a cycle."""
+    graph = _module_level_graph()
+    name = _module_name(path)
+    hidden = []
+    for module, top, line in _imports(path):
+        target = _real_module(module)
+        if top or target is None or target == name or name.startswith(target + "."):
+            continue
+        back = _import_path(graph, target, name)
+        found = f"line {line}: {name} -> " + " -> ".join(back or [])
+        if back is not None and found not in hidden:
+            hidden.append(found)
+    assert not hidden, f"{path.relative_to(SRC)} imports inside a function to dodge a cycle: " + "; ".join(hidden)
+
+
+def test_models_has_no_function_level_import_of_m3vit():
+    """The models package (registry, zoo, factory, backbone, checkpoints, pretrained) imports everything it
+    uses at module level: its modules depend on each other in one direction."""
+    lazy = sorted({f"{path.relative_to(SRC)}:{line} imports {_real_module(module) or module}" for path in FILES
+                   if path.relative_to(SRC).parts[0] == "models"
+                   for module, top, line in _imports(path) if not top})
+    assert not lazy, "function-level imports in m3vit.models: " + "; ".join(lazy)
+
+
+def test_module_level_imports_form_no_cycle():
+    graph = _module_level_graph()
     # Importing a submodule imports its parent packages first: those edges are implied, not cycles.
     state: dict[str, int] = {}
     stack: list[str] = []

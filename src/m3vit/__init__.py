@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _EXPORTS = {
     "FlopReport": "m3vit.efficiency.flops", "count_flops": "m3vit.efficiency.flops",
-    "TASK_CHANNELS": "m3vit.models.registry", "create_model": "m3vit.models.registry",
+    "TASK_CHANNELS": "m3vit.models.registry", "create_model": "m3vit.models.factory",
     "list_models": "m3vit.models.registry",
     "ConfigError": "m3vit.utils.errors", "M3ViTError": "m3vit.utils.errors",
     "ModelConfig": "m3vit.models.config", "MultiTaskModel": "m3vit.models.m3vit",
@@ -30,8 +30,6 @@ __all__ = ["nn", "tasks", *_EXPORTS]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        if _EXPORTS[name].startswith("m3vit.models"):
-            importlib.import_module("m3vit.models")  # registers the named configurations
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
     elif name in _SUBPACKAGES:
         value = importlib.import_module(f"m3vit.{name}")

@@ -17,8 +17,8 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from m3vit.data import SyntheticScenes
-from m3vit.engine.experts import ExpertUsage, expert_usage, moe_block_indices, plot_heatmaps, write_usage
-from m3vit.models import create_model
+from m3vit.engine.experts import ExpertUsage, expert_usage, plot_heatmaps, write_usage
+from m3vit.models import create_model, moe_block_indices
 
 TASKS = {"semseg": 8, "sal": 1, "depth": 1}
 MICRO = dict(embed_dim=32, depth=3, num_heads=2, head_channels=8, num_experts=4)

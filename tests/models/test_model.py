@@ -486,3 +486,35 @@ def test_one_input_size_rule(size, fragment):
     with pytest.raises(ConfigError) as err:  # the model config applies the same rule before building
         m3vit.models.model_config("m3vit_micro", ["sal"], size)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("name,router", [("m3vit_micro", "multi_gate"), ("m3vit_micro", "task_conditioned"),
+                                         ("m3vit_micro", "shared"), ("mvit_micro", None)])
+def test_forward_features_are_the_tokens_the_heads_read(name, router):
+    """``forward_features``: per requested task the backbone tokens ``[B, 1 + h*w, D]``, no head run; each head
+    applied to them gives exactly ``forward``'s output, and a single task's tokens are its backbone pass."""
+    model = tiny(name, **({} if router is None else {"router": router})).eval()
+    called = []
+    for task, head in model.heads.items():
+        head.register_forward_hook(lambda m, i, o, task=task: called.append(task))
+    images = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        features = model.forward_features(images, tasks=["normals", "semseg"])
+        assert called == [] and list(features) == ["normals", "semseg"]
+        assert all(f.shape == (2, 1 + 2 * 3, 32) for f in features.values())
+        outputs = model(images, tasks=["normals", "semseg"])
+        for task, tokens in features.items():
+            assert torch.equal(model.heads[task](tokens, (2, 3), (32, 48)), outputs[task])
+        alone, grid = model.backbone(images, [model.tasks.index("depth")])
+        assert grid == (2, 3) and torch.equal(model.forward_features(images, "depth")["depth"], alone[0])
+    with pytest.raises(InputError, match="unknown task"):
+        model.forward_features(images, ["edge"])
+    with pytest.raises(InputError, match="not divisible by the patch size"):
+        model.forward_features(torch.randn(1, 3, 30, 32))
+
+
+def test_moe_block_indices_are_the_configured_blocks():
+    from m3vit.models import moe_block_indices
+
+    assert moe_block_indices(tiny(moe_blocks=(0, 3))) == [0, 3]
+    assert moe_block_indices(tiny("mvit_micro")) == []

@@ -46,7 +46,7 @@ def add_device_option(parser) -> None:
 
 def device(name: str) -> str:
     """The torch device type ``--device NAME`` resolves to (``cuda`` without a GPU: one-line error)."""
-    from ..engine.trainer import resolve_device
+    from ..engine.device import resolve_device
 
     return resolve_device(name, key="--device").type
 

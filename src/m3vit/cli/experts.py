@@ -29,7 +29,8 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..engine.builders import build_eval_dataset
     from ..engine.checkpoints import checkpoint_step, load_run
-    from ..engine.experts import expert_usage, moe_block_indices, plot_heatmaps, write_summary, write_usage
+    from ..engine.experts import expert_usage, plot_heatmaps, write_summary, write_usage
+    from ..models import moe_block_indices
     from ..utils.io import OutputFolder
 
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=device(args.device))

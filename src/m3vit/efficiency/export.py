@@ -52,10 +52,11 @@ from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_js
 from ..data import preprocess
 from ..engine.evaluator import evaluate
 from ..engine.inference import predict_checked
-from ..engine.experts import expert_usage, moe_block_indices
-from ..models import MultiTaskModel
+from ..engine.experts import expert_usage
+from ..models import MultiTaskModel, moe_block_indices
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX
+from ..models.modes import eval_mode
 from ..nn.moe import MoE
 from ..nn.routers import MultiGateRouter, SharedRouter, TaskConditionedRouter
 
@@ -326,16 +327,12 @@ def extract_task(model: MultiTaskModel, task: str, calibration_dataset=None, *, 
         weight_bytes_after=_weight_bytes(extracted.state_dict().values()),
     )
     if calibration_dataset is not None:
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             if task in getattr(calibration_dataset, "tasks", ()):
                 options = dict(batch_size=batch_size, size=size, eval_cfg=eval_cfg, limit=count)
                 report.metrics_before = evaluate(model, calibration_dataset, [task], **options)[task]
                 report.metrics_after = evaluate(extracted, calibration_dataset, [task], **options)[task]
             report.max_abs_diff = _max_abs_diff(model, extracted, task, calibration_dataset, count, batch_size, size)
-        finally:
-            model.train(was_training)
     return extracted, report
 
 

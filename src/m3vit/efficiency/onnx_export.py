@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..utils.io import write_atomic
 from ..models import MultiTaskModel
+from ..models.modes import eval_mode
 from ..nn.moe import MoE, top_k_gate
 from ..nn.routers import MultiGateRouter
 from ..utils.errors import InputError
@@ -246,12 +247,8 @@ def check_onnx(model: MultiTaskModel, path: str | os.PathLike, images: Tensor, *
     (ImageNet-normalised ``[B, 3, H, W]``) for ``task`` (default: the model's only task)."""
     task = _one_task(model, task)
     session = onnx_session(path)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         expected = model(images.to(next(model.parameters()).device), tasks=[task])[task].float().cpu()
-    finally:
-        model.train(was_training)
     (got,) = session.run(None, {session.get_inputs()[0].name: images.float().cpu().numpy()})
     return float((torch.from_numpy(got) - expected).abs().max())
 

@@ -22,9 +22,11 @@ import yaml
 from ..data import DATASETS, SCALE_ROTATE_RECIPES
 from ..data.synthetic import PEOPLE_MODES
 from ..models.config import MAX_INPUT_SIDE, ConfigError, ModelConfig, parse_number
-from ..models.registry import list_models, model_config
+from ..models.factory import model_config
+from ..models.registry import list_models
 from ..tasks import list_tasks
 from .cross_task import CROSS_TASK_MODULES
+from .device import DEVICES
 from .schedules import LR_UPDATES, WEIGHT_DECAY_EXCLUDES
 
 __all__ = [
@@ -36,7 +38,6 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 AUGMENTATIONS = ("crop", "resize", "none")
-DEVICES = ("auto", "cpu", "cuda")
 
 #: Seeds (``train.seed``, ``data.seed``) lie in [0, MAX_SEED]: what every generator they feed accepts
 #: (``numpy.random.seed`` takes 32 bits; ``torch.manual_seed`` 64, and the trainer adds rank and step).

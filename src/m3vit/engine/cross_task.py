@@ -6,8 +6,8 @@ Two kinds (``train.cross_task_module``), both switched on by ``train.cross_task_
   docs/reference.md), one ``TaskAttentionModule`` per level of the heads' intermediate features
   (``train.tam_levels``; level ℓ reads every head's stage ℓ + 1, stride 8, 4, 2 for a 4-stage head).
   Each level predicts every task; the predictions are upsampled (bilinear) to the image.
-* ``predictions`` -- ``CrossTaskHead``: every task's final prediction refined from all tasks'
-  predictions (concatenated, mixed by a small convolution, a learned correction per task).
+* ``predictions`` -- ``m3vit.nn.heads.CrossTaskHead``: every task's final prediction refined from all
+  tasks' predictions (concatenated, mixed by a small convolution, a learned correction per task).
 
 Their losses (``train.cross_task_weight`` times the weighted task losses of each extra prediction, the
 task weights the same as the main ones) add a cross-task training signal to the backbone and heads.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CrossTaskHead", "TaskAttentionModule", "TaskAttention", "CROSS_TASK_MODULES"]
+__all__ = ["TaskAttentionModule", "TaskAttention", "CROSS_TASK_MODULES"]
 
 #: ``train.cross_task_module`` values.
 CROSS_TASK_MODULES = ("predictions", "tam")
@@ -113,37 +113,3 @@ class TaskAttention(nn.Module):
             out.append({t: F.interpolate(p, size=tuple(size), mode="bilinear", align_corners=False)
                         for t, p in level_out.items()})
         return out
-
-
-class CrossTaskHead(nn.Module):
-    """``forward({task: [B, C_t, H, W]}) -> {task: refined [B, C_t, H, W]}``.
-
-    ``mix``: 3x3 conv over the concatenated predictions to ``hidden`` channels, GroupNorm, ReLU;
-    ``refine[t]``: 1x1 conv back to ``C_t`` channels, zero-initialised so the head starts as the
-    identity (refined = prediction) and learns only the cross-task correction.
-    """
-
-    def __init__(self, task_channels: dict[str, int], hidden: int = 32):
-        super().__init__()
-        if not task_channels:
-            raise ValueError("the cross-task head needs at least one task")
-        if hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {hidden}")
-        self.tasks = list(task_channels)
-        total = sum(task_channels.values())
-        self.mix = nn.Sequential(
-            nn.Conv2d(total, hidden, 3, padding=1, bias=False),
-            nn.GroupNorm(1, hidden),
-            nn.ReLU(inplace=True),
-        )
-        self.refine = nn.ModuleDict({t: nn.Conv2d(hidden, c, 1) for t, c in task_channels.items()})
-        for conv in self.refine.values():
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, predictions: dict[str, Tensor]) -> dict[str, Tensor]:
-        missing = [t for t in self.tasks if t not in predictions]
-        if missing:
-            raise ValueError(f"the cross-task head needs predictions for every task; missing {missing}")
-        mixed = self.mix(torch.cat([predictions[t] for t in self.tasks], dim=1))
-        return {t: predictions[t] + self.refine[t](mixed).to(predictions[t].dtype) for t in self.tasks}

@@ -34,16 +34,12 @@ import torch
 
 from .inference import predict_checked
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
+from ..models import moe_block_indices
+from ..models.modes import eval_mode
 
-__all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
-           "write_summary"]
+__all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "plot_heatmaps", "write_usage", "write_summary"]
 
 log = logging.getLogger(__name__)
-
-
-def moe_block_indices(model) -> list[int]:
-    """Indices of the backbone blocks whose MLP is a mixture of experts."""
-    return [i for i, block in enumerate(model.backbone.blocks) if block.is_moe]
 
 
 @dataclass
@@ -302,14 +298,10 @@ def expert_usage(model, dataset, tasks: Sequence[str] | None = None, *, limit: i
             weight_sums[l_idx, t_idx] += torch.zeros(num_experts, dtype=torch.float64).index_add_(
                 0, indices, weights).numpy()
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in starts:
             predict_checked(model, [dataset[i]["image"] for i in range(start, min(start + batch_size, count))],
                             tasks, size, after_task=record)
-    finally:
-        model.train(was_training)
     return ExpertUsage(tasks=list(tasks), layers=moe_block_indices(model), num_experts=num_experts,
                        top_k=max(layer.top_k for layer in layers), num_images=count, counts=counts,
                        weight_sums=weight_sums)

@@ -63,17 +63,19 @@ from torch import nn
 from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, read_weights_into, save_checkpoint,
                                  task_embed_layout_error, verify_checkpoint, write_checkpoint_files)
 from ..models.config import REFERENCE_OPTIONS, ConfigError
+from ..nn.heads import CrossTaskHead
 from ..utils.errors import CheckpointError, M3ViTError, one_line
 from ..utils.io import FolderLock, atomic_directory, remove_output, write_bytes, write_text
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
-from .cross_task import CrossTaskHead, TaskAttention
+from .cross_task import TaskAttention
+from .device import resolve_device
 from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier, cleanup_distributed,
                           convert_sync_batchnorm, env_rank, gather_objects, init_distributed)
 from .schedules import LRSchedule, StepScheduler, build_optimizer
 
 __all__ = ["train", "TrainResult", "TrainingError", "TrainingInterrupted", "RunDirectoryError", "RESUMABLE_KEYS",
-           "latest_checkpoint", "verify_step_checkpoint", "config_differences", "resolve_device"]
+           "latest_checkpoint", "verify_step_checkpoint", "config_differences"]
 
 log = logging.getLogger(__name__)
 
@@ -359,21 +361,7 @@ def _check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices, precision, seeds, RNG state.
-
-
-def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
-    """``auto``/``cpu``/``cuda`` -> a device: ``auto`` picks CUDA when available (this process's local
-    rank). Errors name the setting ``key`` it came from."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{key}: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
-        return torch.device("cuda", local_rank)
-    if name != "cpu":
-        raise ConfigError(f"{key}: {name!r} is not allowed; choose one of ['auto', 'cpu', 'cuda']")
-    return torch.device("cpu")
+# Precision, seeds, RNG state (devices: engine/device.py).
 
 
 def _autocast(amp: str, device: torch.device):

@@ -24,8 +24,7 @@ class _BackbonePathway(nn.Module):
         return self.model.resolve_tasks(tasks)
 
     def forward(self, images: torch.Tensor, tasks: Sequence[str] | None = None):
-        task_ids = [self.model.tasks.index(t) for t in self.resolve_tasks(tasks)]
-        return self.model.backbone(images, task_ids)
+        return self.model.forward_features(images, tasks)
 
 
 def measure_pathway_latency(model: nn.Module, img_size: Sequence[int], task: str, *, include_heads: bool = False,

@@ -28,6 +28,7 @@ from ..utils.errors import CheckpointError
 from ..utils.io import OutputKind, atomic_directory, write_bytes, write_text
 from ..utils.safetensors_layout import TensorEntry, read_safetensors_layout, read_tensor_into
 from .config import ConfigError, ModelConfig
+from .m3vit import MultiTaskModel
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "write_checkpoint_files",
            "verify_checkpoint", "VerifiedCheckpoint", "build_on_meta", "read_weights_into", "TensorsOnMeta",
@@ -76,11 +77,9 @@ class TensorsOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def build_on_meta(cfg: ModelConfig):
+def build_on_meta(cfg: ModelConfig) -> MultiTaskModel:
     """The ``MultiTaskModel`` of ``cfg`` with every parameter and persistent buffer on ``meta`` (no storage, so
     any size is free to build); what ``TensorsOnMeta`` leaves real is small and rebuilt from the config."""
-    from .m3vit import MultiTaskModel
-
     with TensorsOnMeta():
         return MultiTaskModel(cfg)
 

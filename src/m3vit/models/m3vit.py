@@ -2,8 +2,8 @@
 SETR-PUP head per task. With ``moe_blocks=()`` the same file is the dense multi-task M-ViT.
 
 Read top to bottom: ``VisionTransformer`` (patch embedding, cls token, interpolated positional
-embedding, blocks), then ``MultiTaskModel`` (task-batched backbone pass, one head per task), then
-the named configurations registered for ``create_model``.
+embedding, blocks), then ``MultiTaskModel`` (task-batched backbone pass, one head per task). The named
+configurations ``create_model`` builds are in ``models/zoo.py``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from torch import Tensor, nn
 
 from ..nn import Block, Mlp, MoE, SETRPUPHead, TaskEmbedding
 from ..utils.errors import ConfigError, InputError
-from .config import REFERENCE_OPTIONS, ModelConfig
-from .registry import register_model
+from .config import ModelConfig
 
-__all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed"]
+__all__ = ["VisionTransformer", "MultiTaskModel", "resample_pos_embed", "moe_block_indices"]
 
 
 def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
@@ -217,21 +216,31 @@ class MultiTaskModel(nn.Module):
     def forward(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
         return self._forward(images, tasks, head_features=False)[0]
 
+    def forward_features(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:
+        """The backbone's tokens for each requested task, what its head consumes: ``{task: [B, 1 + h*w, D]}``
+        (cls token first, then the ``h x w`` patch grid, ``h, w = H // patch_size, W // patch_size``), before
+        any norm. Runs only the backbone of those tasks' pathways (no head); a task-agnostic backbone (dense
+        or shared router) gives every task the same tensor."""
+        return self._tokens(images, tasks)[0]
+
     def forward_with_head_features(self, images: Tensor, tasks: str | Sequence[str] | None = None
                                    ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
         """``forward`` plus each head's stage outputs (``SETRPUPHead.forward_stages``), for training-only
         cross-task modules: ``(outputs, {task: [stage 0, stage 1, ...]})``."""
         return self._forward(images, tasks, head_features=True)
 
-    def _forward(self, images: Tensor, tasks, head_features: bool):
+    def _tokens(self, images: Tensor, tasks) -> tuple[dict[str, Tensor], tuple[int, int]]:
+        """``forward_features`` and the token grid ``(h, w)``."""
         tasks = self.resolve_tasks(tasks)
         self.check_images(images)
-        task_ids = [self.tasks.index(t) for t in tasks]
-        features, grid = self.backbone(images, task_ids)
+        features, grid = self.backbone(images, [self.tasks.index(t) for t in tasks])
+        return {task: features[i] if features.shape[0] > 1 else features[0] for i, task in enumerate(tasks)}, grid
+
+    def _forward(self, images: Tensor, tasks, head_features: bool):
+        features, grid = self._tokens(images, tasks)
         size = tuple(images.shape[-2:])
         outputs, stages = {}, {}
-        for i, task in enumerate(tasks):
-            tokens = features[i] if features.shape[0] > 1 else features[0]
+        for task, tokens in features.items():
             if head_features:
                 outputs[task], stages[task] = self.heads[task].forward_stages(tokens, grid, size)
             else:
@@ -250,25 +259,6 @@ class MultiTaskModel(nn.Module):
         return total
 
 
-# ----------------------------------------------------------------------------------------------
-# Named configurations. ``m3vit_*``: MoE in every other block (1, 3, ...), 16 experts, top-4,
-# expert hidden = width (a token's active MLP compute equals the dense MLP's), multi-gate routing,
-# and the official code's balance loss, initialisation, shared task embedding and bilinear
-# positional-embedding resize (REFERENCE_OPTIONS, docs/reference.md). ``mvit_*``: the dense
-# multi-task baseline (bilinear resize, the one option that applies to it). ``*_micro`` is a
-# CPU-scale config (width 96, 6 blocks) for demos and tests; it is not a paper configuration.
-# ----------------------------------------------------------------------------------------------
-_SIZES = {
-    "micro": dict(embed_dim=96, depth=6, num_heads=3, head_channels=64),
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
-
-for _size, _arch in _SIZES.items():
-    _moe = dict(_arch, moe_blocks=tuple(range(1, _arch["depth"], 2)), num_experts=16, top_k=4,
-                expert_ratio=1.0, router="multi_gate", **REFERENCE_OPTIONS)
-    register_model(f"m3vit_{_size}", ModelConfig(name=f"m3vit_{_size}", **_moe),
-                   f"M³ViT-{_size}: MoE ViT, {_arch['embed_dim']} wide, 16 experts top-4, multi-gate")
-    register_model(f"mvit_{_size}", ModelConfig(name=f"mvit_{_size}", pos_embed_resize="bilinear", **_arch),
-                   f"M-ViT-{_size}: dense multi-task ViT baseline, {_arch['embed_dim']} wide")
+def moe_block_indices(model: MultiTaskModel) -> list[int]:
+    """Indices of the backbone blocks whose MLP is a mixture of experts."""
+    return [i for i, block in enumerate(model.backbone.blocks) if block.is_moe]

@@ -1,4 +1,6 @@
-"""Registry of named model configurations: ``create_model(name, tasks, img_size, **overrides)``."""
+"""Names: the registered model configurations (``register_model``, ``list_models``, ``describe_models``,
+``registered_config``), filled with the zoo's (``models/zoo.py``) when first imported, and the known tasks'
+default output channels (``resolve_task_channels``). Building a model from a name is ``models/factory.py``."""
 
 from __future__ import annotations
 
@@ -6,18 +8,22 @@ from collections.abc import Mapping, Sequence
 
 from ..tasks.registry import default_task_channels
 from .config import ConfigError, ModelConfig
+from .zoo import named_configs
 
-__all__ = ["TASK_CHANNELS", "register_model", "list_models", "create_model", "model_config", "resolve_task_channels"]
+__all__ = ["TASK_CHANNELS", "register_model", "list_models", "describe_models", "registered_config",
+           "resolve_task_channels"]
 
 #: Default output channels of the known tasks, from the task classes (``Task.default_channels``:
 #: PASCAL-Context's 21 semantic classes, 7 human-part labels incl. background, 1-channel saliency and
 #: edge logits, 3-channel normals, 1-channel depth).
 TASK_CHANNELS: dict[str, int] = default_task_channels()
 
-_REGISTRY: dict[str, tuple[ModelConfig, str]] = {}
+#: name -> (config without tasks, description): the zoo's, plus any ``register_model`` adds.
+_REGISTRY: dict[str, tuple[ModelConfig, str]] = named_configs()
 
 
 def register_model(name: str, cfg: ModelConfig, description: str = "") -> None:
+    """Make ``cfg`` (tasks and image size are given to ``create_model``) buildable as ``name``."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = (cfg, description)
@@ -30,6 +36,13 @@ def list_models() -> list[str]:
 
 def describe_models() -> dict[str, str]:
     return {name: _REGISTRY[name][1] for name in list_models()}
+
+
+def registered_config(name: str) -> ModelConfig:
+    """The config registered as ``name`` (no tasks, the registered image size); ``ConfigError`` if unknown."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {list_models()}")
+    return _REGISTRY[name][0]
 
 
 def resolve_task_channels(tasks: Mapping[str, int] | Sequence[str]) -> dict[str, int]:
@@ -53,31 +66,3 @@ def resolve_task_channels(tasks: Mapping[str, int] | Sequence[str]) -> dict[str,
     if not out:
         raise ConfigError("at least one task is required")
     return out
-
-
-def model_config(name: str, tasks, img_size=(512, 512), **overrides) -> ModelConfig:
-    """The validated config ``create_model`` would build."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; available: {list_models()}")
-    base = _REGISTRY[name][0]
-    return base.replace(tasks=resolve_task_channels(tasks), img_size=img_size, **overrides)
-
-
-def create_model(name: str, tasks, img_size=(512, 512), pretrained=None, **overrides):
-    """Build a registered multi-task model.
-
-    ``tasks`` maps task name -> output channels, or lists known task names (``TASK_CHANNELS``).
-    ``img_size`` sets the positional-embedding grid (other sizes divisible by the patch size are
-    interpolated at run time). ``overrides`` replace any ``ModelConfig`` field, e.g.
-    ``num_experts``, ``top_k``, ``expert_ratio``, ``router``, ``moe_blocks``, ``noise_std``,
-    ``head_channels``. ``pretrained`` names a local DeiT/timm ViT checkpoint to initialise the
-    backbone from (see ``m3vit.models.pretrained``).
-    """
-    from .m3vit import MultiTaskModel
-
-    model = MultiTaskModel(model_config(name, tasks, img_size, **overrides))
-    if pretrained is not None:
-        from .pretrained import load_pretrained_vit
-
-        load_pretrained_vit(model, pretrained)
-    return model

@@ -37,10 +37,11 @@ from PIL import Image
 
 from ..efficiency.streaming import expert_weight_bytes
 from ..engine.builders import build_tasks
-from ..engine.experts import moe_block_indices
+from ..engine.device import resolve_device
 from ..data.images import ImageReadError, ImageTooLargeError, read_image
 from ..data.transforms import preprocess
 from ..engine.inference import check_input_size
+from ..models import moe_block_indices
 from ..utils.errors import InputError, M3ViTError
 
 __all__ = ["RequestError", "ServiceBusyError", "PathwayRun", "PredictionService", "read_image_bytes",
@@ -283,8 +284,6 @@ class PredictionService:
             raise InputError(f"workers (--workers) must be >= 1, got {workers}")
         workers = int(workers)
         if isinstance(model_or_checkpoint, (str, os.PathLike)):
-            from ..engine.trainer import resolve_device
-
             if isinstance(device, torch.device):
                 target = device
             else:
