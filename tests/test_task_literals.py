@@ -6,8 +6,7 @@ Every module under ``src/m3vit`` is parsed with ``ast`` and every string constan
 
 * ``m3vit/tasks/`` (the tasks themselves),
 * the dataset modules that declare their tasks: ``m3vit/data/synthetic*`` (the module, or the package
-  it becomes), ``m3vit/data/pascal_context.py``, ``m3vit/data/nyud.py``,
-* ``m3vit/cli*`` -- temporarily: the CLI is being split into a package; its literals go next.
+  it becomes), ``m3vit/data/pascal_context.py``, ``m3vit/data/nyud.py``.
 
 ``depth`` is also a ``ModelConfig`` field (the number of transformer blocks). A ``"depth"`` constant is
 that field, not the task, when the smallest statement holding it also names another architecture field
@@ -28,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "m3vit"
 TASK_NAMES = {"semseg", "human_parts", "sal", "normals", "edge", "depth"}
 
 #: Paths (relative to ``src/m3vit``, as POSIX) whose task-name literals are allowed; a prefix match.
-ALLOWED_PREFIXES = ("tasks/", "data/synthetic", "data/pascal_context.py", "data/nyud.py", "cli")
+ALLOWED_PREFIXES = ("tasks/", "data/synthetic", "data/pascal_context.py", "data/nyud.py")
 
 #: ModelConfig fields too generic to show that a statement is about the architecture.
 _GENERIC_FIELDS = {"depth", "name", "tasks", "init", "img_size"}

@@ -14,7 +14,14 @@ from .choices import DEVICES
 
 #: Default tasks of ``--model`` (flops, hw): the PASCAL-Context five. A task literal kept here, in one place,
 #: until the tasks' own API names the dataset's tasks.
-PASCAL_TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
+
+
+def default_model_tasks() -> list[str]:
+    """The tasks of a named model given without ``--tasks``: PASCAL-Context's five, in the canonical task order."""
+    from ..data.pascal_context import PascalContextMT
+    from ..tasks.registry import TASK_CLASSES
+
+    return [cls.name for cls in TASK_CLASSES if cls.name in PascalContextMT.all_tasks]
 
 
 class CLIError(M3ViTError):

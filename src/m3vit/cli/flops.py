@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import PASCAL_TASKS, CLIError, positive_int
+from .common import CLIError, default_model_tasks, positive_int
 
 #: Keys ``--set`` may not set: they have their own options.
 _OWN_OPTIONS = {"tasks": "--tasks", "img_size": "--img-size"}
@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="m3vit_small", help="registered model name (see 'm3vit models')")
     src.add_argument("--checkpoint", help="checkpoint directory instead of --model")
-    p.add_argument("--tasks", nargs="+", help=f"task names (default: {' '.join(PASCAL_TASKS)})")
+    p.add_argument("--tasks", nargs="+", help=f"task names (default: the five PASCAL-Context tasks)")
     p.add_argument("--img-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--set", action="append", metavar="model.KEY=VALUE",
@@ -48,7 +48,7 @@ def _build_model(args):
 
     if args.checkpoint:
         return m3vit.load_checkpoint(args.checkpoint)
-    return m3vit.create_model(args.model, args.tasks or PASCAL_TASKS, img_size=tuple(args.img_size),
+    return m3vit.create_model(args.model, args.tasks or default_model_tasks(), img_size=tuple(args.img_size),
                               **model_overrides(args.set))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from .choices import HW_DESIGNS, packaged_platforms
-from .common import PASCAL_TASKS, CLIError, Parser, positive_int, write_json_atomic
+from .common import CLIError, Parser, default_model_tasks, positive_int, write_json_atomic
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--model", default="m3vit_small", help="registered model name (see 'm3vit models')")
         src.add_argument("--checkpoint", help="checkpoint directory instead of --model")
-        p.add_argument("--tasks", nargs="+", help=f"tasks of --model (default: {' '.join(PASCAL_TASKS)})")
+        p.add_argument("--tasks", nargs="+", help=f"tasks of --model (default: the five PASCAL-Context tasks)")
         p.add_argument("--task", help="the task whose pathway runs (default: the model's first task)")
         p.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                        help="input size (default 512 512, or the checkpoint's img_size)")
@@ -70,7 +70,7 @@ def _inputs(args, need_model: bool = False):
         cfg = verify_checkpoint(args.checkpoint).config  # a damaged checkpoint is refused, even for its config
         cfg = cfg.replace(**overrides, **({"img_size": size} if size else {}))
     else:
-        cfg = model_config(args.model, args.tasks or PASCAL_TASKS, size or (512, 512), **overrides)
+        cfg = model_config(args.model, args.tasks or default_model_tasks(), size or (512, 512), **overrides)
     task = args.task or next(iter(cfg.tasks))
     if task not in cfg.tasks:
         raise CLIError(f"--task {task!r} is not one of the model's tasks {list(cfg.tasks)}")
@@ -80,7 +80,7 @@ def _inputs(args, need_model: bool = False):
 
         model = load_checkpoint(args.checkpoint) if args.checkpoint and not overrides else MultiTaskModel(cfg)
     if args.image:
-        from ..engine.inference import read_image
+        from ..data.images import read_image
         from ..hardware import trace_routing
 
         routing = trace_routing(model, read_image(args.image), task, size=cfg.img_size)
