@@ -42,12 +42,11 @@ def run(args) -> int:
         model = load_streaming_model(args.checkpoint, map_location=device(args.device))
     else:
         model = load_checkpoint(args.checkpoint, map_location=device(args.device))
-    tasks = model.resolve_tasks(args.task)
-    result = infer_files(model, args.images, tasks, args.out, size=args.size, save_npy=args.npy,
+    result = infer_files(model, args.images, args.task, args.out, size=args.size, save_npy=args.npy,
                          max_pixels=max_pixels)
     for _, reason in result.failed:
         print(f"error: {reason}", file=sys.stderr)
-    print(f"wrote {len(result.written)} files for {len(result.processed)} image(s) x {len(tasks)} task(s) "
-          f"({', '.join(tasks)}) to {args.out}"
+    print(f"wrote {len(result.written)} files for {len(result.processed)} image(s) x {len(result.tasks)} task(s) "
+          f"({', '.join(result.tasks)}) to {args.out}"
           + (f"; {len(result.failed)} image(s) could not be read" if result.failed else ""))
     return 1 if result.failed else 0
