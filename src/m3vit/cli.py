@@ -529,7 +529,7 @@ def cmd_infer(args) -> int:
 def cmd_experts(args) -> int:
     from .engine.builders import build_eval_dataset
     from .engine.checkpoints import checkpoint_step, load_run
-    from .engine.experts import expert_usage, moe_block_indices, plot_heatmaps, write_summary, write_usage
+    from .analysis.experts import expert_usage, moe_block_indices, plot_heatmaps, write_summary, write_usage
     from .utils.io import OutputFolder
 
     model, cfg = load_run(args.checkpoint, args.set or [], map_location=_device(args.device))

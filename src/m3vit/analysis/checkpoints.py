@@ -16,7 +16,7 @@ from typing import Any
 
 from ..engine.builders import build_eval_dataset
 from ..engine.checkpoints import checkpoint_step, load_run
-from ..engine.experts import expert_usage
+from .experts import expert_usage
 from ..models.checkpoint import CONFIG, WEIGHTS
 from ..utils.errors import CheckpointError, InputError
 from .conflicts import ConflictReport, measure_conflicts, pair_label

@@ -2,7 +2,7 @@
 experts that task uses on a calibration set, saved as a normal checkpoint and optionally as ONNX.
 
 ``extract_task(model, task, calibration_dataset)`` measures which experts the task's router picks on
-the calibration images (``engine.experts.expert_usage``), keeps per MoE layer the experts whose share
+the calibration images (``analysis.experts.expert_usage``), keeps per MoE layer the experts whose share
 of the task's token -> expert assignments exceeds ``min_usage``, and builds a one-task
 ``MultiTaskModel`` whose ``ModelConfig`` records the kept experts (``expert_subsets``), so
 ``load_checkpoint`` rebuilds it. What the extracted model holds:
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from ..utils.errors import CheckpointError, ConfigError, DataError, InputError, OutputError
 from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_json
 from ..engine.evaluator import evaluate, prepare_images
-from ..engine.experts import expert_usage, moe_block_indices
+from ..analysis.experts import expert_usage, moe_block_indices
 from ..models import MultiTaskModel
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX

@@ -187,7 +187,7 @@ def _figures(out: Path, folder: OutputFolder, cfgs, models, results, samples: in
                                                             folder.path(f"figures/predictions_{task}.png")))
     moe = {name: m for name, m in models.items() if m.moe_layers}
     if moe:
-        from ..engine.experts import expert_usage, plot_heatmaps
+        from ..analysis.experts import expert_usage, plot_heatmaps
 
         name, model = next(iter(moe.items()))
         say(f"[{name}] counting expert usage per task on the {cfg.data.val_split} split")

@@ -38,7 +38,7 @@ from PIL import Image
 from ..efficiency.streaming import expert_weight_bytes
 from ..engine.builders import build_tasks
 from ..engine.evaluator import prepare_images
-from ..engine.experts import moe_block_indices
+from ..analysis.experts import moe_block_indices
 from ..data.images import ImageReadError, ImageTooLargeError, read_image
 from ..engine.inference import check_input_size, decode_prediction
 from ..utils.errors import InputError, M3ViTError

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .evaluator import prepare_images
+from ..engine.evaluator import prepare_images
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
 
 __all__ = ["ExpertUsage", "ExpertOverlap", "expert_usage", "moe_block_indices", "plot_heatmaps", "write_usage",
