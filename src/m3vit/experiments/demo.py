@@ -96,7 +96,7 @@ class DemoResult:
 def start_fresh(run_dir: Path) -> None:
     """Delete what m3vit wrote in the training run folder ``run_dir`` (for ``--fresh``); a file it did not
     write stops the fresh start with an ``OutputError`` naming it (it is never deleted)."""
-    from ..engine.trainer import remove_run_folder
+    from ..engine.run_folder import remove_run_folder
 
     left = remove_run_folder(run_dir)
     if left:
