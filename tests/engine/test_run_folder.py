@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from m3vit.engine.config import RunConfig
 from m3vit.engine.run_folder import (_TEMPORARY, CHECKPOINTS, LOG_FILE, RUN_CONFIG, RunDirectoryError,
                                      append_log, claim_run_folder, prepare_run_folder, step_checkpoint_path,
-                                     truncate_log)
+                                     step_checkpoints, truncate_log)
 from m3vit.utils.errors import RunLockedError
 
 
@@ -63,8 +63,15 @@ def test_prepare_writes_the_run_config_and_removes_only_temporaries(tmp_path):
     assert not any((out / CHECKPOINTS).iterdir())
 
 
-def test_step_checkpoints_live_in_the_checkpoints_folder(tmp_path):
+def test_step_checkpoints_are_listed_by_step(tmp_path):
+    assert step_checkpoints(tmp_path) == []
+    for step in (10, 2, 33):
+        step_checkpoint_path(tmp_path, step).mkdir(parents=True)
     assert step_checkpoint_path(tmp_path, 12) == tmp_path / CHECKPOINTS / "step-12"
+    (tmp_path / CHECKPOINTS / ".step-40.m3vit-tmp-ab").mkdir()  # an interrupted save
+    (tmp_path / CHECKPOINTS / "step-50").write_text("a file, not a checkpoint")
+    (tmp_path / CHECKPOINTS / "step-7b").mkdir()
+    assert step_checkpoints(tmp_path) == [(s, step_checkpoint_path(tmp_path, s)) for s in (2, 10, 33)]
 
 
 @pytest.mark.parametrize("name", [

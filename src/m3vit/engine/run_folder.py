@@ -41,9 +41,9 @@ from ..utils.io import FolderLock, remove_output, write_text
 from .config import RunConfig
 
 __all__ = ["RUN_CONFIG", "LOG_FILE", "CHECKPOINTS", "FINAL", "TENSORBOARD", "RESUMABLE_KEYS", "TRAINER_STATE_KEYS",
-           "RunDirectoryError", "claim_run_folder", "check_run_folder", "prepare_run_folder", "step_checkpoint_path",
-           "verify_step_checkpoint", "latest_checkpoint", "prune_checkpoints", "remove_run_folder", "truncate_log",
-           "append_log", "config_differences"]
+           "RunDirectoryError", "claim_run_folder", "check_run_folder", "config_differences", "prepare_run_folder",
+           "truncate_log", "append_log", "step_checkpoint_path", "step_checkpoints", "verify_step_checkpoint",
+           "latest_checkpoint", "prune_checkpoints", "remove_run_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,13 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
         raise CheckpointError(f"none of the checkpoints in {root} can be resumed from ({names}; move them away to "
                               f"start over); the newest failed with: {one_line(skipped[0][1])}")
     return None
+
+
+def step_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, folder)]`` of every ``OUT/checkpoints/step-N`` folder, by step (complete or not: see
+    ``verify_step_checkpoint``); empty without a checkpoints folder."""
+    root = Path(out) / CHECKPOINTS
+    return _step_dirs(root) if root.is_dir() else []
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
