@@ -19,10 +19,12 @@ from PIL import Image
 
 from ..tasks.base import IGNORE
 from ..utils.errors import ConfigError, DataError, InputError
+from .config import DataSettings, configured_train_transforms
 from .images import read_image
+from .transforms import Compose, Normalize, Resize, resize_nearest
 
 __all__ = [
-    "FolderDataset", "read_image", "read_png", "label_file", "read_split_file", "sample_rng", "resize_nearest", "mask_invalid",
+    "FolderDataset", "read_image", "read_png", "label_file", "read_split_file", "sample_rng", "mask_invalid",
     "unit_vectors",
 ]
 
@@ -78,15 +80,6 @@ def sample_rng(seed: int, split_code: int, index: int, epoch: int) -> np.random.
     return np.random.default_rng(np.random.SeedSequence([seed, split_code, index, epoch, 1]))
 
 
-def resize_nearest(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a label ``[..., H, W]`` to ``size`` (pixel centres, values copied)."""
-    h_in, w_in = label.shape[-2:]
-    h_out, w_out = size
-    rows = ((torch.arange(h_out, dtype=torch.float64) + 0.5) * (h_in / h_out)).floor().long().clamp_(0, h_in - 1)
-    cols = ((torch.arange(w_out, dtype=torch.float64) + 0.5) * (w_in / w_out)).floor().long().clamp_(0, w_in - 1)
-    return label[..., rows[:, None], cols[None, :]]
-
-
 class FolderDataset(torch.utils.data.Dataset):
     """Base of the on-disk multi-task datasets; see ``PascalContextMT`` and ``NYUDMT``.
 
@@ -113,6 +106,41 @@ class FolderDataset(torch.utils.data.Dataset):
     channels: Mapping[str, int]
     #: Semantic classes, in id order.
     classes: tuple[str, ...]
+
+    @classmethod
+    def from_options(cls, split: str = "train", *, root: str | os.PathLike | None = None,
+                     size: Sequence[int] | None = None, length: int | None = None, seed: int = 0,
+                     tasks: Sequence[str] | None = None, transform: Callable | None = None,
+                     people: str | None = None) -> "FolderDataset":
+        """The dataset as ``m3vit.data.build_dataset`` describes it: read from ``root`` (needed); resized to
+        ``size`` when it is given and ``transform`` is not (labels nearest, image not normalised); ``length``
+        and ``people`` apply to the synthetic dataset only and are refused."""
+        name = cls.dataset_name
+        if root is None:
+            raise ConfigError(f"dataset {name!r} needs its root folder (--root / data.root)")
+        if length is not None:
+            raise ConfigError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
+        if people is not None:
+            raise ConfigError(f"dataset {name!r} shows real people; 'people' applies to the synthetic dataset only")
+        if transform is None and size is not None:
+            transform = Resize(size)
+        return cls(root, split, tasks=tasks, transform=transform, seed=seed)
+
+    @classmethod
+    def from_config(cls, data: DataSettings, split: str, *, train: bool) -> "FolderDataset":
+        """The dataset of a run config's ``data`` section (``data.root``, ``data.seed``, ``data.tasks``).
+
+        For training (``train=True``) the images are augmented by ``data.augment`` to ``data.size`` with the
+        ``data.scale_rotate`` recipe (``reference``: the class's ``REFERENCE_SCALE_ROTATE`` when it declares
+        one) or, with ``augment: none``, only resized and normalised. For evaluation they are untransformed:
+        images in ``[0, 1]`` and labels at their own resolution (the evaluator resizes images itself).
+        """
+        transform = None
+        if train:
+            transform = (Compose([Resize(data.size), Normalize()]) if data.augment == "none" else
+                         configured_train_transforms(data, cls))
+        return cls.from_options(split, root=data.root, seed=data.seed, tasks=data.tasks, transform=transform,
+                                people=data.people)
 
     def _setup(self, root: str | os.PathLike, split: str, tasks: Sequence[str] | None,
                transform: Callable | None, seed: int, extra_files: Mapping[str, Sequence[str]]) -> None:

@@ -22,7 +22,7 @@ x right, y up, z towards the camera, so the same angle rotates their (x, y) coun
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,12 +31,11 @@ import torch.nn.functional as F
 from ..tasks import get_task, list_tasks
 from ..tasks.base import IGNORE, Task
 from ..utils.errors import ConfigError
-from ._io import resize_nearest
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Transform", "Compose", "RandomHorizontalFlip", "RandomScaleRotate",
     "PadCrop", "Resize", "Normalize", "train_transforms", "eval_transforms", "warp_sample", "source_coordinates",
-    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE",
+    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE", "scale_rotate_recipe", "resize_nearest",
 ]
 
 #: ImageNet channel statistics (RGB, images in [0, 1]).
@@ -54,6 +53,17 @@ PASCAL_SCALE_ROTATE = {"scales": (0.75, 1.25), "degrees": (-20.0, 20.0)}
 
 #: Sample keys that are carried along untouched.
 _PASS_THROUGH = ("meta",)
+
+
+# --- labels ----------------------------------------------------------------------------------------
+
+def resize_nearest(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of a label ``[..., H, W]`` to ``size`` (pixel centres, values copied)."""
+    h_in, w_in = label.shape[-2:]
+    h_out, w_out = size
+    rows = ((torch.arange(h_out, dtype=torch.float64) + 0.5) * (h_in / h_out)).floor().long().clamp_(0, h_in - 1)
+    cols = ((torch.arange(w_out, dtype=torch.float64) + 0.5) * (w_in / w_out)).floor().long().clamp_(0, w_in - 1)
+    return label[..., rows[:, None], cols[None, :]]
 
 
 # --- argument checks -------------------------------------------------------------------------------
@@ -371,6 +381,16 @@ def train_transforms(size, flip: bool = True, scales: Sequence[float] = (0.75, 1
     steps.append(PadCrop(size, random=True) if mode == "crop" else Resize(size))
     steps.append(Normalize())
     return Compose(steps)
+
+
+def scale_rotate_recipe(recipe: str, reference: Mapping | None = None) -> dict:
+    """``RandomScaleRotate`` options of ``recipe`` (``data.scale_rotate``): ``reference`` gives the dataset's
+    own recipe ``reference`` (its ``REFERENCE_SCALE_ROTATE``; None: PASCAL's), ``pascal`` the PASCAL recipe."""
+    if recipe not in SCALE_ROTATE_RECIPES:
+        raise ValueError(f"recipe must be one of {list(SCALE_ROTATE_RECIPES)}, got {recipe!r}")
+    if recipe == "reference" and reference is not None:
+        return dict(reference)
+    return dict(PASCAL_SCALE_ROTATE)
 
 
 def eval_transforms(size) -> Compose:

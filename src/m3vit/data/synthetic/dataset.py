@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 from ...models.config import MAX_INPUT_SIDE
 from ...utils.errors import ConfigError
 from .._geometry import RayCaster
+from ..config import DataSettings, configured_train_transforms
+from ..transforms import Compose, Normalize
 from .rendering import RenderedScene, gaussian_field, render_scene
 from .scenes import CLASSES, PART_NAMES, PEOPLE_MODES, Scene, sample_scene
 
@@ -119,6 +121,34 @@ class SyntheticScenes(Dataset):
         self._epoch = 0
         self._caster = RayCaster(height, width)
         self._noise_field = gaussian_field(height, width)
+
+    @classmethod
+    def from_options(cls, split: str = "train", *, root: str | None = None, size: Sequence[int] | None = None,
+                     length: int | None = None, seed: int = 0, tasks: Sequence[str] | None = None,
+                     transform: Callable[[dict, np.random.Generator], dict] | None = None,
+                     people: str | None = None) -> "SyntheticScenes":
+        """The dataset as ``m3vit.data.build_dataset`` describes it: rendered at ``size`` (default 128x128),
+        ``length`` samples (default 1000), ``people`` ``"sparse"`` when None; a ``root`` is refused."""
+        if root is not None:
+            raise ConfigError("the synthetic dataset is rendered, not read: drop --root / data.root")
+        return cls(split, size=(128, 128) if size is None else size, length=1000 if length is None else length,
+                   seed=seed, tasks=tasks, transform=transform, people=people or "sparse")
+
+    @classmethod
+    def from_config(cls, data: DataSettings, split: str, *, train: bool) -> "SyntheticScenes":
+        """The scenes of a run config's ``data`` section: rendered at ``data.size``, ``data.train_length``
+        (``train=True``) or ``data.val_length`` samples, ``data.seed``, ``data.tasks``, ``data.people``.
+
+        For training the images are augmented by ``data.augment`` with the ``data.scale_rotate`` recipe (the
+        PASCAL one: the scenes have no reference recipe of their own) or, with ``augment: none``, only
+        normalised (they are rendered at ``data.size`` already). For evaluation they are untransformed.
+        """
+        transform = None
+        if train:
+            transform = Compose([Normalize()]) if data.augment == "none" else configured_train_transforms(data, cls)
+        return cls.from_options(split, root=data.root, size=data.size,
+                                length=data.train_length if train else data.val_length, seed=data.seed,
+                                tasks=data.tasks, transform=transform, people=data.people)
 
     @property
     def tasks(self) -> tuple[str, ...]:
