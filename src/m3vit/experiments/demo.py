@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..efficiency import count_flops, measure_latency
-from ..engine.builders import build_eval_dataset
+from ..engine.builders import build_eval_dataset, build_train_dataset
 from ..engine.config import ConfigError, RunConfig, load_config, resolve_config_path
 from ..engine.evaluator import evaluate
 from ..engine.run_folder import FINAL, LOG_FILE, remove_run_folder
@@ -260,7 +260,7 @@ def _report(results: dict, names: list[str], cfgs, paths, table: str, figures: d
     cfg = cfgs[names[0]]
     h, w = cfg.data.size
     out = [f"# m3vit demo: {' vs '.join(names)}", ""]
-    out.append(f"Data: {cfg.data.name} {h}x{w}, {cfg.data.train_length if cfg.data.name == 'synthetic' else ''} "
+    out.append(f"Data: {cfg.data.name} {h}x{w}, {len(build_train_dataset(cfg))} "
                f"training scenes, {cfg.train.steps or cfg.train.epochs} {'steps' if cfg.train.steps else 'epochs'} "
                f"of batch {cfg.train.batch_size} ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}); "
                f"evaluated on the {cfg.data.val_split} split with every task through its own pathway.")
