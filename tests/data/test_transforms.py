@@ -505,18 +505,15 @@ def test_scale_rotate_recipes_per_dataset():
         scale_rotate_options("nyud", "official")
 
 
-def test_the_run_config_picks_the_nyud_recipe(monkeypatch, tmp_path):
+def test_the_run_config_picks_the_nyud_recipe(nyud_tree):
     from m3vit.engine import builders
     from m3vit.engine.config import load_config
 
-    seen = {}
-    monkeypatch.setattr(builders, "build_dataset", lambda *a, **kw: seen.setdefault("transform", kw["transform"]))
     for recipe, expected in (("reference", NYUD_SCALES), ("pascal", None)):
-        seen.clear()
-        cfg = load_config(None, {"model.name": "m3vit_micro", "data.name": "nyud", "data.root": str(tmp_path),
+        cfg = load_config(None, {"model.name": "m3vit_micro", "data.name": "nyud", "data.root": str(nyud_tree.root),
                                  "data.size": [32, 32], "data.augment": "resize", "data.scale_rotate": recipe})
-        builders.build_train_dataset(cfg)
-        (warp,) = [t for t in seen["transform"].transforms if isinstance(t, RandomScaleRotate)]
+        transform = builders.build_train_dataset(cfg).transform
+        (warp,) = [t for t in transform.transforms if isinstance(t, RandomScaleRotate)]
         assert warp.scale_choices == expected
         assert warp.degrees == ((0.0, 0.0) if expected else (-20.0, 20.0))
 

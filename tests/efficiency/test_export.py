@@ -14,7 +14,7 @@ from m3vit.cli import main
 from m3vit.data import build_dataset, preprocess
 from m3vit.efficiency.export import extract_task
 from m3vit.engine.config import load_config
-from m3vit.engine.experts import expert_usage
+from m3vit.analysis.experts import expert_usage
 from m3vit.models import ModelConfig, create_model, load_checkpoint, save_checkpoint
 from m3vit.models.config import ConfigError
 from m3vit.nn import MoE

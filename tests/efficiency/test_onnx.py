@@ -21,7 +21,7 @@ from m3vit.efficiency.export import extract_task
 from m3vit.efficiency.onnx_export import SparseExportMoE
 from m3vit.engine.config import load_config
 from m3vit.engine.evaluator import evaluate
-from m3vit.engine.experts import expert_usage
+from m3vit.analysis.experts import expert_usage
 from m3vit.models import create_model, save_checkpoint
 from m3vit.nn import MoE
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from m3vit.engine.trainer import latest_checkpoint, train
+from m3vit.engine.run_folder import latest_checkpoint
+from m3vit.engine.trainer import train
 
 
 def weights(directory):

@@ -20,7 +20,8 @@ import torch
 import m3vit
 from m3vit.cli import main
 from m3vit.engine.config import load_config
-from m3vit.engine.trainer import latest_checkpoint, train
+from m3vit.engine.run_folder import latest_checkpoint
+from m3vit.engine.trainer import train
 from m3vit.experiments.demo import start_fresh
 from m3vit.models import create_model, save_checkpoint
 from m3vit.utils.errors import OutputError

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from m3vit.cli import main
 from m3vit.engine.builders import build_model, build_train_dataset
 from m3vit.engine.config import ConfigError, RunConfig
-from m3vit.engine.trainer import RunDirectoryError, train
+from m3vit.engine.run_folder import RunDirectoryError
+from m3vit.engine.trainer import train
 from m3vit.models import load_checkpoint
 from m3vit.models.checkpoint import read_checkpoint_config
 

@@ -47,6 +47,7 @@ def test_demo_writes_results_report_and_figures_and_eval_reproduces(tiny_configs
     report = (out / "report.md").read_text()
     assert "## Gradient conflicts between tasks" in report and "| semseg × sal |" in report
     assert "Task–expert mutual information of m3vit" in report
+    assert "Data: synthetic 32x32, 8 training scenes, 3 steps of batch 4" in report  # data.train_length scenes
     for figure in ["figures/curves.png", "figures/predictions_semseg.png", "figures/predictions_edge.png",
                    "figures/conflicts.png"]:
         assert (out / figure).is_file() and figure in report

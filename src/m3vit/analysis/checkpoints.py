@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..engine.builders import build_eval_dataset
 from ..engine.checkpoints import checkpoint_step, load_run
-from ..engine.experts import expert_usage
+from ..engine.run_folder import FINAL, step_checkpoints
+from .experts import expert_usage
 from ..models.checkpoint import CONFIG, WEIGHTS
 from ..utils.errors import CheckpointError, InputError
 from .conflicts import ConflictReport, measure_conflicts, pair_label
@@ -26,21 +26,16 @@ __all__ = ["run_checkpoints", "checkpoint_conflicts", "run_conflicts", "compare_
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
 
 def run_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """``[(step, directory)]`` of a training run folder: every complete ``checkpoints/step-N/`` and then
     ``final/`` unless it repeats the last step, sorted by step."""
     run = Path(run_dir)
     found: dict[int, Path] = {}
-    root = run / "checkpoints"
-    if root.is_dir():
-        for path in root.iterdir():
-            match = _STEP_DIR.match(path.name)
-            if match and (path / WEIGHTS).is_file() and (path / CONFIG).is_file():
-                found[int(match.group(1))] = path
-    final = run / "final"
+    for step, path in step_checkpoints(run):
+        if (path / WEIGHTS).is_file() and (path / CONFIG).is_file():
+            found[step] = path
+    final = run / FINAL
     if (final / WEIGHTS).is_file() and (final / CONFIG).is_file():
         step = checkpoint_step(final)
         if step is not None and step not in found:

@@ -1,5 +1,5 @@
 """``m3vit experts``: per task and MoE layer, how often each expert is chosen; usage.json, summary.md and
-heatmaps (the per-block text is ``m3vit.engine.experts.ExpertUsage.to_text``)."""
+heatmaps (the per-block text is ``m3vit.analysis.experts.ExpertUsage.to_text``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..engine.builders import build_eval_dataset
     from ..engine.checkpoints import checkpoint_step, load_run
-    from ..engine.experts import expert_usage, plot_heatmaps, write_summary, write_usage
+    from ..analysis.experts import expert_usage, plot_heatmaps, write_summary, write_usage
     from ..models import moe_block_indices
     from ..utils.io import OutputFolder
 

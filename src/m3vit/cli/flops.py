@@ -15,7 +15,7 @@ def add_parser(subparsers) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default="m3vit_small", help="registered model name (see 'm3vit models')")
     src.add_argument("--checkpoint", help="checkpoint directory instead of --model")
-    p.add_argument("--tasks", nargs="+", help=f"task names (default: the five PASCAL-Context tasks)")
+    p.add_argument("--tasks", nargs="+", help="task names (default: the five PASCAL-Context tasks)")
     p.add_argument("--img-size", nargs=2, type=int, default=[512, 512], metavar=("H", "W"))
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--set", action="append", metavar="model.KEY=VALUE",

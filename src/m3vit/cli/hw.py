@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         src = p.add_mutually_exclusive_group()
         src.add_argument("--model", default="m3vit_small", help="registered model name (see 'm3vit models')")
         src.add_argument("--checkpoint", help="checkpoint directory instead of --model")
-        p.add_argument("--tasks", nargs="+", help=f"tasks of --model (default: the five PASCAL-Context tasks)")
+        p.add_argument("--tasks", nargs="+", help="tasks of --model (default: the five PASCAL-Context tasks)")
         p.add_argument("--task", help="the task whose pathway runs (default: the model's first task)")
         p.add_argument("--img-size", nargs=2, type=int, metavar=("H", "W"),
                        help="input size (default 512 512, or the checkpoint's img_size)")

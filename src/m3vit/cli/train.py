@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..engine.config import load_config, parse_overrides
-    from ..engine.trainer import RUN_CONFIG, TrainingError, TrainingInterrupted, train
+    from ..engine.run_folder import RUN_CONFIG
+    from ..engine.trainer import TrainingError, TrainingInterrupted, train
 
     cfg = load_config(args.config, parse_overrides(args.set))
     try:

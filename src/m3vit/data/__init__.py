@@ -3,7 +3,9 @@ and ``read_image`` (``m3vit.data.images``), the one image reader of m3vit.
 
 Every dataset returns samples ``{"image": float32 [3, H, W] in [0, 1], <task>: label, "meta": {...}}``
 with labels in the format of ``m3vit.tasks.base`` and exposes ``tasks``, ``task_channels`` (what
-``create_model`` needs), ``classes`` and ``set_epoch``. ``build_dataset`` makes one by name.
+``create_model`` needs), ``classes`` and ``set_epoch``. ``build_dataset`` makes one by name and options,
+``dataset_from_config`` from a run config's ``data`` section: each dataset class says how (its ``from_options``
+and ``from_config``: transform, length, which options apply).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from ..utils.errors import ConfigError
+from .config import DataSettings, dataset_scale_rotate
 from .images import MAX_PIXELS, ImageReadError, ImageTooLargeError, read_image
 from .nyud import NYUD_CLASSES, NYUDMT
 from .pascal_context import VOC_CLASSES, PascalContextMT
@@ -18,7 +21,6 @@ from .synthetic import SyntheticScenes
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    PASCAL_SCALE_ROTATE,
     SCALE_ROTATE_RECIPES,
     Compose,
     Normalize,
@@ -33,7 +35,7 @@ from .transforms import (
 )
 
 __all__ = [
-    "DATASETS", "build_dataset", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
+    "DATASETS", "build_dataset", "dataset_from_config", "DataSettings", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
     "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
     "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms", "SCALE_ROTATE_RECIPES",
     "scale_rotate_options", "reference_loss_weights", "read_image", "ImageReadError", "ImageTooLargeError",
@@ -50,11 +52,7 @@ def scale_rotate_options(name: str, recipe: str = "reference") -> dict:
     ``pascal`` the PASCAL recipe (scale U(0.75, 1.25), rotation U(±20°))."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
-    if recipe not in SCALE_ROTATE_RECIPES:
-        raise ValueError(f"recipe must be one of {list(SCALE_ROTATE_RECIPES)}, got {recipe!r}")
-    if recipe == "reference":
-        return dict(getattr(DATASETS[name], "REFERENCE_SCALE_ROTATE", PASCAL_SCALE_ROTATE))
-    return dict(PASCAL_SCALE_ROTATE)
+    return dataset_scale_rotate(DATASETS[name], recipe)
 
 
 def reference_loss_weights(name: str) -> dict[str, float]:
@@ -75,19 +73,18 @@ def build_dataset(name: str, split: str = "train", *, root: str | None = None, s
     folder datasets need ``root`` and, when ``size`` is given and no ``transform`` is, are resized to it
     (labels nearest, image not normalised). ``transform`` is applied as given otherwise.
     """
+    return _dataset_class(name).from_options(split, root=root, size=size, length=length, seed=seed, tasks=tasks,
+                                             transform=transform, people=people)
+
+
+def dataset_from_config(data: DataSettings, split: str, *, train: bool):
+    """The dataset of a run config's ``data`` section (``m3vit.engine.config.DataSection`` or any object with
+    the fields of ``DataSettings``) for ``split``: ``DATASETS[data.name].from_config``. ``train=True`` gives the
+    training augmentation of ``data.augment``; ``train=False`` the untransformed evaluation samples."""
+    return _dataset_class(data.name).from_config(data, split, train=train)
+
+
+def _dataset_class(name: str) -> type:
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets are {sorted(DATASETS)}")
-    if name == "synthetic":
-        if root is not None:
-            raise ConfigError("the synthetic dataset is rendered, not read: drop --root / data.root")
-        return SyntheticScenes(split, size=(128, 128) if size is None else size, length=1000 if length is None else length,
-                               seed=seed, tasks=tasks, transform=transform, people=people or "sparse")
-    if root is None:
-        raise ConfigError(f"dataset {name!r} needs its root folder (--root / data.root)")
-    if length is not None:
-        raise ConfigError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
-    if people is not None:
-        raise ConfigError(f"dataset {name!r} shows real people; 'people' applies to the synthetic dataset only")
-    if transform is None and size is not None:
-        transform = Resize(size)
-    return DATASETS[name](root, split, tasks=tasks, transform=transform, seed=seed)
+    return DATASETS[name]

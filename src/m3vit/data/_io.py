@@ -19,10 +19,12 @@ from PIL import Image
 
 from ..tasks.base import IGNORE, resize_nearest
 from ..utils.errors import ConfigError, DataError, InputError
+from .config import DataSettings, configured_train_transforms
 from .images import read_image
+from .transforms import Compose, Normalize, Resize
 
 __all__ = [
-    "FolderDataset", "read_image", "read_png", "label_file", "read_split_file", "sample_rng", "resize_nearest", "mask_invalid",
+    "FolderDataset", "read_image", "read_png", "label_file", "read_split_file", "sample_rng", "mask_invalid",
     "unit_vectors",
 ]
 
@@ -104,6 +106,41 @@ class FolderDataset(torch.utils.data.Dataset):
     channels: Mapping[str, int]
     #: Semantic classes, in id order.
     classes: tuple[str, ...]
+
+    @classmethod
+    def from_options(cls, split: str = "train", *, root: str | os.PathLike | None = None,
+                     size: Sequence[int] | None = None, length: int | None = None, seed: int = 0,
+                     tasks: Sequence[str] | None = None, transform: Callable | None = None,
+                     people: str | None = None) -> "FolderDataset":
+        """The dataset as ``m3vit.data.build_dataset`` describes it: read from ``root`` (needed); resized to
+        ``size`` when it is given and ``transform`` is not (labels nearest, image not normalised); ``length``
+        and ``people`` apply to the synthetic dataset only and are refused."""
+        name = cls.dataset_name
+        if root is None:
+            raise ConfigError(f"dataset {name!r} needs its root folder (--root / data.root)")
+        if length is not None:
+            raise ConfigError(f"dataset {name!r} has a fixed length; 'length' applies to the synthetic dataset only")
+        if people is not None:
+            raise ConfigError(f"dataset {name!r} shows real people; 'people' applies to the synthetic dataset only")
+        if transform is None and size is not None:
+            transform = Resize(size)
+        return cls(root, split, tasks=tasks, transform=transform, seed=seed)
+
+    @classmethod
+    def from_config(cls, data: DataSettings, split: str, *, train: bool) -> "FolderDataset":
+        """The dataset of a run config's ``data`` section (``data.root``, ``data.seed``, ``data.tasks``).
+
+        For training (``train=True``) the images are augmented by ``data.augment`` to ``data.size`` with the
+        ``data.scale_rotate`` recipe (``reference``: the class's ``REFERENCE_SCALE_ROTATE`` when it declares
+        one) or, with ``augment: none``, only resized and normalised. For evaluation they are untransformed:
+        images in ``[0, 1]`` and labels at their own resolution (the evaluator resizes images itself).
+        """
+        transform = None
+        if train:
+            transform = (Compose([Resize(data.size), Normalize()]) if data.augment == "none" else
+                         configured_train_transforms(data, cls))
+        return cls.from_options(split, root=data.root, seed=data.seed, tasks=data.tasks, transform=transform,
+                                people=data.people)
 
     def _setup(self, root: str | os.PathLike, split: str, tasks: Sequence[str] | None,
                transform: Callable | None, seed: int, extra_files: Mapping[str, Sequence[str]]) -> None:

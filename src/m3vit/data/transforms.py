@@ -36,7 +36,7 @@ from ..utils.errors import ConfigError, InputError
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "Transform", "Compose", "RandomHorizontalFlip", "RandomScaleRotate",
     "PadCrop", "Resize", "Normalize", "train_transforms", "eval_transforms", "warp_sample", "source_coordinates",
-    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE", "resize_image", "preprocess",
+    "SCALE_ROTATE_RECIPES", "PASCAL_SCALE_ROTATE", "resize_image", "preprocess", "scale_rotate_recipe",
 ]
 
 #: ImageNet channel statistics (RGB, images in [0, 1]).
@@ -397,6 +397,16 @@ def train_transforms(size, flip: bool = True, scales: Sequence[float] = (0.75, 1
     steps.append(PadCrop(size, random=True) if mode == "crop" else Resize(size))
     steps.append(Normalize())
     return Compose(steps)
+
+
+def scale_rotate_recipe(recipe: str, reference: Mapping | None = None) -> dict:
+    """``RandomScaleRotate`` options of ``recipe`` (``data.scale_rotate``): ``reference`` gives the dataset's
+    own recipe ``reference`` (its ``REFERENCE_SCALE_ROTATE``; None: PASCAL's), ``pascal`` the PASCAL recipe."""
+    if recipe not in SCALE_ROTATE_RECIPES:
+        raise ValueError(f"recipe must be one of {list(SCALE_ROTATE_RECIPES)}, got {recipe!r}")
+    if recipe == "reference" and reference is not None:
+        return dict(reference)
+    return dict(PASCAL_SCALE_ROTATE)
 
 
 def eval_transforms(size) -> Compose:

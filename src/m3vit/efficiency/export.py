@@ -2,7 +2,7 @@
 experts that task uses on a calibration set, saved as a normal checkpoint and optionally as ONNX.
 
 ``extract_task(model, task, calibration_dataset)`` measures which experts the task's router picks on
-the calibration images (``engine.experts.expert_usage``), keeps per MoE layer the experts whose share
+the calibration images (``analysis.experts.expert_usage``), keeps per MoE layer the experts whose share
 of the task's token -> expert assignments exceeds ``min_usage``, and builds a one-task
 ``MultiTaskModel`` whose ``ModelConfig`` records the kept experts (``expert_subsets``), so
 ``load_checkpoint`` rebuilds it. What the extracted model holds:
@@ -52,7 +52,7 @@ from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_js
 from ..data import preprocess
 from ..engine.evaluator import evaluate
 from ..engine.inference import predict_checked
-from ..engine.experts import expert_usage
+from ..analysis.experts import expert_usage
 from ..models import MultiTaskModel, moe_block_indices
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX

@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from ..data import (Compose, Normalize, Resize, build_dataset, reference_loss_weights, scale_rotate_options,
-                    train_transforms)
+from ..data import dataset_from_config, reference_loss_weights
 from ..data.show import dataset_tasks
 from ..models import create_model
 from ..models.config import ConfigError
@@ -19,15 +18,9 @@ __all__ = ["build_train_dataset", "build_eval_dataset", "build_tasks", "loss_wei
 
 def build_train_dataset(cfg: RunConfig):
     """The training split with the configured augmentation (ImageNet-normalised images of ``data.size``):
-    flip, the ``data.scale_rotate`` recipe of the dataset, then ``data.augment`` to the size."""
-    data = cfg.data
-    if data.augment == "none":
-        transform = Compose([Normalize()] if data.name == "synthetic" else [Resize(data.size), Normalize()])
-    else:
-        transform = train_transforms(data.size, mode=data.augment, **scale_rotate_options(data.name, data.scale_rotate))
-    length = data.train_length if data.name == "synthetic" else None
-    return build_dataset(data.name, data.train_split, root=data.root, size=data.size if data.name == "synthetic" else None,
-                         length=length, seed=data.seed, tasks=data.tasks, transform=transform, people=data.people)
+    flip, the ``data.scale_rotate`` recipe of the dataset, then ``data.augment`` to the size. How a dataset
+    builds from the ``data`` section is its own ``from_config`` (``m3vit.data.dataset_from_config``)."""
+    return dataset_from_config(cfg.data, cfg.data.train_split, train=True)
 
 
 def build_eval_dataset(cfg: RunConfig, split: str | None = None):
@@ -36,12 +29,7 @@ def build_eval_dataset(cfg: RunConfig, split: str | None = None):
     The evaluator resizes and normalises images itself and upsamples predictions to each label, so
     metrics are computed on the original labels (the field's protocol).
     """
-    data = cfg.data
-    split = data.val_split if split is None else split
-    if data.name == "synthetic":
-        return build_dataset("synthetic", split, size=data.size, length=data.val_length, seed=data.seed,
-                             tasks=data.tasks, people=data.people)
-    return build_dataset(data.name, split, root=data.root, seed=data.seed, tasks=data.tasks)
+    return dataset_from_config(cfg.data, cfg.data.val_split if split is None else split, train=False)
 
 
 def build_tasks(task_channels: dict[str, int], dataset: Any = None) -> dict[str, Task]:

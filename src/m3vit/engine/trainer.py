@@ -1,14 +1,8 @@
 """Multi-task training: one batched backbone pass over all tasks per step, checkpoints, exact resume, DDP.
 
-``train(cfg, out_dir)`` runs a ``RunConfig`` and writes the run directory::
-
-    OUT/config.yaml              the resolved run config
-    OUT/log.jsonl                one JSON object per line: train logs {"step", "epoch", "lr", "loss",
-                                 "loss/<task>", "aux", "images_per_s", "time"} (means over the
-                                 ``log_every`` steps before ``step``; "time" is seconds of training
-                                 so far) and periodic evals {"step", "eval": {task: {metric: v}}}
-    OUT/checkpoints/step-N/      model.safetensors + config.yaml (with "run" and "step") + trainer.pt
-    OUT/final/                   the trained model: model.safetensors + config.yaml (with "run", "step")
+``train(cfg, out_dir)`` runs a ``RunConfig`` and writes the run folder laid out in ``engine.run_folder``
+(``config.yaml``, ``log.jsonl``, ``checkpoints/step-N/``, ``final/``), which also holds the rules of a run
+folder: one run per folder, what a resume may change, which checkpoint it continues from, the cleanup.
 
 The loss of a step is ``sum_t w_t * L_t + aux_weight * aux`` (+ ``cross_task_weight`` times the
 weighted losses of every prediction of the optional training-only cross-task module:
@@ -16,7 +10,7 @@ weighted losses of every prediction of the optional training-only cross-task mod
 one temporary directory that is renamed when complete, so a checkpoint directory exists only whole;
 ``trainer.pt`` holds everything else a resume needs (optimizer, schedule step, GradScaler, the
 torch/numpy/python RNG states of every process, the data order: epoch and position, the cross-task
-module). ``resume=True`` continues from the newest checkpoint that verifies (``latest_checkpoint``: a
+module). ``resume=True`` continues from the newest checkpoint that verifies (``run_folder.latest_checkpoint``: a
 damaged newer one, e.g. a truncated ``trainer.pt``, is skipped with a warning) and, on CPU with the same
 thread count, ends with bit-identical weights to an uninterrupted run: the data order is a
 permutation drawn from ``(train.seed, epoch)`` and augmentation a pure function of
@@ -39,15 +33,11 @@ and writes checkpoints (with barriers around); checkpoints hold the unwrapped mo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import io
-import pickle
 import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -60,44 +50,30 @@ import torch
 import yaml
 from torch import nn
 
-from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, read_weights_into, save_checkpoint,
+from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, WEIGHTS, read_weights_into, save_checkpoint,
                                  task_embed_layout_error, verify_checkpoint, write_checkpoint_files)
 from ..models.config import REFERENCE_OPTIONS, ConfigError
 from ..nn.heads import CrossTaskHead
-from ..utils.errors import CheckpointError, M3ViTError, one_line
-from ..utils.io import FolderLock, atomic_directory, remove_output, write_bytes, write_text
+from ..utils.errors import CheckpointError, M3ViTError
+from ..utils.io import atomic_directory, write_bytes
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
 from .cross_task import TaskAttention
 from .device import resolve_device
 from .distributed import (DistInfo, GlobalBatchSampler, all_reduce_mean, barrier, cleanup_distributed,
                           convert_sync_batchnorm, env_rank, gather_objects, init_distributed)
+from .run_folder import (FINAL, LOG_FILE, TENSORBOARD, RunDirectoryError, append_log, claim_run_folder,
+                         config_differences, latest_checkpoint, prepare_run_folder, prune_checkpoints,
+                         step_checkpoint_path, truncate_log)
 from .schedules import LRSchedule, StepScheduler, build_optimizer
 
-__all__ = ["train", "TrainResult", "TrainingError", "TrainingInterrupted", "RunDirectoryError", "RESUMABLE_KEYS",
-           "latest_checkpoint", "verify_step_checkpoint", "config_differences"]
+__all__ = ["train", "TrainResult", "TrainingError", "TrainingInterrupted"]
 
 log = logging.getLogger(__name__)
-
-LOG_FILE = "log.jsonl"
-RUN_CONFIG = "config.yaml"
-# Keys a resumed run may change; anything else must match OUT/config.yaml.
-RESUMABLE_KEYS = frozenset({
-    "train.steps", "train.epochs", "train.progress", "train.log_every", "train.eval_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers",
-})
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-# What trainer.pt must hold for a resume (see _Trainer._trainer_state).
-TRAINER_STATE_KEYS = ("step", "epoch", "position", "global_batch", "elapsed", "optimizer", "scheduler", "scaler",
-                      "rng", "cross_task_head")
 
 
 class TrainingError(M3ViTError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
-
-
-class RunDirectoryError(M3ViTError, ValueError):
-    """The output directory cannot be used as asked (not empty without resume, config changed ...)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -134,230 +110,6 @@ class TrainResult:
     def steps_run(self) -> int:
         """Steps this call trained: 0 when a resumed run was already finished (``last_losses`` is then empty)."""
         return self.steps - self.start_step
-
-
-# ----------------------------------------------------------------------------------------------
-# The run directory: config check, newest complete checkpoint, log truncation.
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """``[(dotted key, old value, new value)]`` for every leaf that differs between two config dicts."""
-    out = []
-    for key in sorted(set(old) | set(new), key=str):
-        dotted = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{dotted}.")
-        elif a != b:
-            out.append((dotted, a, b))
-    return out
-
-
-def verify_step_checkpoint(path: str | os.PathLike) -> None:
-    """Check that ``OUT/checkpoints/step-N`` can be resumed from; raises ``CheckpointError`` saying why not.
-
-    Its model checkpoint must verify (``verify_checkpoint``: config, header, sizes, config against weights;
-    the tensors are not read), its ``config.yaml`` step (when recorded) must be N, and ``trainer.pt`` must
-    load with ``weights_only=True`` (memory-mapped: its tensors are not read) and hold every key a resume
-    needs with ``step`` equal to N.
-    """
-    path = Path(path)
-    match = _STEP_DIR.match(path.name)
-    if not match:
-        raise CheckpointError(f"{path}: not a step checkpoint (expected a folder named step-N)")
-    step = int(match.group(1))
-    try:
-        verified = verify_checkpoint(path)
-    except FileNotFoundError as exc:
-        raise CheckpointError(one_line(exc)) from None
-    recorded = verified.meta.get("step")
-    if recorded is not None and recorded != step:
-        raise CheckpointError(f"{verified.config_path}: records step {recorded!r}, not {step}")
-    state_path = path / TRAINER_STATE
-    if not state_path.is_file():
-        raise CheckpointError(f"{state_path} is missing")
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch.load's failures
-        reason = one_line(exc) if not isinstance(exc, OSError) else (exc.strerror or "cannot be read")
-        raise CheckpointError(f"{state_path}: damaged or truncated ({type(exc).__name__}: {reason})") from None
-    if not isinstance(state, dict) or any(key not in state for key in TRAINER_STATE_KEYS):
-        missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
-        raise CheckpointError(f"{state_path}: not a trainer state (missing {missing[:3]})")
-    if not (isinstance(state["step"], int) and state["step"] == step):
-        raise CheckpointError(f"{state_path}: holds step {state['step']!r}, not {step}")
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    """The newest ``OUT/checkpoints/step-N`` that verifies (``verify_step_checkpoint``), or None when there is none.
-
-    Newer ones that do not verify (a truncated ``trainer.pt`` or weights) are skipped, with one warning each
-    saying why; when step checkpoints exist but none verifies, one ``CheckpointError`` says so and why the
-    newest failed (no warnings). Hidden temporary directories (an interrupted save or prune) are not step
-    checkpoints.
-    """
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    skipped: list[tuple[Path, CheckpointError]] = []
-    for _, path in reversed(_step_dirs(root)):
-        try:
-            verify_step_checkpoint(path)
-        except CheckpointError as exc:
-            skipped.append((path, exc))
-            continue
-        for bad, exc in skipped:
-            log.warning("skipping checkpoint %s, newer than %s: %s", bad.name, path.name, one_line(exc))
-        return path
-    if skipped:
-        names = ", ".join(p.name for p, _ in skipped)
-        raise CheckpointError(f"none of the checkpoints in {root} can be resumed from ({names}; move them away to "
-                              f"start over); the newest failed with: {one_line(skipped[0][1])}")
-    return None
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
-
-
-def _prune_checkpoints(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints, file by file (``remove_output``); a step folder
-    that holds anything a checkpoint does not is left alone."""
-    for _, path in _step_dirs(root)[:-keep]:
-        if not CHECKPOINT.recognises(path):
-            log.warning("not pruning %s: it holds files m3vit did not write", path)
-            continue
-        doomed = path.with_name(f".{path.name}.m3vit-old-{os.getpid()}")  # never a half-deleted step-N
-        os.replace(path, doomed)
-        remove_output(doomed, CHECKPOINT)
-
-
-# The temporary names the trainer (and the checkpoint writer under it) creates in a run folder and in
-# its checkpoints/ folder, today's and those of earlier m3vit versions: only these are cleaned up.
-_OWN_NAMES = r"(?:step-\d+|final|config\.yaml|log\.jsonl)"
-_TEMPORARY = re.compile(
-    rf"^\.{_OWN_NAMES}(?:\.m3vit-(?:tmp|old)-[A-Za-z0-9_]+"       # m3vit.utils.io
-    rf"|\.tmp-[A-Za-z0-9_]+|\.old-\d+|\.deleting-\d+"             # m3vit 0.1 directories
-    rf"|\.[A-Za-z0-9_]{{8}}\.tmp)$")                                # m3vit 0.1 files (mkstemp)
-
-
-def _clean_temporaries(root: Path) -> None:
-    """Remove what an interrupted save or prune left in ``root``: exactly the temporary names the trainer
-    creates (``_TEMPORARY``), nothing else (a user's ``.git`` or ``.notes`` stays)."""
-    if not root.is_dir():
-        return
-    for path in root.iterdir():
-        if not _TEMPORARY.match(path.name):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)  # a temporary folder of the trainer's own: everything in it is m3vit's
-        else:
-            path.unlink()
-
-
-#: What a run folder holds when m3vit alone wrote it (``remove_run_folder``).
-_RUN_FILES = (RUN_CONFIG, LOG_FILE)
-
-
-def _is_run_folder(out: Path) -> bool:
-    """Whether ``out`` is an (empty or) m3vit training run folder: its ``config.yaml`` is a run config."""
-    config = out / RUN_CONFIG
-    if not config.is_file():
-        return not any(out.iterdir())
-    try:
-        saved = yaml.safe_load(config.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
-        return False
-    return isinstance(saved, dict) and "train" in saved and set(saved) <= {"model", "data", "train", "eval"}
-
-
-def remove_run_folder(out: str | os.PathLike) -> list[str]:
-    """Delete a training run folder's own content (config, log, step checkpoints, ``final/``,
-    TensorBoard event files and the trainer's temporary names), then the folder if nothing else is in
-    it. Returns what was left: files m3vit did not write are never deleted."""
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    if not _is_run_folder(out):  # not the trainer's: delete nothing at all
-        return sorted(p.name for p in out.iterdir())
-    for sub in (out / "checkpoints", out):
-        _clean_temporaries(sub)
-    root = out / "checkpoints"
-    if root.is_dir():
-        for _, path in _step_dirs(root):
-            if CHECKPOINT.recognises(path):
-                remove_output(path, CHECKPOINT)
-        if not any(root.iterdir()):
-            root.rmdir()
-    if CHECKPOINT.recognises(out / "final"):
-        remove_output(out / "final", CHECKPOINT)
-    board = out / "tensorboard"
-    if board.is_dir():
-        for event in board.glob("events.out.tfevents.*"):
-            event.unlink()
-        if not any(board.iterdir()):
-            board.rmdir()
-    for name in _RUN_FILES:
-        if (out / name).is_file():
-            (out / name).unlink()
-    left = sorted(p.name for p in out.iterdir())
-    if not left:
-        out.rmdir()
-    return left
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps <= ``step`` (and drop a torn last line of a killed run)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-            kept.append(line)
-    write_text(path, "".join(f"{line}\n" for line in kept))
-
-
-def _check_run_dir(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
-    """Validate ``out`` for this run; returns the checkpoint to resume from (or None)."""
-    if out.exists() and not out.is_dir():
-        raise RunDirectoryError(f"--out {str(out)!r} exists and is not a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if not resume:
-        if entries:
-            raise RunDirectoryError(f"output directory {str(out)!r} is not empty; pass --resume to continue "
-                                    f"the run in it, or choose a new --out")
-        return None
-    if not entries:
-        log.warning("--resume: %s is empty; starting from scratch", out)
-        return None
-    saved_path = out / RUN_CONFIG
-    if not saved_path.is_file():
-        raise RunDirectoryError(f"--resume: {str(out)!r} is not a run directory ({RUN_CONFIG} is missing)")
-    try:
-        saved = yaml.safe_load(saved_path.read_text())
-    except yaml.YAMLError:
-        raise RunDirectoryError(f"--resume: {saved_path} is not valid YAML") from None
-    if not isinstance(saved, dict):
-        raise RunDirectoryError(f"--resume: {saved_path} is not a run config")
-    try:  # keys added since the run was written take their defaults, which keep the earlier behaviour
-        saved = RunConfig.from_dict(saved, source=str(saved_path)).to_dict()
-    except ConfigError:
-        pass  # compared as written: the differences name what changed
-    changed = [d for d in config_differences(saved, cfg.to_dict()) if d[0] not in RESUMABLE_KEYS]
-    if changed:
-        key, before, after = changed[0]
-        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-        raise RunDirectoryError(
-            f"--resume: {key} differs from the run's {saved_path} ({before!r} there, {after!r} now){more}; "
-            f"a resumed run may only change {', '.join(sorted(RESUMABLE_KEYS))}")
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / "checkpoints")
-    return checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,18 +214,12 @@ class _LossWindow:
         return {k: v / max(1, self.steps) for k, v in self.sums.items()}
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
 def _tensorboard_writer(out: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # the tensorboard package is optional
         return None
-    return SummaryWriter(log_dir=str(out / "tensorboard"))
+    return SummaryWriter(log_dir=str(out / TENSORBOARD))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,33 +242,22 @@ def train(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = False,
         raise ConfigError("train.amp: fp16 autocast needs a CUDA device; use 'bf16' or 'none' on CPU")
     # One run per folder: the main process locks it for the whole run (released when it ends, even if
     # killed). Every process checks the directory before joining the group; rank 0 writes only after.
-    lock = FolderLock(out, what="--out") if env_rank() == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        checkpoint = _check_run_dir(out, cfg, resume)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-
-    info = init_distributed(device_type)
-    previous_deterministic = torch.are_deterministic_algorithms_enabled()
-    try:
-        if tcfg.deterministic:
-            if device_type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        device = resolve_device(tcfg.device, info.local_rank)
-        result = _Trainer(cfg, out, device, info, checkpoint, callbacks or ()).run()
-        barrier(info)  # no rank tears the group down while another still talks to it
-        return result
-    finally:
-        torch.use_deterministic_algorithms(previous_deterministic)
-        cleanup_distributed(info)
-        if lock is not None:
-            lock.release()
+    with claim_run_folder(out, cfg, resume, lock=env_rank() == 0) as checkpoint:
+        info = init_distributed(device_type)
+        previous_deterministic = torch.are_deterministic_algorithms_enabled()
+        try:
+            if tcfg.deterministic:
+                if device_type == "cuda":
+                    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                    torch.backends.cudnn.benchmark = False
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            device = resolve_device(tcfg.device, info.local_rank)
+            result = _Trainer(cfg, out, device, info, checkpoint, callbacks or ()).run()
+            barrier(info)  # no rank tears the group down while another still talks to it
+            return result
+        finally:
+            torch.use_deterministic_algorithms(previous_deterministic)
+            cleanup_distributed(info)
 
 
 class _Trainer:
@@ -632,20 +367,19 @@ class _Trainer:
     def _save_step_checkpoint(self) -> None:
         state = self._trainer_state()  # collective (gathers RNG states): every process calls it
         if self.info.is_main:
-            root = self.out / "checkpoints"
             extra = {"run": self.cfg.to_dict(), "step": self.step}
             buffer = io.BytesIO()
             torch.save(state, buffer)  # in memory first: a full disk is then a plain OSError
-            with atomic_directory(root / f"step-{self.step}", CHECKPOINT) as tmp:
+            with atomic_directory(step_checkpoint_path(self.out, self.step), CHECKPOINT) as tmp:
                 write_checkpoint_files(self.model, tmp, extra=extra)
                 write_bytes(tmp / TRAINER_STATE, buffer.getvalue(), durable=True)
-            _prune_checkpoints(root, self.cfg.train.keep_checkpoints)
+            prune_checkpoints(self.out, self.cfg.train.keep_checkpoints)
         barrier(self.info)
 
     # -- logging -------------------------------------------------------------------------------
 
     def _emit(self, record: dict) -> None:
-        _append_jsonl(self.out / LOG_FILE, record)
+        append_log(self.out / LOG_FILE, record)
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
@@ -721,16 +455,11 @@ class _Trainer:
             if self.step == self.total_steps:
                 log.info("%s is finished (step %d of %d): no step to train", out, self.step, self.total_steps)
         if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            _clean_temporaries(out / "checkpoints")
-            _clean_temporaries(out)
-            write_text(out / RUN_CONFIG, cfg.to_yaml())
+            prepare_run_folder(out, cfg)
         barrier(info)
         start_step = self.step
         if info.is_main:
-            _truncate_log(log_path, start_step)
-            if not log_path.exists():
-                log_path.touch()
+            truncate_log(log_path, start_step)
         self.writer = _tensorboard_writer(out) if info.is_main else None
         wrapped: nn.Module = self.module
         if info.distributed:
@@ -774,8 +503,8 @@ class _Trainer:
                 else:
                     continue
                 break
-            if info.is_main and (self.step > start_step or not (out / "final" / "model.safetensors").is_file()):
-                save_checkpoint(self.model, out / "final", extra={"run": cfg.to_dict(), "step": self.step})
+            if info.is_main and (self.step > start_step or not (out / FINAL / WEIGHTS).is_file()):
+                save_checkpoint(self.model, out / FINAL, extra={"run": cfg.to_dict(), "step": self.step})
             barrier(info)
         except KeyboardInterrupt:  # Ctrl-C: say where a resume would continue (the progress bar closes first)
             raise TrainingInterrupted(out, self.step, self.total_steps, self._resumable_checkpoint(),
@@ -786,7 +515,7 @@ class _Trainer:
             if self.writer is not None:
                 self.writer.close()
         seconds = time.perf_counter() - started
-        return TrainResult(out_dir=out, final_dir=out / "final", log_path=log_path, steps=self.step,
+        return TrainResult(out_dir=out, final_dir=out / FINAL, log_path=log_path, steps=self.step,
                            start_step=start_step, seconds=seconds,
                            images_per_s=run_images / run_seconds if run_seconds > 0 else 0.0,
                            last_losses=all_reduce_mean(self.last_losses, info) if self.last_losses else {},

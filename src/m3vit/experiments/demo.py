@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from ..efficiency import count_flops, measure_latency
-from ..engine.builders import build_eval_dataset
+from ..engine.builders import build_eval_dataset, build_train_dataset
 from ..engine.config import ConfigError, RunConfig, load_config, resolve_config_path
 from ..engine.evaluator import evaluate
+from ..engine.run_folder import FINAL, LOG_FILE, remove_run_folder
 from ..models import load_checkpoint
 from ..tasks import delta_m
 from ..utils.errors import OutputError
@@ -96,8 +97,6 @@ class DemoResult:
 def start_fresh(run_dir: Path) -> None:
     """Delete what m3vit wrote in the training run folder ``run_dir`` (for ``--fresh``); a file it did not
     write stops the fresh start with an ``OutputError`` naming it (it is never deleted)."""
-    from ..engine.trainer import remove_run_folder
-
     left = remove_run_folder(run_dir)
     if left:
         raise OutputError(f"cannot start {run_dir} afresh: it holds {', '.join(left[:3])}, which m3vit did not "
@@ -141,7 +140,7 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
             say(f"[{name}] training {cfg.model.name} for {cfg.train.steps or cfg.train.epochs} "
                 f"{'steps' if cfg.train.steps else 'epochs'} ({paths[name]}) -> {out / name}")
             info = _train(cfg, out / name, fresh)
-            final = out / name / "final"
+            final = out / name / FINAL
             model = load_checkpoint(final)
             models[name] = model
             dataset = build_eval_dataset(cfg)
@@ -175,7 +174,7 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
 
 def _figures(out: Path, folder: OutputFolder, cfgs, models, results, samples: int, say) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    logs = {name: out / name / "log.jsonl" for name in cfgs if (out / name / "log.jsonl").is_file()}
+    logs = {name: out / name / LOG_FILE for name in cfgs if (out / name / LOG_FILE).is_file()}
     if logs:
         figures["curves"] = str(plot_curves(logs, folder.path("figures/curves.png")))
     cfg = next(iter(cfgs.values()))
@@ -187,7 +186,7 @@ def _figures(out: Path, folder: OutputFolder, cfgs, models, results, samples: in
                                                             folder.path(f"figures/predictions_{task}.png")))
     moe = {name: m for name, m in models.items() if m.moe_layers}
     if moe:
-        from ..engine.experts import expert_usage, plot_heatmaps
+        from ..analysis.experts import expert_usage, plot_heatmaps
 
         name, model = next(iter(moe.items()))
         say(f"[{name}] counting expert usage per task on the {cfg.data.val_split} split")
@@ -261,7 +260,7 @@ def _report(results: dict, names: list[str], cfgs, paths, table: str, figures: d
     cfg = cfgs[names[0]]
     h, w = cfg.data.size
     out = [f"# m3vit demo: {' vs '.join(names)}", ""]
-    out.append(f"Data: {cfg.data.name} {h}x{w}, {cfg.data.train_length if cfg.data.name == 'synthetic' else ''} "
+    out.append(f"Data: {cfg.data.name} {h}x{w}, {len(build_train_dataset(cfg))} "
                f"training scenes, {cfg.train.steps or cfg.train.epochs} {'steps' if cfg.train.steps else 'epochs'} "
                f"of batch {cfg.train.batch_size} ({cfg.train.optimizer}, lr {cfg.train.lr}, {cfg.train.schedule}); "
                f"evaluated on the {cfg.data.val_split} split with every task through its own pathway.")

@@ -41,6 +41,7 @@ from ..utils.io import OutputFolder, write_json, write_text
 from ..engine.builders import build_eval_dataset, build_train_dataset, loss_weights
 from ..engine.config import ConfigError, RunConfig, load_config, parse_overrides, resolve_config_path
 from ..engine.evaluator import evaluate
+from ..engine.run_folder import FINAL, LOG_FILE
 from ..models import load_checkpoint
 from ..models.checkpoint import CONFIG, WEIGHTS
 from ..tasks import delta_m
@@ -91,7 +92,7 @@ def single_task_config(cfg: RunConfig, task: str) -> RunConfig:
 def _finished_step(run_dir: Path, cfg: RunConfig) -> int | None:
     """The step of ``run_dir/final`` when it is the finished run of ``cfg`` (same run config, all
     ``train.steps`` done), else None."""
-    final = run_dir / "final"
+    final = run_dir / FINAL
     if cfg.train.steps is None or not (final / WEIGHTS).is_file() or not (final / CONFIG).is_file():
         return None
     try:
@@ -116,7 +117,7 @@ def _train_and_eval(cfg: RunConfig, run_dir: Path, eval_cfgs: Mapping[str, RunCo
         say(f"  {run_dir}: finished ({step} steps), not retrained")
     else:
         step = train(cfg, run_dir, resume=run_dir.exists()).steps
-    seconds = training_seconds(run_dir / "log.jsonl")
+    seconds = training_seconds(run_dir / LOG_FILE)
     cached = {}
     if cache_path.is_file():
         try:
@@ -131,14 +132,14 @@ def _train_and_eval(cfg: RunConfig, run_dir: Path, eval_cfgs: Mapping[str, RunCo
         entry = cached["sets"].get(name)
         if entry is not None and entry.get("data") == data:
             continue
-        model = model or load_checkpoint(run_dir / "final")
+        model = model or load_checkpoint(run_dir / FINAL)
         metrics = evaluate(model, build_eval_dataset(eval_cfg), eval_cfg=eval_cfg.eval,
                            batch_size=eval_cfg.eval.batch_size)
         cached["sets"][name] = {"data": data, "metrics": metrics}
         write_json(cache_path, cached)
     say(f"  {run_dir}: {step} steps, {seconds or 0:.0f} s of training")
     return {"metrics": {name: cached["sets"][name]["metrics"] for name in eval_cfgs},
-            "checkpoint": str(run_dir / "final"), "steps": step, "train_seconds": seconds,
+            "checkpoint": str(run_dir / FINAL), "steps": step, "train_seconds": seconds,
             "model": cfg.model.name, "train_seed": cfg.train.seed}
 
 

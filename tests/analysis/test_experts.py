@@ -17,7 +17,7 @@ from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from m3vit.data import SyntheticScenes
-from m3vit.engine.experts import ExpertUsage, expert_usage, plot_heatmaps, write_usage
+from m3vit.analysis.experts import ExpertUsage, expert_usage, plot_heatmaps, write_usage
 from m3vit.models import create_model, moe_block_indices
 
 TASKS = {"semseg": 8, "sal": 1, "depth": 1}

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import predict_checked
+from ..engine.inference import predict_checked
 from ..utils.io import OutputFolder, write_atomic, write_json, write_text
 from ..models import moe_block_indices
 from ..models.modes import eval_mode

@@ -1,0 +1,345 @@
+"""The run folder of a training run: its layout and file names, the check before a run starts (one run per
+folder, resume rules), the step checkpoints (verify, find the newest resumable, prune) and the cleanup of what
+an interrupted run left, and ``remove_run_folder``. The training loop itself is ``engine.trainer``.
+
+Layout of a run folder ``OUT``::
+
+    OUT/config.yaml              the resolved run config (RUN_CONFIG)
+    OUT/log.jsonl                one JSON object per line (LOG_FILE): train logs {"step", "epoch", "lr", "loss",
+                                 "loss/<task>", "aux", "images_per_s", "time"} (means over the
+                                 ``log_every`` steps before ``step``; "time" is seconds of training
+                                 so far) and periodic evals {"step", "eval": {task: {metric: v}}}
+    OUT/checkpoints/step-N/      model.safetensors + config.yaml (with "run" and "step") + trainer.pt
+    OUT/final/                   the trained model: model.safetensors + config.yaml (with "run", "step")
+    OUT/tensorboard/             TensorBoard event files (when the tensorboard package is installed)
+
+A step checkpoint exists only whole (written into a temporary folder renamed when complete); the
+temporary names of an interrupted save or prune (``_TEMPORARY``) are removed when a run starts and by
+``remove_run_folder``, and nothing else m3vit did not write is ever deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..models.checkpoint import CHECKPOINT, TRAINER_STATE, verify_checkpoint
+from ..models.config import ConfigError
+from ..utils.errors import CheckpointError, M3ViTError, one_line
+from ..utils.io import FolderLock, remove_output, write_text
+from .config import RunConfig
+
+__all__ = ["RUN_CONFIG", "LOG_FILE", "CHECKPOINTS", "FINAL", "TENSORBOARD", "RESUMABLE_KEYS", "TRAINER_STATE_KEYS",
+           "RunDirectoryError", "claim_run_folder", "check_run_folder", "config_differences", "prepare_run_folder",
+           "truncate_log", "append_log", "step_checkpoint_path", "step_checkpoints", "verify_step_checkpoint",
+           "latest_checkpoint", "prune_checkpoints", "remove_run_folder"]
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+RUN_CONFIG = "config.yaml"
+#: Folders of a run folder: the step checkpoints, the trained model, the TensorBoard event files.
+CHECKPOINTS, FINAL, TENSORBOARD = "checkpoints", "final", "tensorboard"
+# Keys a resumed run may change; anything else must match OUT/config.yaml.
+RESUMABLE_KEYS = frozenset({
+    "train.steps", "train.epochs", "train.progress", "train.log_every", "train.eval_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "data.num_workers",
+})
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# What trainer.pt must hold for a resume (see _Trainer._trainer_state).
+TRAINER_STATE_KEYS = ("step", "epoch", "position", "global_batch", "elapsed", "optimizer", "scheduler", "scaler",
+                      "rng", "cross_task_head")
+
+
+class RunDirectoryError(M3ViTError, ValueError):
+    """The output directory cannot be used as asked (not empty without resume, config changed ...)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Before a run: claim and check the folder, then prepare it.
+
+
+@contextmanager
+def claim_run_folder(out: Path, cfg: RunConfig, resume: bool, *, lock: bool = True) -> Iterator[Path | None]:
+    """Hold ``out`` for the run of ``cfg`` for the ``with`` block and yield the step checkpoint to resume from
+    (None: start from step 0), after ``check_run_folder``. With ``lock`` (the main process of a run) the folder
+    is locked (``FolderLock``: one run per folder; released when the block ends, or by the kernel when the
+    process dies); the other processes of a distributed run only check it."""
+    with FolderLock(out, what="--out") if lock else nullcontext():
+        yield check_run_folder(out, cfg, resume)
+
+
+def check_run_folder(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
+    """Validate ``out`` for this run; returns the checkpoint to resume from (or None).
+
+    Without ``resume`` the folder must be empty or absent; with it, its ``config.yaml`` must be the run's
+    but for ``RESUMABLE_KEYS``, and the checkpoint is ``latest_checkpoint`` (None: start from scratch)."""
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {str(out)!r} exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not resume:
+        if entries:
+            raise RunDirectoryError(f"output directory {str(out)!r} is not empty; pass --resume to continue "
+                                    f"the run in it, or choose a new --out")
+        return None
+    if not entries:
+        log.warning("--resume: %s is empty; starting from scratch", out)
+        return None
+    saved_path = out / RUN_CONFIG
+    if not saved_path.is_file():
+        raise RunDirectoryError(f"--resume: {str(out)!r} is not a run directory ({RUN_CONFIG} is missing)")
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except yaml.YAMLError:
+        raise RunDirectoryError(f"--resume: {saved_path} is not valid YAML") from None
+    if not isinstance(saved, dict):
+        raise RunDirectoryError(f"--resume: {saved_path} is not a run config")
+    try:  # keys added since the run was written take their defaults, which keep the earlier behaviour
+        saved = RunConfig.from_dict(saved, source=str(saved_path)).to_dict()
+    except ConfigError:
+        pass  # compared as written: the differences name what changed
+    changed = [d for d in config_differences(saved, cfg.to_dict()) if d[0] not in RESUMABLE_KEYS]
+    if changed:
+        key, before, after = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise RunDirectoryError(
+            f"--resume: {key} differs from the run's {saved_path} ({before!r} there, {after!r} now){more}; "
+            f"a resumed run may only change {', '.join(sorted(RESUMABLE_KEYS))}")
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / CHECKPOINTS)
+    return checkpoint
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``[(dotted key, old value, new value)]`` for every leaf that differs between two config dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{dotted}.")
+        elif a != b:
+            out.append((dotted, a, b))
+    return out
+
+
+def prepare_run_folder(out: Path, cfg: RunConfig) -> None:
+    """Create ``out``, remove what an interrupted run left (``_TEMPORARY`` names) and write the run config."""
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_temporaries(out / CHECKPOINTS)
+    _clean_temporaries(out)
+    write_text(out / RUN_CONFIG, cfg.to_yaml())
+
+
+# ----------------------------------------------------------------------------------------------
+# The log.
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (and drop a torn last line of a killed run); a log that does not
+    exist yet is created empty."""
+    if not path.is_file():
+        if not path.exists():
+            path.touch()
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+            kept.append(line)
+    write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def append_log(path: Path, record: dict) -> None:
+    """Append one record to a run's log (one JSON object per line), flushed."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Step checkpoints: where they live, which one a resume continues from, pruning.
+
+
+def step_checkpoint_path(out: Path, step: int) -> Path:
+    """Where the step checkpoint of ``step`` lives: ``OUT/checkpoints/step-N``."""
+    return out / CHECKPOINTS / f"step-{step}"
+
+
+def verify_step_checkpoint(path: str | os.PathLike) -> None:
+    """Check that ``OUT/checkpoints/step-N`` can be resumed from; raises ``CheckpointError`` saying why not.
+
+    Its model checkpoint must verify (``verify_checkpoint``: config, header, sizes, config against weights;
+    the tensors are not read), its ``config.yaml`` step (when recorded) must be N, and ``trainer.pt`` must
+    load with ``weights_only=True`` (memory-mapped: its tensors are not read) and hold every key a resume
+    needs with ``step`` equal to N.
+    """
+    path = Path(path)
+    match = _STEP_DIR.match(path.name)
+    if not match:
+        raise CheckpointError(f"{path}: not a step checkpoint (expected a folder named step-N)")
+    step = int(match.group(1))
+    try:
+        verified = verify_checkpoint(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(one_line(exc)) from None
+    recorded = verified.meta.get("step")
+    if recorded is not None and recorded != step:
+        raise CheckpointError(f"{verified.config_path}: records step {recorded!r}, not {step}")
+    state_path = path / TRAINER_STATE
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path} is missing")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch.load's failures
+        reason = one_line(exc) if not isinstance(exc, OSError) else (exc.strerror or "cannot be read")
+        raise CheckpointError(f"{state_path}: damaged or truncated ({type(exc).__name__}: {reason})") from None
+    if not isinstance(state, dict) or any(key not in state for key in TRAINER_STATE_KEYS):
+        missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
+        raise CheckpointError(f"{state_path}: not a trainer state (missing {missing[:3]})")
+    if not (isinstance(state["step"], int) and state["step"] == step):
+        raise CheckpointError(f"{state_path}: holds step {state['step']!r}, not {step}")
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The newest ``OUT/checkpoints/step-N`` that verifies (``verify_step_checkpoint``), or None when there is none.
+
+    Newer ones that do not verify (a truncated ``trainer.pt`` or weights) are skipped, with one warning each
+    saying why; when step checkpoints exist but none verifies, one ``CheckpointError`` says so and why the
+    newest failed (no warnings). Hidden temporary directories (an interrupted save or prune) are not step
+    checkpoints.
+    """
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    skipped: list[tuple[Path, CheckpointError]] = []
+    for _, path in reversed(_step_dirs(root)):
+        try:
+            verify_step_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path, exc))
+            continue
+        for bad, exc in skipped:
+            log.warning("skipping checkpoint %s, newer than %s: %s", bad.name, path.name, one_line(exc))
+        return path
+    if skipped:
+        names = ", ".join(p.name for p, _ in skipped)
+        raise CheckpointError(f"none of the checkpoints in {root} can be resumed from ({names}; move them away to "
+                              f"start over); the newest failed with: {one_line(skipped[0][1])}")
+    return None
+
+
+def step_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``[(step, folder)]`` of every ``OUT/checkpoints/step-N`` folder, by step (complete or not: see
+    ``verify_step_checkpoint``); empty without a checkpoints folder."""
+    root = Path(out) / CHECKPOINTS
+    return _step_dirs(root) if root.is_dir() else []
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints of run folder ``out``, file by file
+    (``remove_output``); a step folder that holds anything a checkpoint does not is left alone."""
+    for _, path in _step_dirs(out / CHECKPOINTS)[:-keep]:
+        if not CHECKPOINT.recognises(path):
+            log.warning("not pruning %s: it holds files m3vit did not write", path)
+            continue
+        doomed = path.with_name(f".{path.name}.m3vit-old-{os.getpid()}")  # never a half-deleted step-N
+        os.replace(path, doomed)
+        remove_output(doomed, CHECKPOINT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cleaning up: an interrupted run's temporaries, a whole run folder.
+
+
+# The temporary names the trainer (and the checkpoint writer under it) creates in a run folder and in
+# its checkpoints/ folder, today's and those of earlier m3vit versions: only these are cleaned up.
+_OWN_NAMES = rf"(?:step-\d+|{re.escape(FINAL)}|{re.escape(RUN_CONFIG)}|{re.escape(LOG_FILE)})"
+_TEMPORARY = re.compile(
+    rf"^\.{_OWN_NAMES}(?:\.m3vit-(?:tmp|old)-[A-Za-z0-9_]+"       # m3vit.utils.io
+    rf"|\.tmp-[A-Za-z0-9_]+|\.old-\d+|\.deleting-\d+"             # m3vit 0.1 directories
+    rf"|\.[A-Za-z0-9_]{{8}}\.tmp)$")                                # m3vit 0.1 files (mkstemp)
+
+
+def _clean_temporaries(root: Path) -> None:
+    """Remove what an interrupted save or prune left in ``root``: exactly the temporary names the trainer
+    creates (``_TEMPORARY``), nothing else (a user's ``.git`` or ``.notes`` stays)."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        if not _TEMPORARY.match(path.name):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)  # a temporary folder of the trainer's own: everything in it is m3vit's
+        else:
+            path.unlink()
+
+
+#: What a run folder holds when m3vit alone wrote it (``remove_run_folder``).
+_RUN_FILES = (RUN_CONFIG, LOG_FILE)
+
+
+def _is_run_folder(out: Path) -> bool:
+    """Whether ``out`` is an (empty or) m3vit training run folder: its ``config.yaml`` is a run config."""
+    config = out / RUN_CONFIG
+    if not config.is_file():
+        return not any(out.iterdir())
+    try:
+        saved = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(saved, dict) and "train" in saved and set(saved) <= {"model", "data", "train", "eval"}
+
+
+def remove_run_folder(out: str | os.PathLike) -> list[str]:
+    """Delete a training run folder's own content (config, log, step checkpoints, ``final/``,
+    TensorBoard event files and the trainer's temporary names), then the folder if nothing else is in
+    it. Returns what was left: files m3vit did not write are never deleted."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    if not _is_run_folder(out):  # not the trainer's: delete nothing at all
+        return sorted(p.name for p in out.iterdir())
+    for sub in (out / CHECKPOINTS, out):
+        _clean_temporaries(sub)
+    root = out / CHECKPOINTS
+    if root.is_dir():
+        for _, path in _step_dirs(root):
+            if CHECKPOINT.recognises(path):
+                remove_output(path, CHECKPOINT)
+        if not any(root.iterdir()):
+            root.rmdir()
+    if CHECKPOINT.recognises(out / FINAL):
+        remove_output(out / FINAL, CHECKPOINT)
+    board = out / TENSORBOARD
+    if board.is_dir():
+        for event in board.glob("events.out.tfevents.*"):
+            event.unlink()
+        if not any(board.iterdir()):
+            board.rmdir()
+    for name in _RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+    left = sorted(p.name for p in out.iterdir())
+    if not left:
+        out.rmdir()
+    return left
