@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..data.synthetic import SYNTHETIC_TASKS
+from ..data import DATASETS
 from ..models import list_models, load_checkpoint
 from ..models.checkpoint import read_checkpoint_config
 from ..models.config import ConfigError
@@ -28,8 +28,8 @@ _NOT_OPTIONS = ("name", "tasks", "img_size")
 
 
 def default_run_dict(model) -> dict[str, Any]:
-    """The default run config (as a dict) adapted to ``model``: its architecture, synthetic scenes at
-    its ``img_size`` and its tasks."""
+    """The default run config (as a dict) adapted to ``model``: its architecture, the default dataset (the
+    synthetic scenes) at its ``img_size`` and its tasks."""
     cfg = model.config
     options = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_OPTIONS}
     # Every architecture field is given, so any registered name describes the model exactly; keep the
@@ -37,7 +37,7 @@ def default_run_dict(model) -> dict[str, Any]:
     name = cfg.name if cfg.name in list_models() else RunConfig().model.name
     run = RunConfig().to_dict()
     run["model"] = {"name": name, "pretrained": None, **options}
-    run["data"].update({"name": "synthetic", "root": None, "size": list(cfg.img_size), "tasks": list(cfg.tasks)})
+    run["data"].update({"root": None, "size": list(cfg.img_size), "tasks": list(cfg.tasks)})
     return run
 
 
@@ -77,14 +77,14 @@ def load_run(checkpoint_dir: str | os.PathLike, overrides: dict[str, Any] | list
             raise ConfigError(f"{directory / 'config.yaml'} (run config): {exc}") from None
     else:
         run = default_run_dict(model)
-        data_name = overrides.get("data.name", "synthetic")
-        tasks = overrides.get("data.tasks", list(model.tasks))
-        tasks = [tasks] if isinstance(tasks, str) else list(tasks or model.tasks)
-        foreign = [t for t in tasks if t not in SYNTHETIC_TASKS]
-        if data_name == "synthetic" and foreign:
-            raise ConfigError(
-                f"{directory}: the checkpoint holds no run config, so its data defaults to the synthetic scenes, "
-                f"which have no labels for task(s) {foreign}; say which data to use, e.g. "
-                f"--set data.name=pascal_context --set data.root=DIR"
-            )
+        default_data = run["data"]["name"]
+        if "data.name" not in overrides:
+            tasks = overrides.get("data.tasks", list(model.tasks))
+            tasks = [tasks] if isinstance(tasks, str) else list(tasks or model.tasks)
+            foreign = [t for t in tasks if t not in DATASETS[default_data].all_tasks]
+            if foreign:
+                raise ConfigError(
+                    f"{directory}: the checkpoint holds no run config, so its data defaults to {default_data!r}, "
+                    f"which has no labels for task(s) {foreign}; say which data to use, e.g. "
+                    f"--set data.name=pascal_context --set data.root=DIR")
     return model, RunConfig.from_dict(apply_overrides(run, overrides))  # override errors name the dotted key

@@ -82,6 +82,8 @@ class SyntheticScenes(Dataset):
 
     classes: tuple[str, ...] = CLASSES
     part_names: tuple[str, ...] = PART_NAMES
+    #: Every task the scenes have labels for (the dataset's declaration, as the folder datasets' ``all_tasks``).
+    all_tasks: tuple[str, ...] = SYNTHETIC_TASKS
     #: Per-task loss weights of the reference recipe (PASCAL-Context's, and NYUD's depth weight).
     REFERENCE_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0,
                               "depth": 1.0}
