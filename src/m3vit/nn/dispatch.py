@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "choose_strategy", "STRATEGIES"]
+__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "run_experts", "expert_queues", "queued_gates",
+           "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
 # Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
@@ -91,8 +92,8 @@ def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
     return torch.arange(expert.numel(), device=expert.device) - starts.index_select(0, expert)
 
 
-def _queues(counts: tuple[int, ...]):
-    """Yield ``(expert, start, end)`` for every non-empty queue."""
+def expert_queues(counts: tuple[int, ...]):
+    """Yield ``(expert, start, end)`` for every non-empty queue of a plan's ``counts``, in expert order."""
     start = 0
     for expert, count in enumerate(counts):
         if count:
@@ -109,7 +110,7 @@ class ExpertMLP(torch.autograd.Function):
         # Pre-activations are kept for backward only when a gradient will be asked for.
         hidden_pre = x.new_empty(token.numel(), w1.shape[-1]) if keep_hidden else None
         gate_col = gate.unsqueeze(1)
-        for e, lo, hi in _queues(counts):
+        for e, lo, hi in expert_queues(counts):
             tok = token[lo:hi]
             xe = x.index_select(0, tok)
             if hidden_pre is not None:
@@ -135,7 +136,7 @@ class ExpertMLP(torch.autograd.Function):
         grad_b1 = torch.zeros_like(b1) if need_b1 else None
         grad_w2 = torch.zeros_like(w2) if need_w2 else None
         grad_b2 = torch.zeros_like(b2) if need_b2 else None
-        for e, lo, hi in _queues(ctx.counts):
+        for e, lo, hi in expert_queues(ctx.counts):
             tok = token[lo:hi]
             g = grad_out.index_select(0, tok)                # d out / d y, before gating
             h_pre = hidden_pre[lo:hi]
@@ -181,6 +182,11 @@ def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) ->
     return torch.zeros_like(x).index_add_(0, padded_token, y * padded_gate.unsqueeze(1))
 
 
+def queued_gates(weights: Tensor, plan: DispatchPlan) -> Tensor:
+    """The combine weight of every queued pair, in queue order: ``[len(plan.token)]``."""
+    return weights.t().reshape(-1).index_select(0, plan.slot)
+
+
 def dispatch_to_experts(
     x: Tensor,
     indices: Tensor,
@@ -202,21 +208,29 @@ def dispatch_to_experts(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
     plan = plan_dispatch(indices, w1.shape[0], capacity)
+    return run_experts(x, plan, weights, w1, b1, w2, b2, strategy), plan
+
+
+def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                strategy: str = "auto") -> Tensor:
+    """The resident expert backend: run the queues of ``plan`` over ``x [S, D]`` with the stacked experts,
+    combining with ``weights [S, k]``; returns ``[S, D]`` (see ``dispatch_to_experts``)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
     device = x.device.type
     if torch.is_autocast_enabled(device):
         # Run the experts in the autocast dtype, as autocast would run each GEMM, then leave autocast
         # off inside: every buffer stays in one dtype.
         dtype = torch.get_autocast_dtype(device)
         x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    gate = weights.t().reshape(-1).index_select(0, plan.slot).to(x.dtype)
+    gate = queued_gates(weights, plan).to(x.dtype)
     if plan.token.numel() == 0:
-        return torch.zeros_like(x), plan
+        return torch.zeros_like(x)
     if strategy == "auto":
         strategy = choose_strategy(plan)
     with torch.autocast(device, enabled=False):
         if strategy == "batched":
-            return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2), plan
+            return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2)
         # needs_input_grad inside the op is True under no_grad too; decide here if backward can run.
         keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, w1, b1, w2, b2))
-        out = ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2, keep_hidden)
-    return out, plan
+        return ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2, keep_hidden)
