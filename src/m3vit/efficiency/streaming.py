@@ -293,6 +293,8 @@ class StreamingMoE(MoE):
     experts read in the last forward.
     """
 
+    compilable = False  # a reader thread and a generator over two shared buffers: eager only
+
     def __init__(self, moe: MoE, tensors: ExpertTensors, streamer: ExpertStreamer):
         # MoE.__init__ validates the options and builds a router; on meta nothing is allocated. Both the
         # stacked expert tensors and this throwaway router are then replaced. A layer holding a subset

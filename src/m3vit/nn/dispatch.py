@@ -12,6 +12,9 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
 * ``"batched"`` (short queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
   combine weight, but they are computed, so FLOPs include them.
+
+``moe_experts_op`` (``torch.ops.m3vit.moe_experts``) is the whole dispatch registered as one custom op with
+a fake implementation, so ``torch.compile`` compiles the routing around it without a graph break.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "run_experts", "expert_queues", "queued_gates",
-           "expert_capacity", "choose_strategy", "STRATEGIES"]
+           "moe_experts_op", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
 # Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
@@ -234,3 +237,28 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
         # needs_input_grad inside the op is True under no_grad too; decide here if backward can run.
         keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, w1, b1, w2, b2))
         return ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2, keep_hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatch as one opaque op, for torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("m3vit::moe_experts", mutates_args=())
+def moe_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                   capacity: int | None, strategy: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``dispatch_to_experts`` as a registered op (``torch.ops.m3vit.moe_experts``), inference only.
+
+    Its queue lengths depend on the data, so ``torch.compile`` cannot trace the dispatch; as an op with a
+    fake (shape-only) implementation the compiled graph runs around it without a break. Returns the
+    combined output ``[S, D]`` (``x``'s dtype: cast the inputs first under autocast), the per-expert queue
+    lengths ``LongTensor[E]`` and the number of dropped pairs (0-dim), both on ``x``'s device.
+    """
+    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity, strategy)
+    counts = torch.tensor(plan.counts, dtype=torch.long, device=x.device)
+    return out, counts, torch.tensor(plan.dropped, dtype=torch.long, device=x.device)
+
+
+@moe_experts_op.register_fake
+def _moe_experts_shapes(x, indices, weights, w1, b1, w2, b2, capacity, strategy):
+    return torch.empty_like(x), x.new_empty(w1.shape[0], dtype=torch.long), x.new_empty((), dtype=torch.long)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .dispatch import STRATEGIES, expert_capacity, run_experts
+from .dispatch import STRATEGIES, expert_capacity, moe_experts_op, run_experts
 from .routers import (GATE_INITS, ROUTERS, Routing, TaskEmbedding, at_least_float32, build_router, prob_in_top_k,
                       top_k_gate)
 
@@ -45,6 +45,10 @@ def cv_squared(v: Tensor, unbiased: bool = False) -> Tensor:
     if unbiased and v.numel() < 2:
         return v.new_zeros(())
     return v.var(unbiased=unbiased) / (v.mean() ** 2 + 1e-10)
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None, *, weights: Tensor | None = None,
@@ -100,6 +104,9 @@ class MoE(nn.Module):
     ``balance_loss`` and ``init`` choose the loss form and the initialisation (module docstring);
     ``task_embed`` hands a task-conditioned router the model's shared ``TaskEmbedding``.
     """
+
+    #: ``torch.compile`` can compile this layer (``m3vit.nn.compile.compile_model``); a streaming layer cannot.
+    compilable = True
 
     def __init__(
         self,
@@ -162,8 +169,23 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_experts()
-        self.last_routing: dict | None = None
+        # (indices, weights, probs, task ids, counts, dropped) of the last forward; ``last_routing`` reads it.
+        self._routing_record: tuple | dict | None = None
         self._aux_loss: Tensor | None = None
+
+    @property
+    def last_routing(self) -> dict | None:
+        """Detached routing of the last forward (see the class docstring), None before any forward."""
+        record = self._routing_record
+        if record is None or isinstance(record, dict):
+            return record
+        indices, weights, probs, token_tasks, counts, dropped = record
+        if isinstance(counts, Tensor):  # recorded by the compiled dispatch op: read on the host only now
+            counts, dropped = tuple(counts.tolist()), int(dropped)
+        record = {"indices": indices, "weights": weights, "probs": probs, "task_ids": token_tasks,
+                  "counts": counts, "dropped": dropped}
+        self._routing_record = record
+        return record
 
     def reset_experts(self) -> None:
         """Initialise the experts per ``self.init`` (biases 0; see the module docstring)."""
@@ -204,6 +226,10 @@ class MoE(nn.Module):
             task_ids = task_ids.expand(batch)
         if task_ids.numel() != batch:
             raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {batch} images")
+        if torch.compiler.is_compiling():  # checked on the device: no graph break
+            torch._assert_async(((task_ids >= 0) & (task_ids < self.num_tasks)).all(),
+                                f"task ids must lie in [0, {self.num_tasks})")
+            return task_ids
         # One host sync, and an empty batch (no ids) passes.
         if bool(((task_ids < 0) | (task_ids >= self.num_tasks)).any()):
             raise ValueError(f"task ids must lie in [0, {self.num_tasks}), got {task_ids.unique().tolist()}")
@@ -245,16 +271,32 @@ class MoE(nn.Module):
     def run_experts(self, tokens: Tensor, routing: Routing) -> Tensor:
         """The expert backend: tokens ``[S, dim]`` through their routed experts, combined, ``[S, dim]``.
         Here the experts are resident (``nn.dispatch.run_experts`` with this layer's ``dispatch``);
-        ``efficiency.streaming.StreamingMoE`` reads them from the checkpoint file instead."""
-        return run_experts(tokens, routing.plan, routing.weights, self.w1, self.b1, self.w2, self.b2,
-                           strategy=self.dispatch)
+        ``efficiency.streaming.StreamingMoE`` reads them from the checkpoint file instead. Under
+        ``torch.compile`` without autograd the dispatch runs as the op ``m3vit::moe_experts`` (no graph break)."""
+        experts = (self.w1, self.b1, self.w2, self.b2)
+        if torch.compiler.is_compiling() and not _needs_grad(tokens, routing.weights, *experts):
+            return self._run_experts_op(tokens, routing, experts)
+        return run_experts(tokens, routing.plan, routing.weights, *experts, strategy=self.dispatch)
+
+    def _run_experts_op(self, tokens: Tensor, routing: Routing, experts: tuple[Tensor, ...]) -> Tensor:
+        device = tokens.device.type
+        if torch.is_autocast_enabled(device):  # as run_experts: the experts in the autocast dtype
+            dtype = torch.get_autocast_dtype(device)
+            tokens, experts = tokens.to(dtype), tuple(t.to(dtype) for t in experts)
+        with torch.autocast(device, enabled=False):
+            out, counts, dropped = moe_experts_op(tokens, routing.indices, routing.weights, *experts,
+                                                  routing.capacity, self.dispatch)
+        routing.queue_counts, routing.queue_dropped = counts, dropped
+        return out
 
     def forward(self, x: Tensor, task_ids: int | Tensor = 0) -> Tensor:
         routing = self.route(x, task_ids)
         batch, num_tokens, _ = x.shape
         out = self.run_experts(x.reshape(batch * num_tokens, self.dim), routing)
         self._aux_loss = self.routing_loss(routing) if self.training else None
-        self.last_routing = routing.summary()
+        counts, dropped = routing.queue_stats()
+        self._routing_record = (routing.indices.detach(), routing.weights.detach(), routing.probs.detach(),
+                                routing.token_tasks, counts, dropped)
         return out.reshape(batch, num_tokens, self.dim)
 
     def routing_loss(self, routing: Routing) -> Tensor:

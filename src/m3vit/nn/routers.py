@@ -94,15 +94,20 @@ class Routing:
     capacity: int | None = None
     load: Tensor | None = None
 
+    #: Queue lengths ``LongTensor[E]`` and dropped pairs (0-dim) when a backend computed them without
+    #: building ``plan`` on the host (the compiled dispatch op); read them through ``queue_stats``.
+    queue_counts: Tensor | None = None
+    queue_dropped: Tensor | None = None
+
     @cached_property
     def plan(self) -> DispatchPlan:
         return plan_dispatch(self.indices, self.num_experts, self.capacity)
 
-    def summary(self) -> dict:
-        """The detached record ``MoE.last_routing`` keeps (indices, weights, probs, task_ids, counts, dropped)."""
-        plan = self.plan
-        return {"indices": self.indices.detach(), "weights": self.weights.detach(), "probs": self.probs.detach(),
-                "task_ids": self.token_tasks, "counts": plan.counts, "dropped": plan.dropped}
+    def queue_stats(self) -> tuple[tuple[int, ...] | Tensor, int | Tensor]:
+        """``(counts, dropped)`` of the dispatch: the plan's, or the tensors a backend recorded (no sync)."""
+        if self.queue_counts is not None:
+            return self.queue_counts, self.queue_dropped
+        return self.plan.counts, self.plan.dropped
 
 
 def init_gate_(weight: Tensor, num_experts: int, init: str) -> Tensor:
@@ -167,7 +172,7 @@ class MultiGateRouter(nn.Module):
             return x @ self.weight[task_ids].t()
         if task_ids.numel() == 0:  # an empty batch: [0, N, E] logits
             return x @ self.weight[0].t()
-        if bool((task_ids == task_ids[0]).all()):
+        if not torch.compiler.is_compiling() and bool((task_ids == task_ids[0]).all()):  # compiled: no sync
             return x @ self.weight[task_ids[0]].t()
         return torch.bmm(x, self.weight.index_select(0, task_ids).transpose(1, 2))
 
