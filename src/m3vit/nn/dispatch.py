@@ -132,36 +132,45 @@ class ExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, token, gate, w1, b1, w2, b2, hidden_pre = ctx.saved_tensors
         need_x, _, need_gate, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_gate = torch.zeros_like(gate) if need_gate else None
-        grad_w1 = torch.zeros_like(w1) if need_w1 else None
-        grad_b1 = torch.zeros_like(b1) if need_b1 else None
-        grad_w2 = torch.zeros_like(w2) if need_w2 else None
-        grad_b2 = torch.zeros_like(b2) if need_b2 else None
-        for e, lo, hi in expert_queues(ctx.counts):
-            tok = token[lo:hi]
-            g = grad_out.index_select(0, tok)                # d out / d y, before gating
-            h_pre = hidden_pre[lo:hi]
-            act = torch.nn.functional.gelu(h_pre)
-            g_hidden = g @ w2[e].t()                          # unscaled: reused for the gate grad
-            if need_gate:
-                grad_gate[lo:hi] = (g_hidden * act).sum(1) + g @ b2[e]
-            g_scaled = g.mul_(gate[lo:hi].unsqueeze(1))     # d loss / d y
-            if need_w2:
-                torch.addmm(grad_w2[e], act.t(), g_scaled, out=grad_w2[e])
-            if need_b2:
-                grad_b2[e] += g_scaled.sum(0)
-            g_hidden.mul_(gate[lo:hi].unsqueeze(1))
-            g_pre = torch.ops.aten.gelu_backward(g_hidden, h_pre)
-            if need_b1:
-                grad_b1[e] += g_pre.sum(0)
-            if need_w1:
-                xe = x.index_select(0, tok)
-                torch.addmm(grad_w1[e], xe.t(), g_pre, out=grad_w1[e])
-            if need_x:
-                grad_x.index_add_(0, tok, g_pre @ w1[e].t())
+        grads = _expert_mlp_backward(grad_out, x, token, gate, ctx.counts, w1, b1, w2, b2, hidden_pre,
+                                     (need_x, need_gate, need_w1, need_b1, need_w2, need_b2))
+        grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2 = grads
         return grad_x, None, grad_gate, None, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _expert_mlp_backward(grad_out, x, token, gate, counts, w1, b1, w2, b2, hidden_pre, needed):
+    """Gradients of ``ExpertMLP`` queue by queue: ``(x, gate, w1, b1, w2, b2)``, None where not ``needed``."""
+    need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = needed
+    grad_out = grad_out.contiguous()
+    grad_x = torch.zeros_like(x) if need_x else None
+    grad_gate = torch.zeros_like(gate) if need_gate else None
+    grad_w1 = torch.zeros_like(w1) if need_w1 else None
+    grad_b1 = torch.zeros_like(b1) if need_b1 else None
+    grad_w2 = torch.zeros_like(w2) if need_w2 else None
+    grad_b2 = torch.zeros_like(b2) if need_b2 else None
+    for e, lo, hi in expert_queues(counts):
+        tok = token[lo:hi]
+        g = grad_out.index_select(0, tok)                # d out / d y, before gating
+        h_pre = hidden_pre[lo:hi]
+        act = torch.nn.functional.gelu(h_pre)
+        g_hidden = g @ w2[e].t()                          # unscaled: reused for the gate grad
+        if need_gate:
+            grad_gate[lo:hi] = (g_hidden * act).sum(1) + g @ b2[e]
+        g_scaled = g.mul_(gate[lo:hi].unsqueeze(1))     # d loss / d y
+        if need_w2:
+            torch.addmm(grad_w2[e], act.t(), g_scaled, out=grad_w2[e])
+        if need_b2:
+            grad_b2[e] += g_scaled.sum(0)
+        g_hidden.mul_(gate[lo:hi].unsqueeze(1))
+        g_pre = torch.ops.aten.gelu_backward(g_hidden, h_pre)
+        if need_b1:
+            grad_b1[e] += g_pre.sum(0)
+        if need_w1:
+            xe = x.index_select(0, tok)
+            torch.addmm(grad_w1[e], xe.t(), g_pre, out=grad_w1[e])
+        if need_x:
+            grad_x.index_add_(0, tok, g_pre @ w1[e].t())
+    return grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) -> Tensor:
@@ -247,7 +256,8 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
 @torch.library.custom_op("m3vit::moe_experts", mutates_args=())
 def moe_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                    capacity: int | None, strategy: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``dispatch_to_experts`` as a registered op (``torch.ops.m3vit.moe_experts``), inference only.
+    """``dispatch_to_experts`` as a registered op (``torch.ops.m3vit.moe_experts``), differentiable
+    (``moe_experts_backward_op``).
 
     Its queue lengths depend on the data, so ``torch.compile`` cannot trace the dispatch; as an op with a
     fake (shape-only) implementation the compiled graph runs around it without a break. Returns the
@@ -262,3 +272,45 @@ def moe_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w1: Tensor, b1: 
 @moe_experts_op.register_fake
 def _moe_experts_shapes(x, indices, weights, w1, b1, w2, b2, capacity, strategy):
     return torch.empty_like(x), x.new_empty(w1.shape[0], dtype=torch.long), x.new_empty((), dtype=torch.long)
+
+
+@torch.library.custom_op("m3vit::moe_experts_backward", mutates_args=())
+def moe_experts_backward_op(grad_out: Tensor, x: Tensor, indices: Tensor, weights: Tensor, w1: Tensor, b1: Tensor,
+                            w2: Tensor, b2: Tensor, capacity: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                   Tensor, Tensor]:
+    """Backward of ``moe_experts_op``: gradients for ``x, weights, w1, b1, w2, b2``, expert by expert (the
+    per-expert dispatch's hand-written backward, whatever strategy ran forward; the hidden pre-activations
+    are recomputed, one extra first GEMM per queue)."""
+    plan = plan_dispatch(indices, w1.shape[0], capacity)
+    x = x.contiguous()
+    gate = queued_gates(weights, plan).to(x.dtype)
+    hidden_pre = x.new_empty(plan.token.numel(), w1.shape[-1])
+    for e, lo, hi in expert_queues(plan.counts):
+        torch.addmm(b1[e], x.index_select(0, plan.token[lo:hi]), w1[e], out=hidden_pre[lo:hi])
+    grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2 = _expert_mlp_backward(
+        grad_out, x, plan.token, gate, plan.counts, w1, b1, w2, b2, hidden_pre, (True,) * 6)
+    top_k, rows = indices.shape[1], indices.shape[0]
+    grad_weights = weights.new_zeros(top_k * rows).index_put_((plan.slot,), grad_gate.to(weights.dtype))
+    return grad_x, grad_weights.view(top_k, rows).t().contiguous(), grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@moe_experts_backward_op.register_fake
+def _moe_experts_backward_shapes(grad_out, x, indices, weights, w1, b1, w2, b2, capacity):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1), torch.empty_like(b1),
+            torch.empty_like(w2), torch.empty_like(b2))
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    x, indices, weights, w1, b1, w2, b2, capacity, _strategy = inputs
+    ctx.save_for_backward(x, indices, weights, w1, b1, w2, b2)
+    ctx.capacity = capacity
+
+
+def _moe_experts_grad(ctx, grad_out, _grad_counts, _grad_dropped):
+    x, indices, weights, w1, b1, w2, b2 = ctx.saved_tensors
+    grads = moe_experts_backward_op(grad_out, x, indices, weights, w1, b1, w2, b2, ctx.capacity)
+    grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+    return grad_x, None, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+moe_experts_op.register_autograd(_moe_experts_grad, setup_context=_save_for_backward)

@@ -47,29 +47,32 @@ def cv_squared(v: Tensor, unbiased: bool = False) -> Tensor:
     return v.var(unbiased=unbiased) / (v.mean() ** 2 + 1e-10)
 
 
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None, *, weights: Tensor | None = None,
-                 kind: str = "vmoe") -> Tensor:
+                 kind: str = "vmoe", row_mask: Tensor | None = None) -> Tensor:
     """``cv^2(importance) + cv^2(load)`` over one group of tokens (see the module docstring).
 
     ``probs [S, E]`` are the gate's softmax probabilities, ``indices [S, k]`` the picked experts and
     ``weights [S, k]`` their combine weights (``kind="reference"``; default the picked probabilities).
     ``load`` is the smooth in-top-k probability ``[S, E]`` (noisy gating), else the hard count is used.
+    ``row_mask`` (``BoolTensor[S]``, optional) takes the group as the masked rows without gathering them
+    (static shapes, for ``torch.compile``; equal up to float summation order).
     """
     if kind not in BALANCE_LOSSES:
         raise ValueError(f"kind={kind!r} is not a balance loss; choose one of {list(BALANCE_LOSSES)}")
+    row = None if row_mask is None else row_mask.to(probs.dtype).unsqueeze(1)  # [S, 1]
     if kind == "reference":
         picked = probs.gather(-1, indices) if weights is None else weights.to(probs.dtype)
+        picked = picked if row is None else picked * row
         importance = torch.zeros_like(probs).scatter(-1, indices, picked).sum(0)
     else:
-        importance = probs.sum(0)
-    if load is None:
+        importance = (probs if row is None else probs * row).sum(0)
+    if load is not None:
+        load = (load if row is None else load * row).sum(0)
+    elif row is None and not torch.compiler.is_compiling():
         load = torch.bincount(indices.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
-    else:
-        load = load.sum(0)
+    else:  # static shapes: a scatter-add of the (masked) choices
+        ones = torch.ones_like(indices, dtype=probs.dtype) if row is None else row.expand(indices.shape)
+        load = probs.new_zeros(probs.shape[-1]).scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
     unbiased = kind == "reference"
     return cv_squared(importance, unbiased) + cv_squared(load, unbiased)
 
@@ -272,9 +275,9 @@ class MoE(nn.Module):
         """The expert backend: tokens ``[S, dim]`` through their routed experts, combined, ``[S, dim]``.
         Here the experts are resident (``nn.dispatch.run_experts`` with this layer's ``dispatch``);
         ``efficiency.streaming.StreamingMoE`` reads them from the checkpoint file instead. Under
-        ``torch.compile`` without autograd the dispatch runs as the op ``m3vit::moe_experts`` (no graph break)."""
+        ``torch.compile`` the dispatch runs as the op ``m3vit::moe_experts`` (no graph break)."""
         experts = (self.w1, self.b1, self.w2, self.b2)
-        if torch.compiler.is_compiling() and not _needs_grad(tokens, routing.weights, *experts):
+        if torch.compiler.is_compiling():
             return self._run_experts_op(tokens, routing, experts)
         return run_experts(tokens, routing.plan, routing.weights, *experts, strategy=self.dispatch)
 
@@ -305,6 +308,10 @@ class MoE(nn.Module):
         probs, indices, weights, load = routing.probs, routing.indices, routing.weights, routing.load
         if not self.task_dependent or routing.task is not None:
             tasks = [None]
+        elif torch.compiler.is_compiling():  # no host sync: every task, as masked rows (absent ones add 0)
+            return sum((balance_loss(probs, indices, load, weights=weights, kind=kind,
+                                     row_mask=routing.token_tasks == task) for task in range(self.num_tasks)),
+                       probs.new_zeros(()))
         else:
             tasks = routing.token_tasks.unique().tolist()
         if len(tasks) == 1:
