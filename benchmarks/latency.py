@@ -12,7 +12,7 @@ PyTorch and <= 1.10x under ``torch.compile`` (``--compile``). A per-component sp
 layers vs dense MLPs) is not attempted here: ``benchmarks/moe_dispatch.py`` times one layer.
 
 Run: ``.venv/bin/python benchmarks/latency.py [--sizes micro tiny small] [--rounds 21] [--threads 2]
-[--compile] [--out benchmarks/results/latency.json]``. Check ``cat /proc/loadavg`` first: with other
+[--compile [--backend inductor]] [--out benchmarks/results/latency.json]``. Check ``cat /proc/loadavg`` first: with other
 work on the 2 cores the ratios are noise.
 """
 
@@ -28,6 +28,7 @@ import time
 import torch
 
 import m3vit
+from m3vit.nn.compile import compile_model, default_backend
 from m3vit.utils.io import write_json
 
 SIZES = {"micro": 128, "tiny": 224, "small": 512}
@@ -42,18 +43,21 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def _build(name: str, side: int, compile_model: bool):
+def _build(name: str, side: int, backend: str | None):
+    """The model in eval mode; compiled with ``m3vit.nn.compile_model`` (no graph break in the MoE
+    layers: the dispatch is the op ``m3vit::moe_experts``) when ``backend`` is given."""
     torch.manual_seed(0)
     model = m3vit.create_model(name, TASKS, img_size=(side, side)).eval()
-    if compile_model:
-        model = torch.compile(model)
+    if backend is not None:
+        model = compile_model(model, backend=backend)
     return model
 
 
-def bench_size(size: str, rounds: int, warmup: int, task: str, compile_model: bool) -> dict:
+def bench_size(size: str, rounds: int, warmup: int, task: str, compiled: bool, backend: str | None = None) -> dict:
     side = SIZES[size]
-    models = {f"m3vit_{size}": _build(f"m3vit_{size}", side, compile_model),
-              f"mvit_{size}": _build(f"mvit_{size}", side, compile_model)}
+    backend = (backend or default_backend("cpu")) if compiled else None
+    models = {f"m3vit_{size}": _build(f"m3vit_{size}", side, backend),
+              f"mvit_{size}": _build(f"mvit_{size}", side, backend)}
     images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
     times = {name: [] for name in models}
     names = list(models)
@@ -72,7 +76,8 @@ def bench_size(size: str, rounds: int, warmup: int, task: str, compile_model: bo
                 times[name].append((time.perf_counter() - start) * 1e3)
     moe, dense = names
     medians = {n: statistics.median(t) for n, t in times.items()}
-    return {"size": size, "img_size": side, "task": task, "compiled": compile_model, "rounds": rounds,
+    return {"size": size, "img_size": side, "task": task, "compiled": compiled, "backend": backend,
+            "rounds": rounds,
             "median_ms": medians, "min_ms": {n: min(t) for n, t in times.items()}, "runs_ms": times,
             "warmup_s": compile_s, "ratio": medians[moe] / medians[dense]}
 
@@ -84,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--task", default="semseg", choices=TASKS)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models (m3vit.nn.compile_model)")
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor, or aot_eager on a "
+                                                     "CPU machine without a C++ compiler)")
     ap.add_argument("--out", default="benchmarks/results/latency.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = [False, True] if args.compile else [False]
     for compiled in modes:
         for size in args.sizes:
-            r = bench_size(size, args.rounds, args.warmup, args.task, compiled)
+            r = bench_size(size, args.rounds, args.warmup, args.task, compiled, args.backend)
             results.append(r)
             (moe, m_ms), (dense, d_ms) = r["median_ms"].items()
             print(f"{'compiled' if compiled else 'eager':8s} {size:5s} {r['img_size']}²: {moe} {m_ms:8.2f} ms  "

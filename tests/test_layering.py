@@ -188,3 +188,20 @@ def test_module_level_imports_form_no_cycle():
     for node in sorted(graph):
         if state.get(node) is None:
             visit(node)
+
+
+#: Names that only routing code uses (top-k, softmax, gate noise, the held-expert mask, router classes,
+#: queue planning): ``MoE.route`` in ``m3vit/nn`` is their one home.
+ROUTING_NAMES = {"topk", "softmax", "top_k_gate", "prob_in_top_k", "randn_like", "_selectable",
+                 "plan_dispatch", "expert_capacity", "MultiGateRouter", "TaskConditionedRouter", "SharedRouter"}
+#: The expert backends and users of the MoE outside ``nn``: they consume a ``Routing``, never re-route.
+ROUTING_CONSUMERS = ["efficiency/streaming.py", "efficiency/export.py", "efficiency/onnx_export.py"]
+
+
+@pytest.mark.parametrize("name", ROUTING_CONSUMERS)
+def test_moe_backends_outside_nn_hold_no_routing_code(name):
+    tree = ast.parse((SRC / name).read_text())
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert not used & ROUTING_NAMES, f"{name} routes tokens itself ({sorted(used & ROUTING_NAMES)}); use MoE.route"

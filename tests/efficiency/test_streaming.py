@@ -282,6 +282,16 @@ def test_training_mode_is_refused(tmp_path):
         streaming(images())
 
 
+def test_compile_model_refuses_a_streaming_model(tmp_path):
+    from m3vit.nn import compile_model
+    from m3vit.utils.errors import InputError
+
+    streaming = load_streaming_model(checkpoint(tmp_path, tiny_model()))
+    with pytest.raises(InputError, match="streams its experts"):
+        compile_model(streaming)
+    streaming.expert_streamer.close()
+
+
 def test_missing_and_broken_checkpoints_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_streaming_model(tmp_path / "nowhere")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..utils.errors import CheckpointError, ConfigError, DataError, InputError, OutputError
 from ..utils.io import OutputKind, atomic_directory, check_replaceable, write_json
@@ -57,8 +57,6 @@ from ..models import MultiTaskModel, moe_block_indices
 from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX
 from ..models.modes import eval_mode
-from ..nn.moe import MoE
-from ..nn.routers import MultiGateRouter, SharedRouter, TaskConditionedRouter
 
 __all__ = ["LayerExtraction", "ExtractionReport", "extract_task", "export_checkpoint"]
 
@@ -187,37 +185,6 @@ def _weight_bytes(tensors) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _extracted_layer(layer: MoE, task_index: int, kept: list[int] | None, gate_softmax: str) -> dict[str, Tensor]:
-    """State dict entries (relative to the layer) of an MoE layer reduced to one task and ``kept`` experts."""
-    idx = None if kept is None else torch.tensor(kept, dtype=torch.long, device=layer.w1.device)
-    state = {}
-    for name in ("w1", "b1", "w2", "b2"):
-        weight = getattr(layer, name).detach()
-        state[name] = weight if idx is None else weight.index_select(0, idx)
-    rows = idx if gate_softmax == "kept" else None  # gate rows of the removed experts dropped
-    router = layer.router
-    if isinstance(router, MultiGateRouter):
-        gate = router.weight.detach()[task_index:task_index + 1]
-        state["router.weight"] = gate if rows is None else gate.index_select(1, rows)
-    elif isinstance(router, TaskConditionedRouter):
-        state.update({f"router.{k}": v.detach() for k, v in router.state_dict().items()})
-        if not router.shares_task_embed:  # the model's shared embedding is reduced in _extracted_state
-            state["router.task_embed.0.weight"] = _task_column(router.task_embed, task_index)
-        gate = router.gate.weight.detach()
-        state["router.gate.weight"] = gate if rows is None else gate.index_select(0, rows)
-    elif isinstance(router, SharedRouter):
-        gate = router.gate.weight.detach()
-        state["router.gate.weight"] = gate if rows is None else gate.index_select(0, rows)
-    else:
-        raise TypeError(f"cannot extract a task from a router of type {type(router).__name__}")
-    return state
-
-
-def _task_column(task_embed: nn.Module, task_index: int) -> Tensor:
-    """The one-hot of a 1-task model is [1]: task T's column of the embedding's first layer."""
-    return task_embed[0].weight.detach()[:, task_index:task_index + 1]
-
-
 def _extracted_state(model: MultiTaskModel, task: str, subsets: dict[int, list[int]],
                      gate_softmax: str) -> dict[str, Tensor]:
     """The state dict of the one-task model: shared backbone, task T's head, its router and kept experts."""
@@ -228,9 +195,9 @@ def _extracted_state(model: MultiTaskModel, task: str, subsets: dict[int, list[i
              if not k.startswith("heads.") and not any(k.startswith(p) for p in moe_prefixes)}
     state.update({k: v for k, v in source.items() if k.startswith(f"heads.{task}.")})
     if model.backbone.task_embed is not None:
-        state["backbone.task_embed.0.weight"] = _task_column(model.backbone.task_embed, task_index)
+        state["backbone.task_embed.0.weight"] = model.backbone.task_embed.task_input_weight(task_index)
     for block, layer in zip(moe_block_indices(model), model.moe_layers):
-        layer_state = _extracted_layer(layer, task_index, subsets.get(block), gate_softmax)
+        layer_state = layer.extract_task_state(task_index, subsets.get(block), gate_softmax)
         state.update({f"backbone.blocks.{block}.mlp.{k}": v for k, v in layer_state.items()})
     return state
 

@@ -3,16 +3,15 @@ the export itself (``export_onnx``), its check against PyTorch with onnxruntime 
 int8 quantisation of the exported file (``quantize_onnx``).
 
 **The MoE export form.** ``SparseExportMoE`` is the routed computation written in ops an ONNX graph
-has: the layer's own router and ``top_k_gate`` (ONNX ``TopK``), then for each held expert the token
+has: the layer's own routing, ``MoE.route`` with the task as an ``int`` (ONNX ``TopK``), then for each held expert the token
 positions routed to it (``NonZero``: a data-dependent length), a gather of those tokens, the expert
 MLP on them only, their combine weights, and an ``index_add`` back (``ScatterND``, ``reduction="add"``).
 An expert no token picked runs on zero rows: the expert GEMMs execute ``tokens x top_k`` rows in all,
 as PyTorch's dispatch does. ``torch.onnx.export(dynamo=True)`` traces the ``nonzero`` lengths as
 unbacked sizes without hints. (A dense-equivalent form, every expert on every token mixed by a
 ``[tokens, experts]`` weight matrix, was slower at every size measured and was removed; see
-``docs/deployment_onnx.md``.) The routing comes from ``export_routing``, the one place that
-re-expresses a router for tracing: a multi-gate router picks its task's gate with a data-dependent
-branch that ``torch.export`` cannot trace; the other routers are called as they are.
+``docs/deployment_onnx.md``.) ``MoE.route`` traces as it is: with an ``int`` task a router takes no
+data-dependent branch, and the dispatch plan (a host sync) is only built by backends that ask for it.
 
 **Batch axis.** The graph's input is ``images [batch, 3, H, W]`` with a symbolic ``batch`` (traced with
 ``min=1``; ONNX records no bounds) and its output ``[batch, C, H, W]``; batch 0 gives an empty output.
@@ -41,8 +40,7 @@ from torch import Tensor, nn
 from ..utils.io import write_atomic
 from ..models import MultiTaskModel
 from ..models.modes import eval_mode
-from ..nn.moe import MoE, top_k_gate
-from ..nn.routers import MultiGateRouter
+from ..nn.moe import MoE
 from ..utils.errors import InputError
 
 __all__ = ["QUANTIZATION_METHODS", "ONNX_TOLERANCE", "OnnxError", "OnnxUnavailable",
@@ -85,21 +83,10 @@ def _require(module: str):
 
 
 def export_routing(moe: MoE, x: Tensor, task_index: int) -> tuple[Tensor, Tensor]:
-    """Top-k routing of tokens ``x [B, N, D]`` for task ``task_index``, in a form ``torch.export`` traces:
-    ``weights [B*N, k]`` (float32 or wider) and ``indices [B*N, k]`` into the layer's held experts.
-
-    The router and ``top_k_gate`` are the layer's own; only ``MultiGateRouter`` is re-expressed (its
-    forward branches on whether the batch holds one task, which tracing cannot decide): for one task
-    its logits are ``x @ weight[task].T``, the branch the router takes for a one-task batch.
-    """
-    batch, num_tokens, _ = x.shape
-    if isinstance(moe.router, MultiGateRouter):
-        logits = x @ moe.router.weight[task_index].t()
-    else:
-        logits = moe.router(x, torch.full((batch,), task_index, dtype=torch.long, device=x.device))
-    logits = logits.reshape(batch * num_tokens, moe.router_experts)
-    _, weights, indices = top_k_gate(logits, moe.top_k, moe.renormalize, moe._selectable)
-    return weights, indices
+    """Top-k routing of tokens ``x [B, N, D]`` for task ``task_index`` (``MoE.route``, which ``torch.export``
+    traces): ``weights [B*N, k]`` (float32 or wider) and ``indices [B*N, k]`` into the layer's held experts."""
+    routing = moe.route(x, task_index)
+    return routing.weights, routing.indices
 
 
 class ExportRouter(nn.Module):

@@ -3,8 +3,8 @@
 This is the paper's computation reordering used as software for a memory-starved device.
 ``load_streaming_model(checkpoint_dir)`` returns a model with the usual forward API
 (``model(images, tasks=[...])``, ``model.resolve_tasks``, ``model.config``) whose every MoE layer is a
-``StreamingMoE``. Such a layer routes all its tokens first (the same router and top-k gate as
-``MoE.forward`` in eval mode), sorts them into one queue per expert, then walks the experts with a
+``StreamingMoE``. Such a layer routes all its tokens first (``MoE.route``, the layer's one routing
+implementation, which also sorts them into one queue per expert), then walks the experts with a
 non-empty queue in index order. While expert ``e`` computes on its queue, a background thread reads
 the next busy expert's ``w1 [D, H]``, ``b1 [H]``, ``w2 [H, D]``, ``b2 [D]`` rows straight from
 ``model.safetensors`` into the other of two preallocated buffers (double buffering). An expert that no
@@ -56,8 +56,8 @@ from torch import Tensor, nn
 
 from ..models.checkpoint import TensorsOnMeta, build_on_meta, read_weights_into, verify_checkpoint
 from ..models.m3vit import MultiTaskModel
-from ..nn.dispatch import expert_capacity, plan_dispatch
-from ..nn.moe import MoE, top_k_gate
+from ..nn.dispatch import expert_queues, queued_gates
+from ..nn.moe import MoE, Routing
 from ..utils.errors import CheckpointError, InputError
 from ..utils.safetensors_layout import DTYPES as _DTYPES  # noqa: F401 - re-exported (was defined here)
 from ..utils.safetensors_layout import TensorEntry, pread_exact, read_safetensors_layout, tensor_bytes
@@ -288,18 +288,20 @@ class StreamingMoE(MoE):
     """An eval-only ``MoE`` whose experts stay in the checkpoint file and are streamed two at a time.
 
     Built from a ``MoE`` (its router is taken over; its expert tensors are dropped) and the location of
-    that layer's expert tensors in the file. ``forward`` routes exactly as ``MoE.forward`` in eval mode
-    and sets ``last_routing`` the same way; ``last_loaded`` lists the experts read in the last forward.
+    that layer's expert tensors in the file. Routing is ``MoE.route`` (so ``last_routing`` is set as by
+    ``MoE.forward``); only the expert backend (``run_experts``) differs. ``last_loaded`` lists the
+    experts read in the last forward.
     """
+
+    compilable = False  # a reader thread and a generator over two shared buffers: eager only
 
     def __init__(self, moe: MoE, tensors: ExpertTensors, streamer: ExpertStreamer):
         # MoE.__init__ validates the options and builds a router; on meta nothing is allocated. Both the
         # stacked expert tensors and this throwaway router are then replaced. A layer holding a subset
         # of the experts (an extracted task) keeps its router width and its held expert ids.
-        expert_ids = getattr(moe, "expert_ids", None)
-        subset = {} if expert_ids is None else {"expert_ids": expert_ids}
+        subset = {} if moe.expert_ids is None else {"expert_ids": moe.expert_ids}
         with TensorsOnMeta():
-            super().__init__(moe.dim, moe.hidden_dim, self._router_width(moe), moe.top_k, num_tasks=moe.num_tasks,
+            super().__init__(moe.dim, moe.hidden_dim, moe.router_experts, moe.top_k, num_tasks=moe.num_tasks,
                              router=moe.router_kind, noise_std=moe.noise_std, renormalize=moe.renormalize,
                              capacity_factor=moe.capacity_factor, dispatch=moe.dispatch,
                              balance_loss=moe.balance_loss_kind, init=moe.init, **subset)
@@ -313,10 +315,6 @@ class StreamingMoE(MoE):
         self.streamer = streamer
         self.last_loaded: tuple[int, ...] = ()
 
-    @staticmethod
-    def _router_width(layer: MoE) -> int:
-        return getattr(layer, "router_experts", layer.num_experts)
-
     def extra_repr(self) -> str:
         return super().extra_repr() + ", streamed from file"
 
@@ -328,59 +326,31 @@ class StreamingMoE(MoE):
         if self.training:
             raise RuntimeError("a streaming MoE layer runs in eval mode only: call model.eval() (its experts are "
                                "read from the checkpoint file and cannot be trained)")
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE expects x of shape [B, N, {self.dim}], got {list(x.shape)}")
         with torch.no_grad():
-            return self._forward(x, task_ids)
+            return super().forward(x, task_ids)
 
-    def _forward(self, x: Tensor, task_ids: int | Tensor) -> Tensor:
-        batch, num_tokens, _ = x.shape
-        task_ids = self._task_ids(task_ids, batch, x.device)
-        logits = self.router(x, task_ids).reshape(batch * num_tokens, self._router_width(self))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        selectable = getattr(self, "_selectable", None)
-        if selectable is None:
-            probs, weights, indices = top_k_gate(logits, self.top_k, self.renormalize)
-        else:  # indices then count among the held experts, the rows of the file's stacked tensors
-            probs, weights, indices = top_k_gate(logits, self.top_k, self.renormalize, selectable)
-        capacity = None
-        if self.capacity_factor is not None:
-            capacity = expert_capacity(batch * num_tokens, self.top_k, self.num_experts, self.capacity_factor)
-        plan = plan_dispatch(indices, self.num_experts, capacity)
-
-        tokens = x.reshape(batch * num_tokens, self.dim)
-        device = x.device.type
+    def run_experts(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """The streamed expert backend: each busy expert read from the file while the previous one computes."""
+        plan = routing.plan
+        device = tokens.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
         tokens = tokens.to(dtype).contiguous()
-        gate_col = weights.t().reshape(-1).index_select(0, plan.slot).to(dtype).unsqueeze(1)
+        gate_col = queued_gates(routing.weights, plan).to(dtype).unsqueeze(1)
         out = torch.zeros_like(tokens)
-        starts, start = {}, 0
-        for expert, count in enumerate(plan.counts):
-            starts[expert] = start
-            start += count
-        busy = [e for e, count in enumerate(plan.counts) if count]
+        queues = {expert: (lo, hi) for expert, lo, hi in expert_queues(plan.counts)}
         # The same ops, in the same order, as the resident per-expert dispatch (nn.dispatch.ExpertMLP).
         with torch.autocast(device, enabled=False):
-            with closing(self.streamer.stream(self.expert_tensors, busy)) as stream:
+            with closing(self.streamer.stream(self.expert_tensors, list(queues))) as stream:
                 for expert, w in stream:
                     w1, b1, w2, b2 = (t if t.dtype == dtype else t.to(dtype) for t in (w.w1, w.b1, w.w2, w.b2))
-                    lo, hi = starts[expert], starts[expert] + plan.counts[expert]
+                    lo, hi = queues[expert]
                     tok = plan.token[lo:hi]
                     h = torch.ops.aten.gelu_(torch.addmm(b1, tokens.index_select(0, tok), w1))
                     y = torch.addmm(b2, h, w2)
                     y.mul_(gate_col[lo:hi])
                     out.index_add_(0, tok, y)
-        self.last_loaded = tuple(busy)
-        self._aux_loss = None
-        self.last_routing = {
-            "indices": indices,
-            "weights": weights,
-            "probs": probs,
-            "task_ids": task_ids.repeat_interleave(num_tokens),
-            "counts": plan.counts,
-            "dropped": plan.dropped,
-        }
-        return out.reshape(batch, num_tokens, self.dim)
+        self.last_loaded = tuple(queues)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,9 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
 * ``"batched"`` (short queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
   combine weight, but they are computed, so FLOPs include them.
+
+``moe_experts_op`` (``torch.ops.m3vit.moe_experts``) is the whole dispatch registered as one custom op with
+a fake implementation, so ``torch.compile`` compiles the routing around it without a graph break.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "choose_strategy", "STRATEGIES"]
+__all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "run_experts", "expert_queues", "queued_gates",
+           "moe_experts_op", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
 # Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
@@ -91,8 +95,8 @@ def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
     return torch.arange(expert.numel(), device=expert.device) - starts.index_select(0, expert)
 
 
-def _queues(counts: tuple[int, ...]):
-    """Yield ``(expert, start, end)`` for every non-empty queue."""
+def expert_queues(counts: tuple[int, ...]):
+    """Yield ``(expert, start, end)`` for every non-empty queue of a plan's ``counts``, in expert order."""
     start = 0
     for expert, count in enumerate(counts):
         if count:
@@ -109,7 +113,7 @@ class ExpertMLP(torch.autograd.Function):
         # Pre-activations are kept for backward only when a gradient will be asked for.
         hidden_pre = x.new_empty(token.numel(), w1.shape[-1]) if keep_hidden else None
         gate_col = gate.unsqueeze(1)
-        for e, lo, hi in _queues(counts):
+        for e, lo, hi in expert_queues(counts):
             tok = token[lo:hi]
             xe = x.index_select(0, tok)
             if hidden_pre is not None:
@@ -128,36 +132,45 @@ class ExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, token, gate, w1, b1, w2, b2, hidden_pre = ctx.saved_tensors
         need_x, _, need_gate, _, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
-        grad_out = grad_out.contiguous()
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_gate = torch.zeros_like(gate) if need_gate else None
-        grad_w1 = torch.zeros_like(w1) if need_w1 else None
-        grad_b1 = torch.zeros_like(b1) if need_b1 else None
-        grad_w2 = torch.zeros_like(w2) if need_w2 else None
-        grad_b2 = torch.zeros_like(b2) if need_b2 else None
-        for e, lo, hi in _queues(ctx.counts):
-            tok = token[lo:hi]
-            g = grad_out.index_select(0, tok)                # d out / d y, before gating
-            h_pre = hidden_pre[lo:hi]
-            act = torch.nn.functional.gelu(h_pre)
-            g_hidden = g @ w2[e].t()                          # unscaled: reused for the gate grad
-            if need_gate:
-                grad_gate[lo:hi] = (g_hidden * act).sum(1) + g @ b2[e]
-            g_scaled = g.mul_(gate[lo:hi].unsqueeze(1))     # d loss / d y
-            if need_w2:
-                torch.addmm(grad_w2[e], act.t(), g_scaled, out=grad_w2[e])
-            if need_b2:
-                grad_b2[e] += g_scaled.sum(0)
-            g_hidden.mul_(gate[lo:hi].unsqueeze(1))
-            g_pre = torch.ops.aten.gelu_backward(g_hidden, h_pre)
-            if need_b1:
-                grad_b1[e] += g_pre.sum(0)
-            if need_w1:
-                xe = x.index_select(0, tok)
-                torch.addmm(grad_w1[e], xe.t(), g_pre, out=grad_w1[e])
-            if need_x:
-                grad_x.index_add_(0, tok, g_pre @ w1[e].t())
+        grads = _expert_mlp_backward(grad_out, x, token, gate, ctx.counts, w1, b1, w2, b2, hidden_pre,
+                                     (need_x, need_gate, need_w1, need_b1, need_w2, need_b2))
+        grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2 = grads
         return grad_x, None, grad_gate, None, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _expert_mlp_backward(grad_out, x, token, gate, counts, w1, b1, w2, b2, hidden_pre, needed):
+    """Gradients of ``ExpertMLP`` queue by queue: ``(x, gate, w1, b1, w2, b2)``, None where not ``needed``."""
+    need_x, need_gate, need_w1, need_b1, need_w2, need_b2 = needed
+    grad_out = grad_out.contiguous()
+    grad_x = torch.zeros_like(x) if need_x else None
+    grad_gate = torch.zeros_like(gate) if need_gate else None
+    grad_w1 = torch.zeros_like(w1) if need_w1 else None
+    grad_b1 = torch.zeros_like(b1) if need_b1 else None
+    grad_w2 = torch.zeros_like(w2) if need_w2 else None
+    grad_b2 = torch.zeros_like(b2) if need_b2 else None
+    for e, lo, hi in expert_queues(counts):
+        tok = token[lo:hi]
+        g = grad_out.index_select(0, tok)                # d out / d y, before gating
+        h_pre = hidden_pre[lo:hi]
+        act = torch.nn.functional.gelu(h_pre)
+        g_hidden = g @ w2[e].t()                          # unscaled: reused for the gate grad
+        if need_gate:
+            grad_gate[lo:hi] = (g_hidden * act).sum(1) + g @ b2[e]
+        g_scaled = g.mul_(gate[lo:hi].unsqueeze(1))     # d loss / d y
+        if need_w2:
+            torch.addmm(grad_w2[e], act.t(), g_scaled, out=grad_w2[e])
+        if need_b2:
+            grad_b2[e] += g_scaled.sum(0)
+        g_hidden.mul_(gate[lo:hi].unsqueeze(1))
+        g_pre = torch.ops.aten.gelu_backward(g_hidden, h_pre)
+        if need_b1:
+            grad_b1[e] += g_pre.sum(0)
+        if need_w1:
+            xe = x.index_select(0, tok)
+            torch.addmm(grad_w1[e], xe.t(), g_pre, out=grad_w1[e])
+        if need_x:
+            grad_x.index_add_(0, tok, g_pre @ w1[e].t())
+    return grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) -> Tensor:
@@ -181,6 +194,11 @@ def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) ->
     return torch.zeros_like(x).index_add_(0, padded_token, y * padded_gate.unsqueeze(1))
 
 
+def queued_gates(weights: Tensor, plan: DispatchPlan) -> Tensor:
+    """The combine weight of every queued pair, in queue order: ``[len(plan.token)]``."""
+    return weights.t().reshape(-1).index_select(0, plan.slot)
+
+
 def dispatch_to_experts(
     x: Tensor,
     indices: Tensor,
@@ -202,21 +220,97 @@ def dispatch_to_experts(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
     plan = plan_dispatch(indices, w1.shape[0], capacity)
+    return run_experts(x, plan, weights, w1, b1, w2, b2, strategy), plan
+
+
+def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                strategy: str = "auto") -> Tensor:
+    """The resident expert backend: run the queues of ``plan`` over ``x [S, D]`` with the stacked experts,
+    combining with ``weights [S, k]``; returns ``[S, D]`` (see ``dispatch_to_experts``)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
     device = x.device.type
     if torch.is_autocast_enabled(device):
         # Run the experts in the autocast dtype, as autocast would run each GEMM, then leave autocast
         # off inside: every buffer stays in one dtype.
         dtype = torch.get_autocast_dtype(device)
         x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    gate = weights.t().reshape(-1).index_select(0, plan.slot).to(x.dtype)
+    gate = queued_gates(weights, plan).to(x.dtype)
     if plan.token.numel() == 0:
-        return torch.zeros_like(x), plan
+        return torch.zeros_like(x)
     if strategy == "auto":
         strategy = choose_strategy(plan)
     with torch.autocast(device, enabled=False):
         if strategy == "batched":
-            return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2), plan
+            return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2)
         # needs_input_grad inside the op is True under no_grad too; decide here if backward can run.
         keep_hidden = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, w1, b1, w2, b2))
-        out = ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2, keep_hidden)
-    return out, plan
+        return ExpertMLP.apply(x.contiguous(), plan.token, gate, plan.counts, w1, b1, w2, b2, keep_hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatch as one opaque op, for torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("m3vit::moe_experts", mutates_args=())
+def moe_experts_op(x: Tensor, indices: Tensor, weights: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
+                   capacity: int | None, strategy: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``dispatch_to_experts`` as a registered op (``torch.ops.m3vit.moe_experts``), differentiable
+    (``moe_experts_backward_op``).
+
+    Its queue lengths depend on the data, so ``torch.compile`` cannot trace the dispatch; as an op with a
+    fake (shape-only) implementation the compiled graph runs around it without a break. Returns the
+    combined output ``[S, D]`` (``x``'s dtype: cast the inputs first under autocast), the per-expert queue
+    lengths ``LongTensor[E]`` and the number of dropped pairs (0-dim), both on ``x``'s device.
+    """
+    out, plan = dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, capacity, strategy)
+    counts = torch.tensor(plan.counts, dtype=torch.long, device=x.device)
+    return out, counts, torch.tensor(plan.dropped, dtype=torch.long, device=x.device)
+
+
+@moe_experts_op.register_fake
+def _moe_experts_shapes(x, indices, weights, w1, b1, w2, b2, capacity, strategy):
+    return torch.empty_like(x), x.new_empty(w1.shape[0], dtype=torch.long), x.new_empty((), dtype=torch.long)
+
+
+@torch.library.custom_op("m3vit::moe_experts_backward", mutates_args=())
+def moe_experts_backward_op(grad_out: Tensor, x: Tensor, indices: Tensor, weights: Tensor, w1: Tensor, b1: Tensor,
+                            w2: Tensor, b2: Tensor, capacity: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                                   Tensor, Tensor]:
+    """Backward of ``moe_experts_op``: gradients for ``x, weights, w1, b1, w2, b2``, expert by expert (the
+    per-expert dispatch's hand-written backward, whatever strategy ran forward; the hidden pre-activations
+    are recomputed, one extra first GEMM per queue)."""
+    plan = plan_dispatch(indices, w1.shape[0], capacity)
+    x = x.contiguous()
+    gate = queued_gates(weights, plan).to(x.dtype)
+    hidden_pre = x.new_empty(plan.token.numel(), w1.shape[-1])
+    for e, lo, hi in expert_queues(plan.counts):
+        torch.addmm(b1[e], x.index_select(0, plan.token[lo:hi]), w1[e], out=hidden_pre[lo:hi])
+    grad_x, grad_gate, grad_w1, grad_b1, grad_w2, grad_b2 = _expert_mlp_backward(
+        grad_out, x, plan.token, gate, plan.counts, w1, b1, w2, b2, hidden_pre, (True,) * 6)
+    top_k, rows = indices.shape[1], indices.shape[0]
+    grad_weights = weights.new_zeros(top_k * rows).index_put_((plan.slot,), grad_gate.to(weights.dtype))
+    return grad_x, grad_weights.view(top_k, rows).t().contiguous(), grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@moe_experts_backward_op.register_fake
+def _moe_experts_backward_shapes(grad_out, x, indices, weights, w1, b1, w2, b2, capacity):
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1), torch.empty_like(b1),
+            torch.empty_like(w2), torch.empty_like(b2))
+
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    x, indices, weights, w1, b1, w2, b2, capacity, _strategy = inputs
+    ctx.save_for_backward(x, indices, weights, w1, b1, w2, b2)
+    ctx.capacity = capacity
+
+
+def _moe_experts_grad(ctx, grad_out, _grad_counts, _grad_dropped):
+    x, indices, weights, w1, b1, w2, b2 = ctx.saved_tensors
+    grads = moe_experts_backward_op(grad_out, x, indices, weights, w1, b1, w2, b2, ctx.capacity)
+    grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2 = grads
+    return grad_x, None, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+moe_experts_op.register_autograd(_moe_experts_grad, setup_context=_save_for_backward)

@@ -6,7 +6,6 @@ Parameter names follow the timm/DeiT layout (``attn.qkv``, ``attn.proj``, ``mlp.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -1,4 +1,4 @@
-"""The task-level sparse mixture-of-experts MLP: V-MoE gating, balance loss, reordered dispatch.
+"""The task-level sparse mixture-of-experts MLP: routing (``MoE.route``), balance loss, expert backend.
 
 Balance loss of one group of tokens (``balance_loss``): ``cv²(importance) + cv²(load)`` with ``cv²(v) =
 var(v) / (mean(v)² + 1e-10)``. Two forms (``kind``):
@@ -23,20 +23,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .dispatch import STRATEGIES, dispatch_to_experts, expert_capacity
-from .routers import GATE_INITS, ROUTERS, TaskEmbedding, build_router
+from .dispatch import STRATEGIES, expert_capacity, moe_experts_op, run_experts
+from .routers import (GATE_INITS, ROUTERS, Routing, TaskEmbedding, at_least_float32, build_router, prob_in_top_k,
+                      top_k_gate)
 
-__all__ = ["MoE", "cv_squared", "top_k_gate", "balance_loss", "BALANCE_LOSSES", "MOE_INITS"]
+__all__ = ["MoE", "Routing", "cv_squared", "top_k_gate", "balance_loss", "BALANCE_LOSSES", "MOE_INITS"]
 
 #: Balance-loss forms (see the module docstring).
 BALANCE_LOSSES = ("reference", "vmoe")
 #: Expert and gate initialisations (see the module docstring).
 MOE_INITS = GATE_INITS
-
-
-def _at_least_float32(t: Tensor) -> Tensor:
-    """Upcast half-precision tensors for the gate's softmax and statistics; keep float64 as is."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def cv_squared(v: Tensor, unbiased: bool = False) -> Tensor:
@@ -45,64 +41,38 @@ def cv_squared(v: Tensor, unbiased: bool = False) -> Tensor:
     ``unbiased=False``: population variance; ``unbiased=True``: sample variance (N − 1), and 0 for a
     single value (the official M³ViT gate's convention).
     """
-    v = _at_least_float32(v)
+    v = at_least_float32(v)
     if unbiased and v.numel() < 2:
         return v.new_zeros(())
     return v.var(unbiased=unbiased) / (v.mean() ** 2 + 1e-10)
 
 
-def top_k_gate(logits: Tensor, top_k: int, renormalize: bool = False,
-               selectable: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Softmax over all experts, then keep the ``top_k`` largest: returns ``probs, weights, indices``.
-
-    The combine weights are the picked probabilities themselves (V-MoE); ``renormalize`` rescales
-    them to sum to one per token. ``selectable`` (``LongTensor[E']``, optional) restricts the pick to
-    those logit columns after the softmax over all of them: ``probs`` is then ``[S, E']`` and
-    ``indices`` index into ``selectable``.
-    """
-    probs = torch.softmax(_at_least_float32(logits), dim=-1)
-    if selectable is not None:
-        probs = probs.index_select(-1, selectable)
-    weights, indices = probs.topk(top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    return probs, weights, indices
-
-
-def _prob_in_top_k(clean: Tensor, noisy: Tensor, top_k: int, noise_scale: float) -> Tensor:
-    """Smooth estimate ``P(expert e is in the top-k | the other experts' noise)`` per token, ``[S, E]``.
-
-    For expert e the threshold is the k-th largest noisy logit among the *other* experts: the
-    (k+1)-th largest overall when e is itself in the noisy top-k, else the k-th largest.
-    """
-    num_experts = clean.shape[-1]
-    if top_k >= num_experts:
-        return torch.ones_like(clean)
-    top_vals = noisy.topk(top_k + 1, dim=-1).values
-    kth, kth_plus_one = top_vals[:, top_k - 1 : top_k], top_vals[:, top_k : top_k + 1]
-    threshold = torch.where(noisy >= kth, kth_plus_one, kth)
-    return torch.special.ndtr((clean - threshold) / noise_scale)
-
-
 def balance_loss(probs: Tensor, indices: Tensor, load: Tensor | None = None, *, weights: Tensor | None = None,
-                 kind: str = "vmoe") -> Tensor:
+                 kind: str = "vmoe", row_mask: Tensor | None = None) -> Tensor:
     """``cv^2(importance) + cv^2(load)`` over one group of tokens (see the module docstring).
 
     ``probs [S, E]`` are the gate's softmax probabilities, ``indices [S, k]`` the picked experts and
     ``weights [S, k]`` their combine weights (``kind="reference"``; default the picked probabilities).
     ``load`` is the smooth in-top-k probability ``[S, E]`` (noisy gating), else the hard count is used.
+    ``row_mask`` (``BoolTensor[S]``, optional) takes the group as the masked rows without gathering them
+    (static shapes, for ``torch.compile``; equal up to float summation order).
     """
     if kind not in BALANCE_LOSSES:
         raise ValueError(f"kind={kind!r} is not a balance loss; choose one of {list(BALANCE_LOSSES)}")
+    row = None if row_mask is None else row_mask.to(probs.dtype).unsqueeze(1)  # [S, 1]
     if kind == "reference":
         picked = probs.gather(-1, indices) if weights is None else weights.to(probs.dtype)
+        picked = picked if row is None else picked * row
         importance = torch.zeros_like(probs).scatter(-1, indices, picked).sum(0)
     else:
-        importance = probs.sum(0)
-    if load is None:
+        importance = (probs if row is None else probs * row).sum(0)
+    if load is not None:
+        load = (load if row is None else load * row).sum(0)
+    elif row is None and not torch.compiler.is_compiling():
         load = torch.bincount(indices.reshape(-1), minlength=probs.shape[-1]).to(probs.dtype)
-    else:
-        load = load.sum(0)
+    else:  # static shapes: a scatter-add of the (masked) choices
+        ones = torch.ones_like(indices, dtype=probs.dtype) if row is None else row.expand(indices.shape)
+        load = probs.new_zeros(probs.shape[-1]).scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
     unbiased = kind == "reference"
     return cv_squared(importance, unbiased) + cv_squared(load, unbiased)
 
@@ -116,6 +86,12 @@ class MoE(nn.Module):
     image, tasks may differ within a batch). After a forward, ``last_routing`` holds detached
     ``indices [B*N, k]``, ``weights [B*N, k]``, ``probs [B*N, E]``, ``task_ids [B*N]``, the
     per-expert queue lengths ``counts`` and the number of ``dropped`` (token, choice) pairs.
+
+    Router + expert backend: ``forward`` is ``route(x, task_ids)`` (a ``Routing``: the layer's one routing
+    implementation) then ``run_experts(tokens, routing)``, the expert backend: resident here (the
+    ``dispatch`` strategies of ``m3vit.nn.dispatch``), streamed from the checkpoint file in
+    ``m3vit.efficiency.streaming.StreamingMoE``, the traceable form in ``m3vit.efficiency.onnx_export``.
+    ``extract_task_state`` gives the layer reduced to one task and a subset of its experts.
 
     The balance loss (``aux_loss()``, training only) is computed per task present in the batch and
     summed, so a task-batched forward gives the sum of the per-task forwards' losses; a shared
@@ -131,6 +107,9 @@ class MoE(nn.Module):
     ``balance_loss`` and ``init`` choose the loss form and the initialisation (module docstring);
     ``task_embed`` hands a task-conditioned router the model's shared ``TaskEmbedding``.
     """
+
+    #: ``torch.compile`` can compile this layer (``m3vit.nn.compile.compile_model``); a streaming layer cannot.
+    compilable = True
 
     def __init__(
         self,
@@ -193,8 +172,23 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
         self.reset_experts()
-        self.last_routing: dict | None = None
+        # (indices, weights, probs, task ids, counts, dropped) of the last forward; ``last_routing`` reads it.
+        self._routing_record: tuple | dict | None = None
         self._aux_loss: Tensor | None = None
+
+    @property
+    def last_routing(self) -> dict | None:
+        """Detached routing of the last forward (see the class docstring), None before any forward."""
+        record = self._routing_record
+        if record is None or isinstance(record, dict):
+            return record
+        indices, weights, probs, token_tasks, counts, dropped = record
+        if isinstance(counts, Tensor):  # recorded by the compiled dispatch op: read on the host only now
+            counts, dropped = tuple(counts.tolist()), int(dropped)
+        record = {"indices": indices, "weights": weights, "probs": probs, "task_ids": token_tasks,
+                  "counts": counts, "dropped": dropped}
+        self._routing_record = record
+        return record
 
     def reset_experts(self) -> None:
         """Initialise the experts per ``self.init`` (biases 0; see the module docstring)."""
@@ -221,11 +215,13 @@ class MoE(nn.Module):
             + ("" if self.expert_ids is None else f", expert_ids={list(self.expert_ids)} of {self.router_experts}")
         )
 
-    def _task_ids(self, task_ids: int | Tensor, batch: int, device: torch.device) -> Tensor:
+    def _task_ids(self, task_ids: int | Tensor, batch: int, device: torch.device) -> int | Tensor:
+        """Checked task ids: an ``int`` stays one (one task for the batch, checked on the host), a tensor
+        becomes ``LongTensor[batch]`` (a one-element tensor is broadcast)."""
         if isinstance(task_ids, int) and not isinstance(task_ids, bool):
             if not 0 <= task_ids < self.num_tasks:  # checked on the host: no device sync
                 raise ValueError(f"task ids must lie in [0, {self.num_tasks}), got [{task_ids}]")
-            return torch.full((batch,), task_ids, dtype=torch.long, device=device)
+            return task_ids
         if not isinstance(task_ids, Tensor):
             raise TypeError(f"task_ids must be an int or a LongTensor[B], got {type(task_ids).__name__}")
         task_ids = task_ids.to(device=device, dtype=torch.long).reshape(-1)
@@ -233,55 +229,94 @@ class MoE(nn.Module):
             task_ids = task_ids.expand(batch)
         if task_ids.numel() != batch:
             raise ValueError(f"task_ids has {task_ids.numel()} entries for a batch of {batch} images")
+        if torch.compiler.is_compiling():  # checked on the device: no graph break
+            torch._assert_async(((task_ids >= 0) & (task_ids < self.num_tasks)).all(),
+                                f"task ids must lie in [0, {self.num_tasks})")
+            return task_ids
         # One host sync, and an empty batch (no ids) passes.
         if bool(((task_ids < 0) | (task_ids >= self.num_tasks)).any()):
             raise ValueError(f"task ids must lie in [0, {self.num_tasks}), got {task_ids.unique().tolist()}")
         return task_ids
 
-    def forward(self, x: Tensor, task_ids: int | Tensor = 0) -> Tensor:
+    def _check_input(self, x: Tensor) -> None:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE expects x of shape [B, N, {self.dim}], got {list(x.shape)}")
+
+    def route(self, x: Tensor, task_ids: int | Tensor = 0) -> Routing:
+        """Route tokens ``x [B, N, dim]`` of images with tasks ``task_ids``: the layer's one routing
+        implementation (router logits, gate noise in training, softmax, top-k over the held experts,
+        the smooth load of noisy gating), used by every expert backend (resident, streamed, exported)."""
+        self._check_input(x)
         batch, num_tokens, _ = x.shape
+        num_rows = batch * num_tokens
         task_ids = self._task_ids(task_ids, batch, x.device)
-        logits = _at_least_float32(self.router(x, task_ids).reshape(batch * num_tokens, self.router_experts))
+        logits = at_least_float32(self.router(x, task_ids).reshape(num_rows, self.router_experts))
 
         noisy = self.training and self.noise_std > 0
         noise_scale = self.noise_std / self.router_experts
         gate_logits = logits + torch.randn_like(logits) * noise_scale if noisy else logits
         probs, weights, indices = top_k_gate(gate_logits, self.top_k, self.renormalize, self._selectable)
+        load = None
+        if noisy:
+            held = (lambda t: t) if self._selectable is None else (lambda t: t.index_select(-1, self._selectable))
+            load = prob_in_top_k(held(logits), held(gate_logits), self.top_k, noise_scale)
 
+        if isinstance(task_ids, int):
+            task, token_tasks = task_ids, torch.full((num_rows,), task_ids, dtype=torch.long, device=x.device)
+        else:
+            task, token_tasks = None, task_ids.repeat_interleave(num_tokens)
         capacity = None
         if self.capacity_factor is not None:
-            capacity = expert_capacity(batch * num_tokens, self.top_k, self.num_experts, self.capacity_factor)
-        tokens = x.reshape(batch * num_tokens, self.dim)
-        out, plan = dispatch_to_experts(tokens, indices, weights, self.w1, self.b1, self.w2, self.b2, capacity,
-                                        strategy=self.dispatch)
+            capacity = expert_capacity(num_rows, self.top_k, self.num_experts, self.capacity_factor)
+        return Routing(indices=indices, weights=weights, probs=probs, token_tasks=token_tasks, task=task,
+                       num_experts=self.num_experts, capacity=capacity, load=load)
 
-        token_tasks = task_ids.repeat_interleave(num_tokens)
-        if self.training:
-            load = None
-            if noisy:
-                held = (lambda t: t) if self._selectable is None else (lambda t: t.index_select(-1, self._selectable))
-                load = _prob_in_top_k(held(logits), held(gate_logits), self.top_k, noise_scale)
-            self._aux_loss = self._grouped_balance_loss(probs, indices, weights, load, token_tasks)
-        else:
-            self._aux_loss = None
-        self.last_routing = {
-            "indices": indices.detach(),
-            "weights": weights.detach(),
-            "probs": probs.detach(),
-            "task_ids": token_tasks,
-            "counts": plan.counts,
-            "dropped": plan.dropped,
-        }
+    def run_experts(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """The expert backend: tokens ``[S, dim]`` through their routed experts, combined, ``[S, dim]``.
+        Here the experts are resident (``nn.dispatch.run_experts`` with this layer's ``dispatch``);
+        ``efficiency.streaming.StreamingMoE`` reads them from the checkpoint file instead. Under
+        ``torch.compile`` the dispatch runs as the op ``m3vit::moe_experts`` (no graph break)."""
+        experts = (self.w1, self.b1, self.w2, self.b2)
+        if torch.compiler.is_compiling():
+            return self._run_experts_op(tokens, routing, experts)
+        return run_experts(tokens, routing.plan, routing.weights, *experts, strategy=self.dispatch)
+
+    def _run_experts_op(self, tokens: Tensor, routing: Routing, experts: tuple[Tensor, ...]) -> Tensor:
+        device = tokens.device.type
+        if torch.is_autocast_enabled(device):  # as run_experts: the experts in the autocast dtype
+            dtype = torch.get_autocast_dtype(device)
+            tokens, experts = tokens.to(dtype), tuple(t.to(dtype) for t in experts)
+        with torch.autocast(device, enabled=False):
+            out, counts, dropped = moe_experts_op(tokens, routing.indices, routing.weights, *experts,
+                                                  routing.capacity, self.dispatch)
+        routing.queue_counts, routing.queue_dropped = counts, dropped
+        return out
+
+    def forward(self, x: Tensor, task_ids: int | Tensor = 0) -> Tensor:
+        routing = self.route(x, task_ids)
+        batch, num_tokens, _ = x.shape
+        out = self.run_experts(x.reshape(batch * num_tokens, self.dim), routing)
+        self._aux_loss = self.routing_loss(routing) if self.training else None
+        counts, dropped = routing.queue_stats()
+        self._routing_record = (routing.indices.detach(), routing.weights.detach(), routing.probs.detach(),
+                                routing.token_tasks, counts, dropped)
         return out.reshape(batch, num_tokens, self.dim)
 
-    def _grouped_balance_loss(self, probs: Tensor, indices: Tensor, weights: Tensor, load: Tensor | None,
-                              token_tasks: Tensor) -> Tensor:
+    def routing_loss(self, routing: Routing) -> Tensor:
+        """The balance loss of ``routing``: per task present (task-dependent routers), summed."""
         kind = self.balance_loss_kind
-        tasks = token_tasks.unique().tolist() if self.task_dependent else [None]
+        probs, indices, weights, load = routing.probs, routing.indices, routing.weights, routing.load
+        if not self.task_dependent or routing.task is not None:
+            tasks = [None]
+        elif torch.compiler.is_compiling():  # no host sync: every task, as masked rows (absent ones add 0)
+            return sum((balance_loss(probs, indices, load, weights=weights, kind=kind,
+                                     row_mask=routing.token_tasks == task) for task in range(self.num_tasks)),
+                       probs.new_zeros(()))
+        else:
+            tasks = routing.token_tasks.unique().tolist()
         if len(tasks) == 1:
             return balance_loss(probs, indices, load, weights=weights, kind=kind)
+        token_tasks = routing.token_tasks
         total = probs.new_zeros(())
         for task in tasks:
             rows = (token_tasks == task).nonzero().squeeze(1)
@@ -289,6 +324,20 @@ class MoE(nn.Module):
             total = total + balance_loss(probs.index_select(0, rows), indices.index_select(0, rows), group_load,
                                          weights=weights.index_select(0, rows), kind=kind)
         return total
+
+    def extract_task_state(self, task_index: int, experts: list[int] | None = None,
+                           gate_softmax: str = "all") -> dict[str, Tensor]:
+        """State dict entries (relative to the layer) of this layer reduced to task ``task_index`` and the
+        ``experts`` it keeps (default all): their ``w1/b1/w2/b2`` rows and the router's one-task state;
+        ``gate_softmax="kept"`` also drops the removed experts' gate rows (``m3vit.efficiency.export``)."""
+        idx = None if experts is None else torch.tensor(experts, dtype=torch.long, device=self.w1.device)
+        state = {}
+        for name in ("w1", "b1", "w2", "b2"):
+            weight = getattr(self, name).detach()
+            state[name] = weight if idx is None else weight.index_select(0, idx)
+        rows = idx if gate_softmax == "kept" else None
+        state.update({f"router.{k}": v for k, v in self.router.extract_task_state(task_index, rows).items()})
+        return state
 
     def aux_loss(self) -> Tensor:
         """Balance loss of the last training forward; 0 in eval mode or before any forward."""
