@@ -190,6 +190,21 @@ def test_infer_writes_pngs_and_survives_a_corrupt_file(checkpoints, capsys, tmp_
     assert code == 0 and err == ""
 
 
+def test_infer_compile_writes_what_eager_writes(checkpoints, capsys, tmp_path):
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(image)
+    args = ["infer", "--checkpoint", checkpoints["moe"], "--task", "sal", "--task", "semseg", "--npy"]
+    code, _, err = _run(args + ["--out", tmp_path / "eager", image], capsys)
+    assert code == 0, err
+    code, _, err = _run(args + ["--compile", "aot_eager", "--out", tmp_path / "compiled", image], capsys)
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "compiled" / "photo_sal.npy"),
+                               np.load(tmp_path / "eager" / "photo_sal.npy"), atol=1e-5)
+    assert (np.load(tmp_path / "compiled" / "photo_semseg.npy") == np.load(tmp_path / "eager" / "photo_semseg.npy")).mean() > 0.99
+    code, _, err = _run(args + ["--compile", "--stream-experts", "--out", tmp_path / "streamed", image], capsys)
+    assert code == 2 and "runs eagerly only" in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # experts
 # ----------------------------------------------------------------------------------------------

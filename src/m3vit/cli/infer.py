@@ -25,6 +25,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stream-experts", action="store_true",
                    help="keep expert weights in the checkpoint file and read them two at a time per MoE layer "
                         "(less memory, same predictions; see m3vit.efficiency.streaming)")
+    p.add_argument("--compile", nargs="?", const="default", metavar="BACKEND",
+                   help="run the model under torch.compile (m3vit.nn.compile_model; the first image compiles): "
+                        "BACKEND is torch.compile's (default: inductor, or aot_eager on a CPU without a C++ "
+                        "compiler); not with --stream-experts")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; PNG, JPEG, ...)")
     p.set_defaults(func=run)
 
@@ -42,6 +46,10 @@ def run(args) -> int:
         model = load_streaming_model(args.checkpoint, map_location=device(args.device))
     else:
         model = load_checkpoint(args.checkpoint, map_location=device(args.device))
+    if args.compile is not None:
+        from ..nn import compile_model
+
+        model = compile_model(model, backend=None if args.compile == "default" else args.compile)
     result = infer_files(model, args.images, args.task, args.out, size=args.size, save_npy=args.npy,
                          max_pixels=max_pixels)
     for _, reason in result.failed:

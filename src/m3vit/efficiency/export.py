@@ -133,9 +133,9 @@ class ExtractionReport:
         """The report as ``m3vit export`` prints it: what was kept per MoE block, parameters and file sizes
         before and after, the calibration metrics and prediction difference, and the ONNX files."""
         data = self.extra.get("data", {})
-        softmax = "every expert (exact)" if self.gate_softmax == "all" else "the kept experts (renormalised)"
+        normalised_over = "every expert (exact)" if self.gate_softmax == "all" else "the kept experts (renormalised)"
         lines = [f"task {self.task}, {self.num_images} calibration images ({data.get('name')} {data.get('split')}), "
-                 f"experts kept above {self.min_usage:g} of the task's assignments, gate softmax over {softmax}"]
+                 f"experts kept above {self.min_usage:g} of the task's assignments, gate softmax over {normalised_over}"]
         for layer in self.layers:
             total = len(layer.kept) + len(layer.removed)
             removed = ("none removed" if not layer.removed else
