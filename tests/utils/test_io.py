@@ -175,6 +175,44 @@ def test_output_folder_that_wrote_nothing_leaves_no_trace(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+KILLED_WRITER = textwrap.dedent("""
+    import os, sys
+    from m3vit.utils.io import OutputFolder, write_text
+    folder = OutputFolder(sys.argv[1], kind="study").__enter__()
+    write_text(folder.path("seed-0/a.json"), "first")
+    write_text(folder.path("b.json"), "second")
+    os.kill(os.getpid(), 9)  # SIGKILL: the block never ends, no clean-up code runs
+""")
+
+
+def test_files_written_before_a_kill_stay_m3vits(tmp_path):
+    """A study killed mid-run resumes: what it wrote is recorded as it is written, not only at the end."""
+    out = tmp_path / "study"
+    writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True, text=True)
+    assert writer.returncode == -9, writer.stderr
+    assert (out / "b.json").read_text() == "second"
+    (out / "user.json").write_text("the user's")
+    with OutputFolder(out, kind="study") as folder:
+        assert folder.owns("seed-0/a.json") and folder.owns("b.json") and not folder.owns("user.json")
+        write_text(folder.path("b.json"), "replaced")
+        with pytest.raises(OutputError, match="user.json exists and was not written by m3vit"):
+            folder.claim(["user.json"])
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["files"] == ["b.json", "seed-0/a.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_FILE, "b.json", "seed-0", "user.json"])
+    with pytest.raises(OutputError, match="holds m3vit study outputs, not infer outputs"):
+        with OutputFolder(out, kind="infer"):
+            pass
+
+
+def test_a_killed_writer_of_another_kind_is_still_refused(tmp_path):
+    out = tmp_path / "study"
+    subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], capture_output=True)
+    with pytest.raises(OutputError, match="holds m3vit study outputs, not infer outputs"):
+        with OutputFolder(out, kind="infer"):
+            pass
+
+
 LOCK_HOLDER = textwrap.dedent("""
     import sys, time
     from m3vit.utils.io import FolderLock

@@ -10,7 +10,9 @@ The rules every command follows (the README's "Safety" section):
   has); a user's folder, a plain file or an output of another kind is refused with one line.
 * A folder that receives files from several runs (inference outputs, expert reports, experiment
   reports) keeps a manifest ``.m3vit-output.json`` of the files m3vit wrote there
-  (``OutputFolder``): a file that is not listed is never overwritten.
+  (``OutputFolder``): a file that is not listed is never overwritten. Each name is appended to a journal
+  (``.m3vit-output.journal``) before its file is written, so a process killed mid-run leaves its files
+  recognised; the journal is folded into the manifest when the folder is closed.
 * Only the exact temporary names this process created are ever deleted; an old output is removed
   file by file (the names its kind knows), never with a recursive delete of whatever it holds.
 * New files and folders get the permissions that ``open()`` and ``mkdir()`` would give them: 0666 /
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 TEMP_MARK = ".m3vit-"
 MANIFEST_FILE = ".m3vit-output.json"
 _MANIFEST_FORMAT = "m3vit-output"
+#: Names recorded while a folder is being written (one JSON line each), folded into the manifest at the end.
+JOURNAL_FILE = ".m3vit-output.journal"
+_JOURNAL_FORMAT = "m3vit-output-journal"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,8 +336,9 @@ class OutputFolder:
     ``with OutputFolder(path, kind) as out:`` locks the folder; ``out.claim(names)`` checks before any
     work that each name is free or was written by m3vit (else ``OutputError`` naming the first file
     that is the user's); ``out.path(name)`` is where to write (atomically, e.g. ``write_json``) and records
-    the name; the manifest is written when the block ends, also after an error (so files already
-    written stay replaceable). ``kind`` is recorded; a folder holding another kind's manifest is refused.
+    the name in the journal at once (so files written before a crash or a kill stay replaceable); the
+    manifest is written, and the journal removed, when the block ends, also after an error. ``kind`` is
+    recorded; a folder holding another kind's manifest or journal is refused.
     """
 
     def __init__(self, folder: str | os.PathLike, kind: str):
@@ -358,6 +364,10 @@ class OutputFolder:
             if self._files:
                 write_json(self.folder / MANIFEST_FILE, {"format": _MANIFEST_FORMAT, "kind": self.kind,
                                                         "files": sorted(self._files)})
+                try:
+                    os.unlink(self.folder / JOURNAL_FILE)  # folded into the manifest just written
+                except FileNotFoundError:
+                    pass
         finally:
             self._lock.release()
         if self._created and not self._files:  # nothing was written: leave no trace of the attempt
@@ -367,6 +377,50 @@ class OutputFolder:
                 pass  # something else was put there meanwhile: keep it
 
     def _read_manifest(self) -> set[str]:
+        return self._read_manifest_file() | self._read_journal()
+
+    def _refuse_kind(self, kind: Any) -> None:
+        if kind != self.kind:
+            raise OutputError(f"{self.folder} holds m3vit {kind} outputs, not {self.kind} outputs; "
+                              f"choose another output folder")
+
+    def _read_journal(self) -> set[str]:
+        """The names a run recorded before it ended without writing the manifest (killed, crashed)."""
+        path = self.folder / JOURNAL_FILE
+        if not path.is_file():
+            return set()
+        damaged = OutputError(f"{path} is damaged; m3vit cannot tell which files in {self.folder} it wrote: "
+                              f"choose another output folder")
+        # A last line without its newline was torn by the kill: its file was not written yet.
+        lines = path.read_bytes().split(b"\n")[:-1]
+        try:
+            header = json.loads(lines[0]) if lines else None
+            names = [json.loads(line) for line in lines[1:]]
+        except (ValueError, UnicodeDecodeError):
+            raise damaged from None
+        if not isinstance(header, dict) or header.get("format") != _JOURNAL_FORMAT:
+            raise damaged
+        if not all(isinstance(n, str) for n in names):
+            raise damaged
+        self._refuse_kind(header.get("kind"))
+        return set(names)
+
+    def _record(self, name: str) -> None:
+        """Append ``name`` to the journal (created with its header on first use), before its file exists."""
+        path = self.folder / JOURNAL_FILE
+        lines = [] if path.exists() else [json.dumps({"format": _JOURNAL_FORMAT, "kind": self.kind})]
+        lines.append(json.dumps(name))
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
+            try:
+                os.write(fd, ("\n".join(lines) + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _output_error(path, exc) from None
+
+    def _read_manifest_file(self) -> set[str]:
         path = self.folder / MANIFEST_FILE
         if not path.is_file():
             return set()
@@ -378,9 +432,7 @@ class OutputFolder:
         if not ok:
             raise OutputError(f"{path} is damaged; m3vit cannot tell which files in {self.folder} it wrote: "
                               f"choose another output folder")
-        if data.get("kind") != self.kind:
-            raise OutputError(f"{self.folder} holds m3vit {data.get('kind')} outputs, not {self.kind} outputs; "
-                              f"choose another output folder")
+        self._refuse_kind(data.get("kind"))
         return {str(f) for f in data["files"]}
 
     def owns(self, name: str) -> bool:
@@ -399,5 +451,7 @@ class OutputFolder:
     def path(self, name: str) -> Path:
         """The path to write ``name`` to (relative, ``/``-separated); recorded in the manifest."""
         self.claim([name])
-        self._files.add(name)
+        if name not in self._files:
+            self._record(name)
+            self._files.add(name)
         return self.folder / name
