@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "m3vit"
 
 #: Layers from the bottom; modules on one line are peers (they may not import each other's layer above).
 LAYERS = [
-    {"utils", "tables", "configs"},
+    {"utils", "configs"},
     {"nn", "tasks"},
     {"models"},
     {"data"},

@@ -120,7 +120,7 @@ def compare_checkpoints(first: str | os.PathLike, second: str | os.PathLike,
 
 def compare_text(result: dict[str, Any]) -> str:
     """The comparison as plain-text tables (the CLI's output)."""
-    from ..tables import format_table
+    from ..utils.tables import format_table
 
     def num(v):
         return "-" if v is None else f"{v:+.3f}" if isinstance(v, float) and v < 0 else f"{v:.3f}"
@@ -158,7 +158,7 @@ def compare_text(result: dict[str, Any]) -> str:
 
 def conflicts_text(reports: dict[int | None, ConflictReport]) -> str:
     """One checkpoint: its cosine matrix; several steps: a row per step with each pair's mean cosine."""
-    from ..tables import format_table
+    from ..utils.tables import format_table
 
     def num(v):
         return "-" if v is None or v != v else f"{v:+.3f}"

@@ -486,7 +486,7 @@ def metric_delta(reference: Mapping[str, Mapping[str, float]],
 def fixed_point_text(block: Mapping[str, Any]) -> str:
     """The ``fixed_point`` block of ``m3vit eval --fixed-point`` as text: the formats, a table of each task's
     headline metrics in float and in fixed point, then one line of saturation counts."""
-    from ..tables import format_table
+    from ..utils.tables import format_table
     from ..tasks.registry import task_class
 
     f = block["formats"]

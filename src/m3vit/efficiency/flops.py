@@ -17,7 +17,7 @@ from torch.utils import flop_counter as fc
 
 from ..models.config import check_input_size
 from ..models.modes import eval_mode
-from ..tables import format_table
+from ..utils.tables import format_table
 from ..utils.errors import InputError
 
 __all__ = ["FlopReport", "count_flops", "COMPONENTS"]

@@ -59,7 +59,6 @@ from ..models.m3vit import MultiTaskModel
 from ..nn.dispatch import expert_queues, queued_gates
 from ..nn.moe import MoE, Routing
 from ..utils.errors import CheckpointError, InputError
-from ..utils.safetensors_layout import DTYPES as _DTYPES  # noqa: F401 - re-exported (was defined here)
 from ..utils.safetensors_layout import TensorEntry, pread_exact, read_safetensors_layout, tensor_bytes
 
 __all__ = [

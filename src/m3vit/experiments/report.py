@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .. import tables
+from ..utils import tables
 from ..engine.builders import build_tasks
 from ..engine.inference import predict
 from ..tasks import task_class, task_title

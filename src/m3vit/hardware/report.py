@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..tables import format_table
+from ..utils.tables import format_table
 
 __all__ = ["simulation_text"]
 
