@@ -26,17 +26,19 @@ def add_parser(subparsers) -> None:
 
 
 def run_show(args) -> int:
-    from ..data import build_dataset
+    from ..data import DATASETS, build_dataset
     from ..data.show import render_grid
 
     if args.start < 0:
         raise CLIError("--start must be >= 0")
     options = {"size": tuple(args.size)} if args.size else {}
-    if args.dataset == "synthetic":
+    if not DATASETS[args.dataset].reads_files:  # rendered: as many samples as shown
         options["length"] = args.start + args.num
+    if DATASETS[args.dataset].people_modes:
         options["people"] = args.people
     elif args.people is not None:
-        raise CLIError("--people applies to the synthetic scenes only")
+        with_people = " or ".join(n for n, d in DATASETS.items() if d.people_modes)
+        raise CLIError(f"--people applies to the {with_people} scenes only")
     dataset = build_dataset(args.dataset, args.split, root=args.root, seed=args.seed, tasks=args.tasks, **options)
     stop = min(args.start + args.num, len(dataset))
     if args.start >= stop:

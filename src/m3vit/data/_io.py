@@ -102,6 +102,9 @@ class FolderDataset(torch.utils.data.Dataset):
     file_patterns: Mapping[str, tuple[str, ...]]
     #: Tasks of the dataset, in the default order.
     all_tasks: tuple[str, ...]
+    #: Read from files under ``root`` (not rendered); no people modes (``SyntheticScenes``' option).
+    reads_files = True
+    people_modes: tuple[str, ...] = ()
     #: Output channels of each task's head.
     channels: Mapping[str, int]
     #: Semantic classes, in id order.

@@ -20,7 +20,6 @@ from typing import Any
 import yaml
 
 from ..data import DATASETS, SCALE_ROTATE_RECIPES
-from ..data.synthetic import PEOPLE_MODES
 from ..models.config import MAX_INPUT_SIDE, ConfigError, ModelConfig, parse_number
 from ..models.factory import model_config
 from ..models.registry import list_models
@@ -162,8 +161,9 @@ class DataSection:
     def validate(self, prefix: str = "data") -> None:
         _check_choice(f"{prefix}.name", self.name, sorted(DATASETS))
         self.root = _check_opt_str(f"{prefix}.root", self.root)
-        if self.name == "synthetic" and self.root is not None:
-            raise _fail(f"{prefix}.root", "the synthetic dataset is rendered, not read: set it to null")
+        dataset = DATASETS[self.name]
+        if not dataset.reads_files and self.root is not None:
+            raise _fail(f"{prefix}.root", f"the {self.name} dataset is rendered, not read: set it to null")
         self.size = _check_size(f"{prefix}.size", self.size)
         _check_seed(f"{prefix}.seed", self.seed)
         if self.tasks is not None:
@@ -182,9 +182,10 @@ class DataSection:
         _check_choice(f"{prefix}.scale_rotate", self.scale_rotate, SCALE_ROTATE_RECIPES)
         _check_int(f"{prefix}.num_workers", self.num_workers, 0)
         if self.people is not None:
-            _check_choice(f"{prefix}.people", self.people, list(PEOPLE_MODES))
-            if self.name != "synthetic":
-                raise _fail(f"{prefix}.people", "applies to the synthetic dataset only: set it to null")
+            _check_choice(f"{prefix}.people", self.people, sorted({m for d in DATASETS.values() for m in d.people_modes}))
+            if not dataset.people_modes:
+                with_people = " or ".join(n for n, d in DATASETS.items() if d.people_modes)
+                raise _fail(f"{prefix}.people", f"applies to the {with_people} dataset only: set it to null")
 
 
 @dataclass

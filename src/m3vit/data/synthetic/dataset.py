@@ -84,6 +84,9 @@ class SyntheticScenes(Dataset):
     part_names: tuple[str, ...] = PART_NAMES
     #: Every task the scenes have labels for (the dataset's declaration, as the folder datasets' ``all_tasks``).
     all_tasks: tuple[str, ...] = SYNTHETIC_TASKS
+    #: Rendered, not read (no ``root``); how many people and how close (``PEOPLE_MODES``).
+    reads_files = False
+    people_modes: tuple[str, ...] = tuple(PEOPLE_MODES)
     #: Per-task loss weights of the reference recipe (PASCAL-Context's, and NYUD's depth weight).
     REFERENCE_LOSS_WEIGHTS = {"semseg": 1.0, "human_parts": 2.0, "sal": 5.0, "edge": 50.0, "normals": 10.0,
                               "depth": 1.0}
