@@ -9,7 +9,7 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
   cache (the CPU analogue of holding two experts on chip), which brings it close to a dense MLP of
   the same active FLOPs (see BENCHMARKS.md). Forward and backward are written out by hand (``ExpertMLP``) so the backward
   also runs expert by expert, writing straight into the stacked weight gradients.
-* ``"batched"`` (short queues, where per-GEMM overhead dominates): the non-empty queues are padded to
+* ``"batched"`` (short, narrow queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
   combine weight, but they are computed, so FLOPs include them.
 """
@@ -25,11 +25,12 @@ from torch import Tensor
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
-# Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
-# cores batched wins clearly at ~100 rows (benchmarks/moe_dispatch.py, small shape), while with a real
-# model's uneven queues per-expert already wins at ~256 rows (m3vit_small, 512x512, batch 1): padding
-# to the longest queue wastes ~25% there, and those padded rows are executed (and counted as FLOPs).
-BATCHED_MAX_MEAN_QUEUE = 160
+# Work of one mean queue (rows per non-empty expert x expert input width x hidden width, multiply-adds)
+# below which "auto" runs the queues batched: batched saves a fixed cost per expert GEMM but executes
+# the padding up to the longest queue, which costs in proportion to the width. A row count alone
+# misjudges wide experts (m3vit_base, 64 experts, 512x512: ~64 rows, but 768 wide, where per-expert is
+# faster). Crossover measured with ``benchmarks/moe_dispatch.py --crossover`` (2 CPU cores).
+BATCHED_MAX_QUEUE_MACS = 8_000_000
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,11 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity: int | None = None
     return DispatchPlan(token=token, expert=expert, slot=slot, counts=tuple(counts_t.tolist()), dropped=dropped)
 
 
-def choose_strategy(plan: DispatchPlan) -> str:
-    """What ``strategy="auto"`` runs for this plan: ``"batched"`` for short queues, else ``"per_expert"``."""
+def choose_strategy(plan: DispatchPlan, dim: int, hidden: int) -> str:
+    """What ``strategy="auto"`` runs for this plan and experts ``dim -> hidden -> dim``: ``"batched"``
+    when a mean queue is little work (``BATCHED_MAX_QUEUE_MACS``), else ``"per_expert"``."""
     busy = sum(1 for c in plan.counts if c)
-    return "batched" if plan.token.numel() < BATCHED_MAX_MEAN_QUEUE * busy else "per_expert"
+    return "batched" if plan.token.numel() * dim * hidden < BATCHED_MAX_QUEUE_MACS * busy else "per_expert"
 
 
 def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
@@ -212,7 +214,7 @@ def dispatch_to_experts(
     if plan.token.numel() == 0:
         return torch.zeros_like(x), plan
     if strategy == "auto":
-        strategy = choose_strategy(plan)
+        strategy = choose_strategy(plan, w1.shape[1], w1.shape[2])
     with torch.autocast(device, enabled=False):
         if strategy == "batched":
             return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2), plan
