@@ -35,7 +35,7 @@ Targets: ``ours`` within 1.05x of the equal-FLOPs dense MLP (forward) and faster
 
 Run: ``.venv/bin/python benchmarks/moe_dispatch.py [--quick] [--repeats N] [--out PATH]``, or
 ``.venv/bin/python benchmarks/moe_dispatch.py --crossover [--crossover-widths 192 384 768]
-[--crossover-queues 16 32 64 128 256] [--crossover-experts 16] [--repeats 5] [--out PATH]``.
+[--crossover-queues 16 32 64 128 256] [--crossover-experts 16] [--repeats 5] [--device cpu|cuda] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -541,7 +541,7 @@ CROSSOVER_WIDTHS = (192, 384, 768)
 CROSSOVER_QUEUES = (16, 32, 64, 128, 256)
 
 
-def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int) -> dict:
+def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
     """Forward (no grad) of ``per_expert`` against ``batched`` for expert width ``D = H`` and mean queue
     length ``S * k / E`` (top-4, random routing); where batched stops winning is the crossover.
 
@@ -553,33 +553,45 @@ def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int) -> 
     top_k = 4
     print(f"\n## crossover: per_expert vs batched forward, E={experts}, top-{top_k}, D=H in {list(widths)}, "
           f"mean queue in {list(queues)} rows; auto threshold {BATCHED_MAX_QUEUE_MACS / 1e6:.1f}M MACs per queue")
-    print("\n| D=H | mean queue | longest | queue MACs (M) | per_expert ms | batched ms | batched / per_expert | "
-          "auto picks |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("\n| D=H | mean queue | longest | queue MACs (M) | per_expert ms (median / min) | batched ms (median / min) | "
+          "batched / per_expert (medians / mins) | auto picks |\n|---:|---:|---:|---:|---:|---:|---:|---|")
     points = []
     for dim in widths:
         for queue in queues:
             num_tokens = max(1, queue * experts // top_k)
             p = make_problem(Shape("crossover", 1, num_tokens, dim, experts, top_k, dim), seed=dim + queue)
-            args = (p["x"], p["indices"], p["weights"], p["w1"], p["b1"], p["w2"], p["b2"])
+            args = tuple(p[k].to(device) for k in ("x", "indices", "weights", "w1", "b1", "w2", "b2"))
             plan = plan_dispatch(p["indices"], experts)
-            cases = [Case(s, lambda s=s: dispatch_to_experts(*args, strategy=s)) for s in ("per_expert", "batched")]
+
+            def run(strategy, args=args):
+                dispatch_to_experts(*args, strategy=strategy)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            cases = [Case(s, lambda s=s: run(s)) for s in ("per_expert", "batched")]
             with torch.no_grad():
                 time_interleaved(cases, repeats, warmup, min_sample_s=0.02)
             per_expert, batched = (c.median_ms for c in cases)
+            per_expert_min, batched_min = (1e3 * min(c.samples) for c in cases)
             mean_queue = num_tokens * top_k / experts
             pick = choose_strategy(plan, dim, dim)
             points.append({"dim": dim, "hidden": dim, "experts": experts, "top_k": top_k, "num_tokens": num_tokens,
                            "mean_queue": mean_queue, "longest_queue": max(plan.counts),
                            "queue_macs": mean_queue * dim * dim, "per_expert_ms": per_expert, "batched_ms": batched,
-                           "batched_over_per_expert": batched / per_expert, "auto": pick,
+                           "batched_over_per_expert": batched / per_expert, "per_expert_min_ms": per_expert_min,
+                           "batched_min_ms": batched_min, "batched_over_per_expert_min": batched_min / per_expert_min,
+                           "auto": pick,
                            "samples_ms": {c.name: [1e3 * t for t in c.samples] for c in cases}})
             print(f"| {dim} | {mean_queue:.0f} | {max(plan.counts)} | {mean_queue * dim * dim / 1e6:.1f} | "
-                  f"{per_expert:.2f} | {batched:.2f} | {batched / per_expert:.2f} | {pick} |", flush=True)
-    wrong = [pt for pt in points if (pt["auto"] == "batched") != (pt["batched_ms"] < pt["per_expert_ms"])]
-    print(f"\n  auto picks the slower strategy at {len(wrong)} of {len(points)} points"
-          + (": " + ", ".join(f"D={pt['dim']} queue {pt['mean_queue']:.0f} ({pt['batched_over_per_expert']:.2f}x)"
+                  f"{per_expert:.2f} / {per_expert_min:.2f} | {batched:.2f} / {batched_min:.2f} | "
+                  f"{batched / per_expert:.2f} / {batched_min / per_expert_min:.2f} | {pick} |", flush=True)
+    # Judged on the minima: on a shared machine they are the better estimate of the uncontended cost.
+    wrong = [pt for pt in points if (pt["auto"] == "batched") != (pt["batched_min_ms"] < pt["per_expert_min_ms"])]
+    print(f"\n  auto picks the slower strategy (by minima) at {len(wrong)} of {len(points)} points"
+          + (": " + ", ".join(f"D={pt['dim']} queue {pt['mean_queue']:.0f} ({pt['batched_over_per_expert_min']:.2f}x)"
                               for pt in wrong) if wrong else ""))
-    return {"experts": experts, "top_k": top_k, "repeats": repeats, "threshold_queue_macs": BATCHED_MAX_QUEUE_MACS,
+    return {"experts": experts, "top_k": top_k, "repeats": repeats, "device": device,
+            "threshold_queue_macs": BATCHED_MAX_QUEUE_MACS,
             "points": points, "auto_wrong": len(wrong)}
 
 
@@ -630,6 +642,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crossover-widths", type=int, nargs="+", default=list(CROSSOVER_WIDTHS), metavar="D")
     ap.add_argument("--crossover-queues", type=int, nargs="+", default=list(CROSSOVER_QUEUES), metavar="ROWS")
     ap.add_argument("--crossover-experts", type=int, default=16)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="device of the --crossover sweep (the other sections run on CPU)")
     ap.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
     args = ap.parse_args(argv)
     peers = ["ours", "mask loop", "all experts", "gshard einsum", "grouped_mm", "lucidrains"]
@@ -653,8 +667,10 @@ def main(argv=None) -> int:
                "shapes": []}
     if args.crossover:
         results["loadavg_before"] = _loadavg()
+        if args.device == "cuda" and not torch.cuda.is_available():
+            ap.error("--device cuda: CUDA is not available here")
         results["crossover"] = bench_crossover(args.crossover_widths, args.crossover_queues, args.crossover_experts,
-                                               args.repeats or 5, warmup)
+                                               args.repeats or 5, warmup, args.device)
         results["loadavg_after"] = _loadavg()
         results["elapsed_s"] = time.perf_counter() - start
         write_json(args.out, results)
