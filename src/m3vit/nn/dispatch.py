@@ -28,9 +28,12 @@ STRATEGIES = ("auto", "per_expert", "batched")
 # Work of one mean queue (rows per non-empty expert x expert input width x hidden width, multiply-adds)
 # below which "auto" runs the queues batched: batched saves a fixed cost per expert GEMM but executes
 # the padding up to the longest queue, which costs in proportion to the width. A row count alone
-# misjudges wide experts (m3vit_base, 64 experts, 512x512: ~64 rows, but 768 wide, where per-expert is
-# faster). Crossover measured with ``benchmarks/moe_dispatch.py --crossover`` (2 CPU cores).
-BATCHED_MAX_QUEUE_MACS = 8_000_000
+# misjudges wide experts: m3vit_base with 64 experts at 512x512 has ~64-row queues but 768-wide
+# experts, and per-expert ran it faster (6070 vs 8198 ms a forward, 2 CPU cores). The threshold keeps
+# the earlier, measured crossover at width 192 (batched below 160 rows: clearly faster at ~100 rows,
+# slower at ~256 rows of width 384), i.e. 160 x 192 x 192; it gives 40 rows at width 384 and 10 at
+# 768. ``benchmarks/moe_dispatch.py --crossover`` measures the crossover across widths.
+BATCHED_MAX_QUEUE_MACS = 160 * 192 * 192
 
 
 @dataclass(frozen=True)
