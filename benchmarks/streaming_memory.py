@@ -19,7 +19,8 @@ when streaming), and on CUDA ``torch.cuda.max_memory_allocated``. Ratios are res
 peak RSS, peak RSS above the baseline process, steady RSS above baseline, and weight bytes.
 
 Latency is measured apart, in one more process holding every variant (plus the resident model with
-its dispatch forced to ``per_expert``, the same GEMMs streaming runs) and timing them round-robin,
+its dispatch forced to ``per_expert``, the same GEMMs streaming runs, and forced to ``batched``, to
+check what ``dispatch="auto"`` picks) and timing them round-robin,
 ``--warmup`` then ``--repeats`` rounds, so that drift in the machine's load affects them alike;
 medians and minima are reported (on a shared machine the minimum is the
 better estimate of the uncontended cost).
@@ -32,7 +33,7 @@ of the efficiency issue: streaming/dense peak RSS <= 1.15x, and streaming latenc
 resident model with per-expert dispatch (``latency`` above).
 
 Before anything is written the script checks free disk (1.2x the largest checkpoint) and available
-memory (3x: the latency process holds two resident copies).
+memory (4x: the latency process holds three resident copies).
 
 Caveats: the checkpoint file was just written, so expert reads come from the page cache, not the
 disk (a cold read from an SSD would add its bandwidth's worth of time to the streaming latency;
@@ -155,9 +156,12 @@ def child_latency(args) -> dict:
     images = torch.randn(1, 3, *args.img_size, generator=torch.Generator().manual_seed(0)).to(device)
     resident = m3vit.load_checkpoint(args.checkpoint, map_location=device)
     per_expert = m3vit.load_checkpoint(args.checkpoint, map_location=device)
-    for layer in per_expert.moe_layers:
-        layer.dispatch = "per_expert"
+    batched = m3vit.load_checkpoint(args.checkpoint, map_location=device)
+    for model, dispatch in ((per_expert, "per_expert"), (batched, "batched")):
+        for layer in model.moe_layers:
+            layer.dispatch = dispatch
     models = {"resident": resident, "resident (per-expert dispatch)": per_expert,
+              "resident (batched dispatch)": batched,
               "streaming": load_streaming_model(args.checkpoint, map_location=device),
               "streaming (no prefetch)": load_streaming_model(args.checkpoint, map_location=device, prefetch=False)}
     runs = {name: [] for name in models}
@@ -283,6 +287,8 @@ def bench_experts(args, num_experts: int, workdir: Path) -> dict:
                 "streaming/resident": ratio(ms["streaming"], ms["resident"]),
                 "streaming/resident_per_expert": ratio(ms["streaming"], ms["resident (per-expert dispatch)"]),
                 "no_prefetch/resident": ratio(ms["streaming (no prefetch)"], ms["resident"]),
+                "resident_batched/resident_per_expert": ratio(ms["resident (batched dispatch)"],
+                                                              ms["resident (per-expert dispatch)"]),
             }
         summary["latency_target_streaming/resident_per_expert"] = LATENCY_TARGET
     if "cuda_max_allocated" in res:
@@ -303,9 +309,9 @@ def table(results: list[dict]) -> str:
                          f"{run['rss_after'] / MIB:.0f}", f"{run['weight_bytes'] / MIB:.0f}",
                          f"{run['median_ms']:.0f} / {run['min_ms']:.0f}" if "median_ms" in run else "-"])
         if r.get("latency"):
-            name = "resident (per-expert dispatch)"
-            med, low = r["latency"]["median_ms"][name], r["latency"]["min_ms"][name]
-            rows.append([str(r["num_experts"]), name, "", "", "", "", f"{med:.0f} / {low:.0f}"])
+            for name in ("resident (per-expert dispatch)", "resident (batched dispatch)"):
+                med, low = r["latency"]["median_ms"][name], r["latency"]["min_ms"][name]
+                rows.append([str(r["num_experts"]), name, "", "", "", "", f"{med:.0f} / {low:.0f}"])
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     lines = [" | ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(headers, widths)))]
     lines.append("-|-".join("-" * w for w in widths))
@@ -322,7 +328,8 @@ def table(results: list[dict]) -> str:
                 lat = s[f"latency_{stat}"]
                 text += (f"\n  latency ({stat}s): streaming x{lat['streaming/resident']:.2f} of resident, "
                          f"x{lat['streaming/resident_per_expert']:.2f} of resident with per-expert dispatch; "
-                         f"without prefetch x{lat['no_prefetch/resident']:.2f} of resident")
+                         f"without prefetch x{lat['no_prefetch/resident']:.2f} of resident; resident batched / "
+                         f"per-expert dispatch x{lat['resident_batched/resident_per_expert']:.2f}")
         if "cuda_max_allocated_ratio" in s:
             text += f"; CUDA max allocated {s['cuda_max_allocated_ratio']:.2f}x"
         lines.append(text)
@@ -350,13 +357,13 @@ def _available_memory_bytes() -> int | None:
 
 def check_resources(args, workdir: Path) -> None:
     """Stop before writing anything large when the checkpoint will not fit on disk or the resident
-    latency process (two resident copies plus two streaming models) not in memory."""
+    latency process (three resident copies plus two streaming models) not in memory."""
     import m3vit
 
     cfg = m3vit.models.model_config(args.model, {TASK: CLASSES}, tuple(args.img_size), num_experts=max(args.experts))
     weights = 4 * _config_params(cfg)
     need_disk = args.min_free_gib * 2**30 if args.min_free_gib else 1.2 * weights
-    need_mem = args.min_free_gib * 2**30 if args.min_free_gib else 3.0 * weights
+    need_mem = args.min_free_gib * 2**30 if args.min_free_gib else 4.0 * weights
     free_disk = shutil.disk_usage(workdir).free
     free_mem = _available_memory_bytes()
     print(f"  largest checkpoint ~{weights / 2**30:.1f} GiB; free disk {free_disk / 2**30:.1f} GiB, "
