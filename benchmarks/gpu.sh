@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks in one short run (~8 minutes on one H200): the CUDA tests, the latency, dispatch,
-# streaming and roofline benchmarks on the GPU (with torch.cuda.max_memory_allocated), bf16 and fp16
-# training smokes of `m3vit train`, and a 1-process NCCL torchrun smoke (DDP steps). Every step
-# writes JSON (or a log) under the output folder, and summary.json lists each step's exit status
-# and seconds.
+# GPU checks in one short run (about 6 minutes expected on one H200; the per-step limits add up to
+# 12): the CUDA tests, the latency, dispatch, streaming and roofline benchmarks on the GPU (with
+# torch.cuda.max_memory_allocated), bf16 and fp16 training smokes of `m3vit train`, and a 1-process
+# NCCL torchrun smoke (DDP steps). Every step writes JSON (or a log) under the output folder, and
+# summary.json lists each step's exit status and seconds.
 #
 #   benchmarks/gpu.sh [--device cuda|cpu] [--out DIR]
 #
@@ -22,7 +22,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE="${2:-}"; shift 2 ;;
         --out) OUT="${2:-}"; shift 2 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "benchmarks/gpu.sh: unknown argument '$1' (use --device cuda|cpu, --out DIR)" >&2; exit 2 ;;
     esac
 done
@@ -103,26 +103,26 @@ PYEOF
 # 1. Tests that need (or behave differently with) a CUDA device: the test files mentioning CUDA, the
 #    tests named for it. On CPU they skip; the dry run checks that they are collected and skip cleanly.
 CUDA_TEST_FILES=$(grep -rl --include='test_*.py' -i cuda tests | sort)
-step cuda_tests 150 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or gpu" --junitxml="$OUT/cuda_tests.xml" $CUDA_TEST_FILES
+step cuda_tests 90 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or gpu" --junitxml="$OUT/cuda_tests.xml" $CUDA_TEST_FILES
 
 # 2. Benchmarks on the device.
-step latency 120 "$PY" benchmarks/latency.py --device "$DEVICE" "${LATENCY[@]}" --out "$OUT/latency.json"
-step dispatch_crossover 60 "$PY" benchmarks/moe_dispatch.py --crossover --device "$DEVICE" "${CROSSOVER[@]}" \
+step latency 90 "$PY" benchmarks/latency.py --device "$DEVICE" "${LATENCY[@]}" --out "$OUT/latency.json"
+step dispatch_crossover 45 "$PY" benchmarks/moe_dispatch.py --crossover --device "$DEVICE" "${CROSSOVER[@]}" \
     --out "$OUT/moe_dispatch_crossover.json"
-step streaming_memory 240 "$PY" benchmarks/streaming_memory.py --device "$DEVICE" "${STREAMING[@]}" \
+step streaming_memory 270 "$PY" benchmarks/streaming_memory.py --device "$DEVICE" "${STREAMING[@]}" \
     --workdir "$OUT/streaming-tmp" --out "$OUT/streaming_memory.json"
 rm -rf "$OUT/streaming-tmp"
-step roofline 60 "$PY" benchmarks/roofline.py --device "$DEVICE" "${ROOFLINE[@]}" --out "$OUT/roofline.json"
+step roofline 45 "$PY" benchmarks/roofline.py --device "$DEVICE" "${ROOFLINE[@]}" --out "$OUT/roofline.json"
 
 # 3. Mixed-precision training smokes: the trainer's own options (train.device, train.amp).
 for AMP in $AMPS; do
-    step "train_$AMP" 90 "$PY" -m m3vit train --config synthetic/m3vit_tiny --out "$OUT/train-$AMP" \
+    step "train_$AMP" 60 "$PY" -m m3vit train --config synthetic/m3vit_tiny --out "$OUT/train-$AMP" \
         --set train.device="$DEVICE" --set train.amp="$AMP" "${TRAIN[@]}" --set train.checkpoint_every=1000 \
         --set train.log_every=1 --set train.progress=false
 done
 
 # 4. torchrun, one process, a real process group (NCCL on CUDA): all-reduce + DDP steps.
-step torchrun_ddp 90 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/gpu_smoke.py \
+step torchrun_ddp 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/gpu_smoke.py \
     --backend "$BACKEND" --device "$DEVICE" --amp bf16 --out "$OUT/torchrun_ddp.json"
 
 "$PY" - "$STEPS" "$OUT/summary.json" "$DEVICE" <<'PYEOF'

@@ -427,6 +427,7 @@ def main(argv=None) -> int:
           f"experts {args.experts}, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     start = time.perf_counter()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="m3vit-streaming-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         check_resources(args, workdir)
         results = [bench_experts(args, e, workdir) for e in args.experts]
