@@ -22,7 +22,7 @@ Every case is first checked against ``SETRPUPHead.forward`` (max abs difference 
 shared machine read ``/proc/loadavg`` (printed) before trusting a ratio.
 
 Run: ``.venv/bin/python benchmarks/head_layout.py [--model m3vit_small] [--img-size 512 512]
-[--rounds 15] [--warmup 2] [--threads N] [--out benchmarks/results/head_layout.json]``.
+[--rounds 15] [--warmup 2] [--threads N] [--variants 1 4] [--out benchmarks/results/head_layout.json]``.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N); default: torch's")
+    ap.add_argument("--variants", nargs="+", type=int, metavar="I",
+                    help="time only these variants (0-based, in the order listed above; 0 is always kept)")
     ap.add_argument("--out", default="benchmarks/results/head_layout.json")
     args = ap.parse_args(argv)
     if args.threads:
@@ -105,6 +107,12 @@ def main(argv=None) -> int:
             lambda: run_variant(head, tokens, grid, size, True, True, True),
         "SETRPUPHead.forward": lambda: head(tokens, grid, size),
     }
+    if args.variants:
+        keep = sorted({0, *args.variants})
+        bad = [i for i in keep if not 0 <= i < len(cases)]
+        if bad:
+            ap.error(f"--variants: {bad} out of range 0..{len(cases) - 1}")
+        cases = {name: fn for i, (name, fn) in enumerate(cases.items()) if i in keep}
     load_before = _loadavg()
     print(f"# SETR-PUP head: {args.model} {size[0]}x{size[1]}, batch 1, {CLASSES} classes, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before}")
