@@ -25,14 +25,16 @@ from torch import Tensor
 __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
-# Work of one mean queue (rows per non-empty expert x expert input width x hidden width, multiply-adds)
-# below which "auto" runs the queues batched: batched saves a fixed cost per expert GEMM but executes
-# the padding up to the longest queue, which costs in proportion to the width. A row count alone
-# misjudges wide experts: m3vit_base with 64 experts at 512x512 has ~64-row queues but 768-wide
-# experts, and per-expert ran it faster (6070 vs 8198 ms a forward, 2 CPU cores). The threshold keeps
-# the earlier, measured crossover at width 192 (batched below 160 rows: clearly faster at ~100 rows,
-# slower at ~256 rows of width 384), i.e. 160 x 192 x 192; it gives 40 rows at width 384 and 10 at
-# 768. ``benchmarks/moe_dispatch.py --crossover`` measures the crossover across widths.
+# "auto" runs the queues batched only while a mean queue (rows per non-empty expert) is short in rows
+# AND small in work (rows x expert input width x hidden width, multiply-adds). Batched saves a fixed
+# cost per expert GEMM but executes the padding up to the longest queue, which a real model's uneven
+# routing makes long (m3vit_base, 64 experts, 512x512: mean 64 rows, longest 130-310), at a cost that
+# grows with the width. On 2 CPU cores batched wins clearly at ~100 rows of width 192 and loses at
+# ~256 rows of width 384 (benchmarks/moe_dispatch.py, BENCHMARKS.md), hence 160 rows; for m3vit_base
+# E64 per-expert ran the forward faster (6070 vs 8198 ms; 6169 vs 6689 ms as minima on a busy machine),
+# hence the work cap 160 x 192 x 192: it leaves widths <= 192 as they were and gives 40 rows at 384,
+# 10 at 768. ``benchmarks/moe_dispatch.py --crossover`` measures the crossover across widths.
+BATCHED_MAX_MEAN_QUEUE = 160
 BATCHED_MAX_QUEUE_MACS = 160 * 192 * 192
 
 
@@ -85,9 +87,12 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity: int | None = None
 
 def choose_strategy(plan: DispatchPlan, dim: int, hidden: int) -> str:
     """What ``strategy="auto"`` runs for this plan and experts ``dim -> hidden -> dim``: ``"batched"``
-    when a mean queue is little work (``BATCHED_MAX_QUEUE_MACS``), else ``"per_expert"``."""
+    when a mean queue is short (``BATCHED_MAX_MEAN_QUEUE`` rows) and little work
+    (``BATCHED_MAX_QUEUE_MACS``), else ``"per_expert"``."""
     busy = sum(1 for c in plan.counts if c)
-    return "batched" if plan.token.numel() * dim * hidden < BATCHED_MAX_QUEUE_MACS * busy else "per_expert"
+    pairs = plan.token.numel()
+    short = pairs < BATCHED_MAX_MEAN_QUEUE * busy
+    return "batched" if short and pairs * dim * hidden < BATCHED_MAX_QUEUE_MACS * busy else "per_expert"
 
 
 def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
