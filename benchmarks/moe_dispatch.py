@@ -545,14 +545,17 @@ def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, dev
     """Forward (no grad) of ``per_expert`` against ``batched`` for expert width ``D = H`` and mean queue
     length ``S * k / E`` (top-4, random routing); where batched stops winning is the crossover.
 
-    ``choose_strategy`` decides on the work of one mean queue, ``mean_queue * D * H`` multiply-adds
-    (``m3vit.nn.dispatch.BATCHED_MAX_QUEUE_MACS``); each point prints what it picks.
+    ``choose_strategy`` decides on the rows of a mean queue and its work, ``mean_queue * D * H``
+    multiply-adds (``m3vit.nn.dispatch.BATCHED_MAX_MEAN_QUEUE`` / ``BATCHED_MAX_QUEUE_MACS``); each point
+    prints what it picks. Random routing gives nearly even queues (longest ~1.1-1.3x the mean); a real
+    model's are more uneven, which costs batched more padding.
     """
-    from m3vit.nn.dispatch import BATCHED_MAX_QUEUE_MACS
+    from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, BATCHED_MAX_QUEUE_MACS
 
     top_k = 4
     print(f"\n## crossover: per_expert vs batched forward, E={experts}, top-{top_k}, D=H in {list(widths)}, "
-          f"mean queue in {list(queues)} rows; auto threshold {BATCHED_MAX_QUEUE_MACS / 1e6:.1f}M MACs per queue")
+          f"mean queue in {list(queues)} rows; auto: batched below {BATCHED_MAX_MEAN_QUEUE} rows and "
+          f"{BATCHED_MAX_QUEUE_MACS / 1e6:.1f}M MACs per mean queue")
     print("\n| D=H | mean queue | longest | queue MACs (M) | per_expert ms (median / min) | batched ms (median / min) | "
           "batched / per_expert (medians / mins) | auto picks |\n|---:|---:|---:|---:|---:|---:|---:|---|")
     points = []
@@ -591,7 +594,7 @@ def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, dev
           + (": " + ", ".join(f"D={pt['dim']} queue {pt['mean_queue']:.0f} ({pt['batched_over_per_expert_min']:.2f}x)"
                               for pt in wrong) if wrong else ""))
     return {"experts": experts, "top_k": top_k, "repeats": repeats, "device": device,
-            "threshold_queue_macs": BATCHED_MAX_QUEUE_MACS,
+            "threshold_mean_queue": BATCHED_MAX_MEAN_QUEUE, "threshold_queue_macs": BATCHED_MAX_QUEUE_MACS,
             "points": points, "auto_wrong": len(wrong)}
 
 
