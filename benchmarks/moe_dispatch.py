@@ -30,7 +30,12 @@ tasks in one backbone pass) against a Python loop over the tasks.
 
 Targets: ``ours`` within 1.05x of the equal-FLOPs dense MLP (forward) and faster than every peer.
 
-Run: ``.venv/bin/python benchmarks/moe_dispatch.py [--quick] [--repeats N] [--out PATH]``.
+``--crossover`` instead sweeps expert width and mean queue length, timing the two dispatch strategies
+(``per_expert``, ``batched``) forward, and shows where ``dispatch="auto"`` picks the slower one.
+
+Run: ``.venv/bin/python benchmarks/moe_dispatch.py [--quick] [--repeats N] [--out PATH]``, or
+``.venv/bin/python benchmarks/moe_dispatch.py --crossover [--crossover-widths 192 384 768]
+[--crossover-queues 16 32 64 128 256] [--crossover-experts 16] [--repeats 5] [--device cpu|cuda] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -358,7 +363,7 @@ def check_correctness(shape: Shape, p: dict[str, Tensor], grad_out: Tensor) -> d
 def bench_shape(shape: Shape, repeats: int, warmup: int, heavy_repeats: int, only: list[str] | None = None) -> dict:
     print(f"\n## {shape.name}  (S = {shape.num_tokens})")
     p = make_problem(shape)
-    strategy = choose_strategy(plan_dispatch(p["indices"], shape.experts))
+    strategy = choose_strategy(plan_dispatch(p["indices"], shape.experts), shape.dim, shape.hidden)
     print(f"  ours: mean queue {shape.num_tokens * shape.top_k / shape.experts:.0f} rows -> strategy '{strategy}'")
     g = torch.Generator().manual_seed(123)
     grad_out = torch.randn(shape.num_tokens, shape.dim, generator=g)
@@ -530,6 +535,78 @@ def bench_task_batched(repeats: int, batch: int = 2, img: int = 128) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Crossover of the two dispatch strategies (what dispatch="auto" should pick)
+# ---------------------------------------------------------------------------------------------
+CROSSOVER_WIDTHS = (192, 384, 768)
+CROSSOVER_QUEUES = (16, 32, 64, 128, 256)
+
+
+def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
+    """Forward (no grad) of ``per_expert`` against ``batched`` for expert width ``D = H`` and mean queue
+    length ``S * k / E`` (top-4, random routing); where batched stops winning is the crossover.
+
+    ``choose_strategy`` decides on the rows of a mean queue and its work, ``mean_queue * D * H``
+    multiply-adds (``m3vit.nn.dispatch.BATCHED_MAX_MEAN_QUEUE`` / ``BATCHED_MAX_QUEUE_MACS``); each point
+    prints what it picks. Random routing gives nearly even queues (longest ~1.1-1.3x the mean); a real
+    model's are more uneven, which costs batched more padding.
+    """
+    from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, BATCHED_MAX_QUEUE_MACS
+
+    top_k = 4
+    print(f"\n## crossover: per_expert vs batched forward, E={experts}, top-{top_k}, D=H in {list(widths)}, "
+          f"mean queue in {list(queues)} rows; auto: batched below {BATCHED_MAX_MEAN_QUEUE} rows and "
+          f"{BATCHED_MAX_QUEUE_MACS / 1e6:.1f}M MACs per mean queue")
+    print("\n| D=H | mean queue | longest | queue MACs (M) | per_expert ms (median / min) | batched ms (median / min) | "
+          "batched / per_expert (medians / mins) | auto picks |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+    points = []
+    for dim in widths:
+        for queue in queues:
+            num_tokens = max(1, queue * experts // top_k)
+            p = make_problem(Shape("crossover", 1, num_tokens, dim, experts, top_k, dim), seed=dim + queue)
+            args = tuple(p[k].to(device) for k in ("x", "indices", "weights", "w1", "b1", "w2", "b2"))
+            plan = plan_dispatch(p["indices"], experts)
+
+            def run(strategy, args=args):
+                dispatch_to_experts(*args, strategy=strategy)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+
+            cases = [Case(s, lambda s=s: run(s)) for s in ("per_expert", "batched")]
+            with torch.no_grad():
+                time_interleaved(cases, repeats, warmup, min_sample_s=0.02)
+            per_expert, batched = (c.median_ms for c in cases)
+            per_expert_min, batched_min = (1e3 * min(c.samples) for c in cases)
+            mean_queue = num_tokens * top_k / experts
+            pick = choose_strategy(plan, dim, dim)
+            points.append({"dim": dim, "hidden": dim, "experts": experts, "top_k": top_k, "num_tokens": num_tokens,
+                           "mean_queue": mean_queue, "longest_queue": max(plan.counts),
+                           "queue_macs": mean_queue * dim * dim, "per_expert_ms": per_expert, "batched_ms": batched,
+                           "batched_over_per_expert": batched / per_expert, "per_expert_min_ms": per_expert_min,
+                           "batched_min_ms": batched_min, "batched_over_per_expert_min": batched_min / per_expert_min,
+                           "auto": pick,
+                           "samples_ms": {c.name: [1e3 * t for t in c.samples] for c in cases}})
+            print(f"| {dim} | {mean_queue:.0f} | {max(plan.counts)} | {mean_queue * dim * dim / 1e6:.1f} | "
+                  f"{per_expert:.2f} / {per_expert_min:.2f} | {batched:.2f} / {batched_min:.2f} | "
+                  f"{batched / per_expert:.2f} / {batched_min / per_expert_min:.2f} | {pick} |", flush=True)
+    # Judged on the minima: on a shared machine they are the better estimate of the uncontended cost.
+    wrong = [pt for pt in points if (pt["auto"] == "batched") != (pt["batched_min_ms"] < pt["per_expert_min_ms"])]
+    print(f"\n  auto picks the slower strategy (by minima) at {len(wrong)} of {len(points)} points"
+          + (": " + ", ".join(f"D={pt['dim']} queue {pt['mean_queue']:.0f} ({pt['batched_over_per_expert_min']:.2f}x)"
+                              for pt in wrong) if wrong else ""))
+    return {"experts": experts, "top_k": top_k, "repeats": repeats, "device": device,
+            "threshold_mean_queue": BATCHED_MAX_MEAN_QUEUE, "threshold_queue_macs": BATCHED_MAX_QUEUE_MACS,
+            "points": points, "auto_wrong": len(wrong)}
+
+
+# ---------------------------------------------------------------------------------------------
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -563,6 +640,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="time only these implementations (plus the dense ceiling), e.g. --only ours grouped_mm")
     ap.add_argument("--skip-model", action="store_true", help="skip the task-batched vs sequential model section")
+    ap.add_argument("--crossover", action="store_true",
+                    help="only the per_expert vs batched crossover sweep (what dispatch='auto' picks)")
+    ap.add_argument("--crossover-widths", type=int, nargs="+", default=list(CROSSOVER_WIDTHS), metavar="D")
+    ap.add_argument("--crossover-queues", type=int, nargs="+", default=list(CROSSOVER_QUEUES), metavar="ROWS")
+    ap.add_argument("--crossover-experts", type=int, default=16)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="device of the --crossover sweep (the other sections run on CPU)")
     ap.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
     args = ap.parse_args(argv)
     peers = ["ours", "mask loop", "all experts", "gshard einsum", "grouped_mm", "lucidrains"]
@@ -584,6 +668,18 @@ def main(argv=None) -> int:
     results = {"machine": info, "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
                "args": vars(args), "repeats": repeats, "model_repeats": model_repeats, "warmup": warmup,
                "shapes": []}
+    if args.crossover:
+        results["loadavg_before"] = _loadavg()
+        if args.device == "cuda" and not torch.cuda.is_available():
+            ap.error("--device cuda: CUDA is not available here")
+        results["crossover"] = bench_crossover(args.crossover_widths, args.crossover_queues, args.crossover_experts,
+                                               args.repeats or 5, warmup, args.device)
+        results["loadavg_after"] = _loadavg()
+        results["elapsed_s"] = time.perf_counter() - start
+        write_json(args.out, results)
+        print(f"\nload average before {results['loadavg_before']}, after {results['loadavg_after']}")
+        print(f"wrote {args.out} ({results['elapsed_s']:.0f} s)")
+        return 0
     for shape in shapes:
         results["shapes"].append(bench_shape(shape, repeats, warmup, args.heavy_repeats, args.only))
     # --quick: a smoke run of the section at batch 1, 64x64

@@ -31,11 +31,13 @@ def hand_formulas(moe_blocks, copies=1):
 
 
 def head_flops(out_channels):
+    """Four conv3x3 stages (x2 upsampling after each); the 1x1 classifier runs on the last stage's map,
+    before its upsampling: a quarter of the pixels of the output map."""
     h, w, c_in, total = H // P, W // P, D, 0
     for _ in range(4):
         total += 2 * B * h * w * CH * c_in * 9
         c_in, h, w = CH, 2 * h, 2 * w
-    return total + 2 * B * h * w * CH * out_channels
+    return total + 2 * B * (h // 2) * (w // 2) * CH * out_channels
 
 
 def test_moe_components_match_hand_formulas_single_task():

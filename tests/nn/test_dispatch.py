@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from m3vit.nn import dispatch_to_experts, expert_capacity, plan_dispatch
+from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, BATCHED_MAX_QUEUE_MACS, choose_strategy
 
 STRATEGIES = pytest.mark.parametrize("strategy", ["per_expert", "batched"])
 
@@ -356,9 +357,11 @@ def test_expert_capacity_is_ceil_of_factor_times_average_load(num_tokens, top_k,
 
 
 def test_strategies_agree_on_long_queues_and_unknown_strategy_is_rejected():
-    """Long queues (auto picks per-expert) and short ones (auto picks batched) give one answer."""
-    for num_tokens, num_experts in ((600, 2), (40, 8)):
-        indices, _, (x, weights, w1, b1, w2, b2) = make_problem(num_tokens, num_experts, 2, 6, 5, num_experts, seed=3)
+    """Much work per queue (auto picks per-expert) and little (auto picks batched) give one answer."""
+    for num_tokens, num_experts, width, picks in ((600, 2, 6, "per_expert"), (40, 8, 6, "batched")):
+        indices, _, (x, weights, w1, b1, w2, b2) = make_problem(num_tokens, num_experts, 2, width, width - 1,
+                                                                num_experts, seed=3)
+        assert choose_strategy(plan_dispatch(indices, num_experts), width, width - 1) == picks
         outs = [dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy=s)[0]
                 for s in ("auto", "per_expert", "batched")]
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
@@ -366,3 +369,29 @@ def test_strategies_agree_on_long_queues_and_unknown_strategy_is_rejected():
         torch.testing.assert_close(outs[0], dispatch_ref(x, indices, weights, w1, b1, w2, b2), rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match=r"strategy='fast' is not a dispatch strategy; choose one of"):
         dispatch_to_experts(x, indices, weights, w1, b1, w2, b2, strategy="fast")
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,width,expected",
+    [
+        (2 * 197, 16, 192, "batched"),        # small shape of benchmarks/moe_dispatch.py: ~99 rows, 192 wide
+        (197, 16, 192, "batched"),            # m3vit_tiny at 224x224, batch 1: ~49 rows
+        (1025, 16, 384, "per_expert"),        # m3vit_small at 512x512, batch 1: ~256 rows, 384 wide
+        (1025, 64, 768, "per_expert"),        # m3vit_base, 64 experts, 512x512: ~64 rows but 768 wide
+        (1025, 64, 192, "batched"),           # the same queues at width 192: short and little work
+        (197, 16, 384, "per_expert"),         # ~49 rows, but over the work cap at width 384
+        (8 * 65, 16, 96, "batched"),          # m3vit_micro, 128x128, batch 8: 130 rows of width 96
+        (2 * 1025, 16, 96, "per_expert"),     # 512 rows: over the row limit at any width
+    ],
+)
+def test_auto_strategy_weighs_queue_length_by_expert_width(num_tokens, num_experts, width, expected):
+    """The rule: batched only while a mean queue is under BATCHED_MAX_MEAN_QUEUE rows and its work
+    (rows x D x H) under BATCHED_MAX_QUEUE_MACS; widths <= 192 keep the row rule alone."""
+    gen = torch.Generator().manual_seed(0)
+    indices = torch.rand(num_tokens, num_experts, generator=gen).topk(4, dim=1).indices
+    plan = plan_dispatch(indices, num_experts)
+    busy = sum(1 for c in plan.counts if c)
+    mean_queue = num_tokens * 4 / busy
+    rule = mean_queue < BATCHED_MAX_MEAN_QUEUE and mean_queue * width * width < BATCHED_MAX_QUEUE_MACS
+    assert rule == (expected == "batched")
+    assert choose_strategy(plan, width, width) == expected

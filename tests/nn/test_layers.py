@@ -227,8 +227,30 @@ def test_block_with_moe_passes_task_ids_to_the_moe():
 # ----------------------------------------------------------------------------------------------
 
 
+def bilinear_ref(x, size):
+    """Plain-loop bilinear resize, ``align_corners=False`` (half-pixel centres, clamped at the border)."""
+    out = torch.zeros(*x.shape[:2], *size, dtype=x.dtype)
+    in_h, in_w = x.shape[-2:]
+
+    def taps(dst, n_in, n_out):
+        src = max((dst + 0.5) * n_in / n_out - 0.5, 0.0)
+        lo = min(int(src), n_in - 1)
+        hi = min(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    for r in range(size[0]):
+        r0, r1, fr = taps(r, in_h, size[0])
+        for c in range(size[1]):
+            c0, c1, fc = taps(c, in_w, size[1])
+            out[..., r, c] = ((1 - fr) * ((1 - fc) * x[..., r0, c0] + fc * x[..., r0, c1])
+                              + fr * ((1 - fc) * x[..., r1, c0] + fc * x[..., r1, c1]))
+    return out
+
+
 def head_ref(head: SETRPUPHead, tokens, grid, out_size):
-    """Eval-mode SETR-PUP: LayerNorm, tokens laid out row-major on the grid, conv-BN-ReLU-up2 stages."""
+    """Eval-mode SETR-PUP in the original order: LayerNorm, tokens laid out row-major on the grid,
+    conv-BN-ReLU-up2 stages, the 1x1 classifier on the fully upsampled map, a final resize (plain
+    loops for the layout and every bilinear resize)."""
     batch, _, dim = tokens.shape
     normed = layer_norm_ref(tokens, head.norm.weight, head.norm.bias, 1e-6)
     x = torch.zeros(batch, dim, grid[0], grid[1], dtype=tokens.dtype)
@@ -241,10 +263,10 @@ def head_ref(head: SETRPUPHead, tokens, grid, out_size):
         x = F.conv2d(x, conv.weight, padding=1)
         x = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
         x = torch.clamp(x * bn.weight[:, None, None] + bn.bias[:, None, None], min=0)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        x = bilinear_ref(x, (2 * x.shape[-2], 2 * x.shape[-1]))
     x = F.conv2d(x, head.classifier.weight, head.classifier.bias)
     if tuple(x.shape[-2:]) != tuple(out_size):
-        x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+        x = bilinear_ref(x, out_size)
     return x
 
 
@@ -285,6 +307,57 @@ def test_setr_head_matches_reference(grid, stages, out_size):
         out = head(tokens, grid, out_size)
         expected = head_ref(head, tokens, grid, out_size)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (3, 5), (8, 6), (7, 2), (1, 1), (13, 9)])
+def test_bilinear_ref_matches_interpolate(size):
+    x = rand(2, 3, 3, 4, seed=5)
+    torch.testing.assert_close(bilinear_ref(x, size), F.interpolate(x, size=size, mode="bilinear", align_corners=False),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid,stages,out_size", [((2, 3), 3, (16, 24)), ((3, 2), 2, (13, 7)), ((1, 2), 1, (2, 4))])
+def test_setr_head_classifier_before_last_upsample_equals_original_order(grid, stages, out_size):
+    """The classifier now runs before the last x2 upsampling (as the reference head does): equal, in
+    float64, to classifying the upsampled map, with a bias and more classes than channels."""
+    head = make_head(stages=stages, out_channels=7, channels=4, seed=11)
+    with torch.no_grad():
+        head.classifier.bias.copy_(torch.arange(7, dtype=F64) - 3.0)
+    tokens = rand(2, 1 + grid[0] * grid[1], 6, seed=11)
+    seen = []
+    hook = head.classifier.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[-2:])))
+    with torch.no_grad():
+        out = head(tokens, grid, out_size)
+    hook.remove()
+    last_stage = (grid[0] * 2 ** (stages - 1), grid[1] * 2 ** (stages - 1))
+    assert seen == [last_stage]  # 4x fewer pixels than the upsampled map
+    torch.testing.assert_close(out, head_ref(head, tokens, grid, out_size), rtol=1e-10, atol=1e-12)
+
+
+def test_setr_head_float32_within_tolerance_and_layouts():
+    """float32: equal to the original order within float tolerance; the prediction is a plain NCHW
+    tensor, the stage features channels_last; gradients (eval-mode BatchNorm) match the reference."""
+    head = make_head(dim=8, out_channels=3, channels=16, stages=2, seed=12)
+    tokens = rand(1, 1 + 12, 8, seed=12)
+    with torch.no_grad():
+        expected = head_ref(head, tokens, (3, 4), (12, 16))
+    head32, tokens32 = head.float(), tokens.float()
+    with torch.no_grad():
+        out, features = head32.forward_stages(tokens32, (3, 4), (12, 16))
+    torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous()
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in features)
+
+    head64 = head.double()
+    t = tokens.clone().requires_grad_(True)
+    weight = rand(1, 3, 12, 16, seed=13)
+    (head64(t, (3, 4), (12, 16)) * weight).sum().backward()
+    grads = [t.grad] + [p.grad.clone() for p in head64.parameters()]
+    head64.zero_grad()
+    t2 = tokens.clone().requires_grad_(True)
+    (head_ref(head64, t2, (3, 4), (12, 16)) * weight).sum().backward()
+    for got, want in zip(grads, [t2.grad] + [p.grad for p in head64.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
 def test_setr_head_ignores_cls_token():

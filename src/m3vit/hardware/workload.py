@@ -131,20 +131,26 @@ def build_workload(cfg: ModelConfig, task: str | None = None, include_heads: boo
 
 
 def _head_layers(cfg: ModelConfig, task: str, grid: tuple[int, int]) -> list[Layer]:
-    """SETR-PUP: ``stages`` x (conv3x3 + BN + ReLU, x2 upsampling), then a 1x1 classifier.
+    """SETR-PUP: ``stages`` x (conv3x3 + BN + ReLU, x2 upsampling), the 1x1 classifier before the last
+    upsampling (as ``m3vit.nn.SETRPUPHead`` and the reference head run it).
 
     Feature maps do not fit on chip (256 channels at 256x256 is 32 MiB), so every stage reads its input
-    map from DRAM (the first reads the on-chip tokens) and writes its upsampled output back.
+    map from DRAM (the first reads the on-chip tokens) and writes its upsampled output back; the last
+    stage writes its map un-upsampled, the classifier reads it and writes the upsampled prediction.
     """
     channels, out = cfg.head_channels, cfg.tasks[task]
     h, w = grid
     layers, in_ch = [], cfg.embed_dim
     for i in range(cfg.head_stages):
         read = 0 if i == 0 else in_ch * h * w
+        scale = 1 if i == cfg.head_stages - 1 else 2
         layers.append(Layer(f"head.{task}.stage{i}", "head", macs=h * w * in_ch * channels * 9,
                             params=9 * in_ch * channels + 2 * channels,  # conv (no bias) + BatchNorm
-                            stream_values=read + channels * (2 * h) * (2 * w)))
-        in_ch, h, w = channels, 2 * h, 2 * w
+                            stream_values=read + channels * (scale * h) * (scale * w)))
+        if scale == 2:
+            in_ch, h, w = channels, 2 * h, 2 * w
+        else:
+            in_ch = channels
     layers.append(Layer(f"head.{task}.classifier", "head", macs=h * w * in_ch * out, params=in_ch * out + out,
-                        stream_values=in_ch * h * w + out * h * w))
+                        stream_values=in_ch * h * w + out * (2 * h) * (2 * w)))
     return layers

@@ -9,7 +9,7 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
   cache (the CPU analogue of holding two experts on chip), which brings it close to a dense MLP of
   the same active FLOPs (see BENCHMARKS.md). Forward and backward are written out by hand (``ExpertMLP``) so the backward
   also runs expert by expert, writing straight into the stacked weight gradients.
-* ``"batched"`` (short queues, where per-GEMM overhead dominates): the non-empty queues are padded to
+* ``"batched"`` (short, narrow queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
   combine weight, but they are computed, so FLOPs include them.
 
@@ -29,11 +29,17 @@ __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "run_experts"
            "moe_experts_op", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
-# Mean queue length (rows per non-empty expert) below which "auto" runs the queues batched. On 2 CPU
-# cores batched wins clearly at ~100 rows (benchmarks/moe_dispatch.py, small shape), while with a real
-# model's uneven queues per-expert already wins at ~256 rows (m3vit_small, 512x512, batch 1): padding
-# to the longest queue wastes ~25% there, and those padded rows are executed (and counted as FLOPs).
+# "auto" runs the queues batched only while a mean queue (rows per non-empty expert) is short in rows
+# AND small in work (rows x expert input width x hidden width, multiply-adds). Batched saves a fixed
+# cost per expert GEMM but executes the padding up to the longest queue, which a real model's uneven
+# routing makes long (m3vit_base, 64 experts, 512x512: mean 64 rows, longest 130-310), at a cost that
+# grows with the width. On 2 CPU cores batched wins clearly at ~100 rows of width 192 and loses at
+# ~256 rows of width 384 (benchmarks/moe_dispatch.py, BENCHMARKS.md), hence 160 rows; for m3vit_base
+# E64 per-expert ran the forward faster (6070 vs 8198 ms; 6169 vs 6689 ms as minima on a busy machine),
+# hence the work cap 160 x 192 x 192: it leaves widths <= 192 as they were and gives 40 rows at 384,
+# 10 at 768. ``benchmarks/moe_dispatch.py --crossover`` measures the crossover across widths.
 BATCHED_MAX_MEAN_QUEUE = 160
+BATCHED_MAX_QUEUE_MACS = 160 * 192 * 192
 
 
 @dataclass(frozen=True)
@@ -83,10 +89,14 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity: int | None = None
     return DispatchPlan(token=token, expert=expert, slot=slot, counts=tuple(counts_t.tolist()), dropped=dropped)
 
 
-def choose_strategy(plan: DispatchPlan) -> str:
-    """What ``strategy="auto"`` runs for this plan: ``"batched"`` for short queues, else ``"per_expert"``."""
+def choose_strategy(plan: DispatchPlan, dim: int, hidden: int) -> str:
+    """What ``strategy="auto"`` runs for this plan and experts ``dim -> hidden -> dim``: ``"batched"``
+    when a mean queue is short (``BATCHED_MAX_MEAN_QUEUE`` rows) and little work
+    (``BATCHED_MAX_QUEUE_MACS``), else ``"per_expert"``."""
     busy = sum(1 for c in plan.counts if c)
-    return "batched" if plan.token.numel() < BATCHED_MAX_MEAN_QUEUE * busy else "per_expert"
+    pairs = plan.token.numel()
+    short = pairs < BATCHED_MAX_MEAN_QUEUE * busy
+    return "batched" if short and pairs * dim * hidden < BATCHED_MAX_QUEUE_MACS * busy else "per_expert"
 
 
 def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
@@ -239,7 +249,7 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
     if plan.token.numel() == 0:
         return torch.zeros_like(x)
     if strategy == "auto":
-        strategy = choose_strategy(plan)
+        strategy = choose_strategy(plan, w1.shape[1], w1.shape[2])
     with torch.autocast(device, enabled=False):
         if strategy == "batched":
             return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2)

@@ -18,6 +18,12 @@ class SETRPUPHead(nn.Module):
     ``channels`` after) with BatchNorm and ReLU followed by a x2 bilinear upsampling; a 1x1
     convolution gives ``out_channels``, resized (bilinear) to the input image size. Four stages undo
     a patch size of 16.
+
+    The 1x1 classifier runs *before* the last x2 upsampling, as in the reference head: both are
+    linear and the upsampling mixes each channel on its own with weights that sum to one, so
+    ``up(conv1x1(x)) == conv1x1(up(x))`` (bias included) and the classifier runs on 4x fewer pixels.
+    The feature maps are ``channels_last`` (NHWC, as the tokens already are); the prediction is an
+    ordinary contiguous NCHW tensor.
     """
 
     def __init__(self, embed_dim: int, out_channels: int, channels: int = 256, stages: int = 4):
@@ -48,13 +54,17 @@ class SETRPUPHead(nn.Module):
         wide, stage ``i`` at ``2^i`` times the token grid). A training-only cross-task module reads them."""
         batch, _, dim = tokens.shape
         x = self.norm(tokens[:, 1:])
-        x = x.transpose(1, 2).reshape(batch, dim, grid[0], grid[1])
+        # The tokens [B, h*w, D] are already laid out NHWC: viewed as NCHW they are channels_last at no
+        # copy, and the convolutions, BatchNorm and upsamplings keep that layout.
+        x = x.reshape(batch, grid[0], grid[1], dim).permute(0, 3, 1, 2)
         features = []
-        for stage in self.stages:
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
             x = stage(x)
             features.append(x)
+            if i == last:  # classifier first: equal to classifying the upsampled map, 4x cheaper
+                x = self.classifier(x).contiguous()
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-        x = self.classifier(x)
         if tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
         return x, features
