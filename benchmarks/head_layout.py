@@ -28,27 +28,18 @@ Run: ``.venv/bin/python benchmarks/head_layout.py [--model m3vit_small] [--img-s
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from _env import environment, loadavg
 import torch.nn.functional as F
 
 import m3vit
 from m3vit.utils.io import write_json
 
 TASK, CLASSES = "semseg", 21
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def _grid_input(head, tokens, grid, channels_last: bool):
@@ -113,7 +104,7 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"--variants: {bad} out of range 0..{len(cases) - 1}")
         cases = {name: fn for i, (name, fn) in enumerate(cases.items()) if i in keep}
-    load_before = _loadavg()
+    load_before = loadavg()
     print(f"# SETR-PUP head: {args.model} {size[0]}x{size[1]}, batch 1, {CLASSES} classes, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before}")
     times = {name: [] for name in cases}
@@ -136,14 +127,12 @@ def main(argv=None) -> int:
     print(f"\n| variant | median ms | min ms | median / {base} | min / {base} |\n|---|---:|---:|---:|---:|")
     for n in names:
         print(f"| {n} | {med[n]:.1f} | {low[n]:.1f} | {med[n] / med[base]:.3f} | {low[n] / low[base]:.3f} |")
-    load_after = _loadavg()
+    load_after = loadavg()
     print(f"\nload average before {load_before}, after {load_after}")
     report = {"model": args.model, "img_size": list(size), "classes": CLASSES, "rounds": args.rounds,
-              "warmup": args.warmup, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "platform": platform.platform(), "cpus": os.cpu_count(),
+              "warmup": args.warmup, **environment(),
               "loadavg_before": load_before, "loadavg_after": load_after, "max_abs_diff": max_diff,
-              "median_ms": med, "min_ms": low, "runs_ms": times,
-              "command": " ".join([os.path.relpath(sys.executable), *sys.argv])}
+              "median_ms": med, "min_ms": low, "runs_ms": times}
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from _env import loadavg, sync
 
 import m3vit
 from m3vit.nn.compile import compile_model, default_backend
@@ -33,19 +34,6 @@ from m3vit.utils.io import write_json
 
 SIZES = {"micro": 128, "tiny": 224, "small": 512}
 TASKS = ["semseg", "human_parts", "sal", "normals", "edge"]
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _build(name: str, side: int, backend: str | None, device: torch.device = torch.device("cpu")):
@@ -73,22 +61,22 @@ def bench_size(size: str, rounds: int, warmup: int, task: str, compiled: bool, b
             start = time.perf_counter()
             for _ in range(warmup):
                 model(images, tasks=[task])
-            _sync(device)
+            sync(device)
             compile_s[name] = time.perf_counter() - start
         max_allocated = {}
         if device.type == "cuda":  # one more forward of each model alone: its peak CUDA memory
             for name, model in models.items():
                 torch.cuda.reset_peak_memory_stats(device)
                 model(images, tasks=[task])
-                _sync(device)
+                sync(device)
                 max_allocated[name] = torch.cuda.max_memory_allocated(device)
         for r in range(rounds):
             order = names if r % 2 == 0 else names[::-1]
             for name in order:
-                _sync(device)
+                sync(device)
                 start = time.perf_counter()
                 models[name](images, tasks=[task])
-                _sync(device)
+                sync(device)
                 times[name].append((time.perf_counter() - start) * 1e3)
     moe, dense = names
     medians = {n: statistics.median(t) for n, t in times.items()}
@@ -117,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: CUDA is not available here")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    load_before = _loadavg()
+    load_before = loadavg()
     print(f"# one-task latency, batch 1, {args.device}, torch {torch.__version__}, {args.threads} threads; "
           f"load {load_before}")
     results = []
@@ -129,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             (moe, m_ms), (dense, d_ms) = r["median_ms"].items()
             print(f"{'compiled' if compiled else 'eager':8s} {size:5s} {r['img_size']}²: {moe} {m_ms:8.2f} ms  "
                   f"{dense} {d_ms:8.2f} ms  ratio {r['ratio']:.3f}", flush=True)
-    load_after = _loadavg()
+    load_after = loadavg()
     out = {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "torch": torch.__version__,
            "threads": args.threads, "cpu": platform.processor() or platform.machine(), "device": args.device,
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,

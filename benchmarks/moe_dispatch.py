@@ -53,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from _env import loadavg
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -599,12 +600,6 @@ def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, dev
 
 
 # ---------------------------------------------------------------------------------------------
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def machine_info() -> dict:
@@ -669,12 +664,12 @@ def main(argv=None) -> int:
                "args": vars(args), "repeats": repeats, "model_repeats": model_repeats, "warmup": warmup,
                "shapes": []}
     if args.crossover:
-        results["loadavg_before"] = _loadavg()
+        results["loadavg_before"] = loadavg()
         if args.device == "cuda" and not torch.cuda.is_available():
             ap.error("--device cuda: CUDA is not available here")
         results["crossover"] = bench_crossover(args.crossover_widths, args.crossover_queues, args.crossover_experts,
                                                args.repeats or 5, warmup, args.device)
-        results["loadavg_after"] = _loadavg()
+        results["loadavg_after"] = loadavg()
         results["elapsed_s"] = time.perf_counter() - start
         write_json(args.out, results)
         print(f"\nload average before {results['loadavg_before']}, after {results['loadavg_after']}")

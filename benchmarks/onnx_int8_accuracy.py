@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _env import loadavg
 
 from m3vit.utils.io import write_json
 from m3vit.efficiency.export import export_checkpoint
@@ -47,13 +48,6 @@ from m3vit.models import load_checkpoint
 from m3vit.tasks.registry import task_class
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "onnx_int8_accuracy.json"
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "unavailable"
 
 
 def score_task(checkpoint: Path, task: str, run_cfg, val, calibration: torch.Tensor, methods: list[str],

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _env import loadavg
 
 import m3vit
 from m3vit.utils.io import write_json
@@ -48,13 +49,6 @@ from m3vit.efficiency.onnx_export import QUANTIZATION_METHODS, export_onnx, onnx
 
 TASK = "semseg"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "onnx_latency.json"
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "unavailable"
 
 
 def build(name: str, size: int) -> torch.nn.Module:

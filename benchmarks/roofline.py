@@ -28,33 +28,19 @@ Run: ``.venv/bin/python benchmarks/roofline.py [--model m3vit_small] [--img-size
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
 from collections import defaultdict
 
 import torch
+from _env import environment, loadavg, sync
 
 import m3vit
 from m3vit.utils.io import write_json
 
 TASK, CLASSES = "semseg", 21
 COMPONENTS = ("patch embed", "attention", "MLP / experts", "head convs", "head rest", "other")
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def gemm_peak(sizes: list[int], repeats: int, device: torch.device) -> dict:
@@ -65,12 +51,12 @@ def gemm_peak(sizes: list[int], repeats: int, device: torch.device) -> dict:
         a = torch.randn(n, n, generator=gen).to(device)
         b = torch.randn(n, n, generator=gen).to(device)
         torch.matmul(a, b)
-        _sync(device)
+        sync(device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             torch.matmul(a, b)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - start)
         by_size[n] = {"best_gflops": 2 * n**3 / min(times) / 1e9, "median_gflops": 2 * n**3 / statistics.median(times) / 1e9}
         print(f"  GEMM {n}x{n}: best {by_size[n]['best_gflops']:.1f} GFLOP/s, "
@@ -89,11 +75,11 @@ class ComponentTimer:
 
     def watch(self, module: torch.nn.Module, component: str) -> None:
         def pre(mod, args):
-            _sync(self.device)
+            sync(self.device)
             self._starts[id(mod)] = time.perf_counter()
 
         def post(mod, args, out):
-            _sync(self.device)
+            sync(self.device)
             self.totals[component] += time.perf_counter() - self._starts.pop(id(mod))
 
         self._handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
@@ -145,7 +131,7 @@ def main(argv=None) -> int:
         ap.error("--device cuda: CUDA is not available here")
     device = torch.device(args.device)
     size = tuple(args.img_size)
-    load_before = _loadavg()
+    load_before = loadavg()
     print(f"# roofline: {args.model} {size[0]}x{size[1]}, batch 1, one task ({TASK}), {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before}")
     peak = gemm_peak(args.gemm_sizes, args.gemm_repeats, device)
@@ -160,10 +146,10 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for r in range(args.warmup + args.repeats):
             timer.reset()
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             model(images, tasks=[TASK])
-            _sync(device)
+            sync(device)
             total = time.perf_counter() - start
             if r >= args.warmup:
                 t = dict(timer.totals)
@@ -180,7 +166,7 @@ def main(argv=None) -> int:
         rows.append({"component": c, "gflop": gflop[c], "median_ms": 1e3 * seconds[c],
                      "time_share": seconds[c] / seconds["whole model"], "gflops_per_s": rate,
                      "percent_of_peak": 100 * rate / peak["peak_gflops"]})
-    load_after = _loadavg()
+    load_after = loadavg()
     print(f"\nfp32 GEMM peak {peak['peak_gflops']:.1f} GFLOP/s ({args.device}, {torch.get_num_threads()} threads)\n")
     print("| component | GFLOP | median ms | share of time | GFLOP/s | % of GEMM peak |\n|---|---:|---:|---:|---:|---:|")
     for row in rows:
@@ -188,10 +174,8 @@ def main(argv=None) -> int:
               f"{row['gflops_per_s']:.1f} | {row['percent_of_peak']:.0f}% |")
     print(f"\nload average before {load_before}, after {load_after}")
     report = {"model": args.model, "img_size": list(size), "task": TASK, "classes": CLASSES, "device": args.device,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-              "cpus": os.cpu_count(), "repeats": args.repeats, "warmup": args.warmup, "gemm": peak,
-              "components": rows, "runs_s": rounds, "loadavg_before": load_before, "loadavg_after": load_after,
-              "command": " ".join([os.path.relpath(sys.executable), *sys.argv])}
+              **environment(), "repeats": args.repeats, "warmup": args.warmup, "gemm": peak,
+              "components": rows, "runs_s": rounds, "loadavg_before": load_before, "loadavg_after": load_after}
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
