@@ -42,8 +42,11 @@ def _router_hooks(model, adjust=None):
     handles = []
     for l_idx, layer in enumerate(model.moe_layers):
         def hook(module, inputs, output, l_idx=l_idx):
-            logits = output if adjust is None else adjust(l_idx, inputs[1], output)
-            calls.append((l_idx, inputs[1].clone(), logits.detach().clone()))
+            task_ids = inputs[1]  # one task may come as an int (MoE.route passes it through)
+            if isinstance(task_ids, int):
+                task_ids = torch.full((output.shape[0],), task_ids, dtype=torch.long)
+            logits = output if adjust is None else adjust(l_idx, task_ids, output)
+            calls.append((l_idx, task_ids.clone(), logits.detach().clone()))
             return logits
         handles.append(layer.router.register_forward_hook(hook))
     return calls, handles
