@@ -53,3 +53,11 @@ assert expected <= seen, sorted(expected - seen)
 def test_import_m3vit_is_light_and_a_model_needs_only_torch():
     assert _loaded_after("import m3vit") == []
     assert _loaded_after("import m3vit\nm3vit.create_model('m3vit_micro', ['semseg'], img_size=(32, 32))") == ["torch"]
+
+
+def test_importing_the_packages_pulls_no_optional_dependency():
+    """SciPy, scikit-image (PASCAL labels, edge metrics), matplotlib (figures) and ONNX load when a feature
+    that needs them runs, not when a package that holds the feature is imported."""
+    code = ("import m3vit.data, m3vit.engine.trainer, m3vit.engine.inference, m3vit.engine.evaluator, "
+            "m3vit.analysis, m3vit.efficiency, m3vit.experiments.study, m3vit.serve")
+    assert _loaded_after(code) == ["torch"]

@@ -44,10 +44,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
-import scipy.io
-from scipy.io.matlab import MatReadError
 import torch
-from skimage.morphology import thin
 
 from ..tasks import task_class
 from ..tasks.base import IGNORE
@@ -103,10 +100,18 @@ PASCAL_MT/
   sal_distill/<id>.png                  grey saliency, salient where v/255 > 0.5"""
 
 
+def _loadmat(path: str) -> dict:
+    """A MATLAB file's variables (SciPy is imported here, when a PASCAL label is first read)."""
+    import scipy.io
+    from scipy.io.matlab import MatReadError
+
+    with label_file(path, MatReadError, NotImplementedError):
+        return scipy.io.loadmat(path)
+
+
 def read_label_map(path: str) -> np.ndarray:
     """The ``LabelMap`` of a PASCAL-Context ``.mat`` file (``int64 [H, W]``)."""
-    with label_file(path, MatReadError, NotImplementedError):
-        contents = scipy.io.loadmat(path)
+    contents = _loadmat(path)
     if "LabelMap" not in contents:
         raise DataError(f"{path}: no 'LabelMap' variable (a PASCAL-Context label file is expected)")
     return np.asarray(contents["LabelMap"]).astype(np.int64)
@@ -128,6 +133,8 @@ def context_edges(label_map: np.ndarray) -> np.ndarray:
     horizontal = label_map[:, 1:] != label_map[:, :-1]
     candidate[:, 1:] |= horizontal
     candidate[:, :-1] |= horizontal
+    from skimage.morphology import thin  # imported when edges are first derived
+
     return thin(candidate)
 
 
@@ -139,8 +146,7 @@ def _field(record: np.void, name: str, position: int):
 
 def read_human_parts(path: str) -> tuple[tuple[int, np.ndarray, list[tuple[str, np.ndarray]]], ...]:
     """Objects of a PASCAL-Part ``.mat``: ``(class_ind, mask, [(part_name, part_mask), ...])`` each."""
-    with label_file(path, MatReadError, NotImplementedError):
-        contents = scipy.io.loadmat(path)
+    contents = _loadmat(path)
     try:
         objects = _field(contents["anno"][0, 0], "objects", 1)
     except (KeyError, IndexError, ValueError) as err:
