@@ -24,6 +24,23 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def machine_info() -> dict:
+    """The CPU model, core count, torch build and threads, and the CUDA device when there is one."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "mkldnn": torch.backends.mkldnn.is_available(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def environment() -> dict:
     """Threads, torch, platform, CPU count and the command line, for a benchmark's JSON."""
     return {"threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),

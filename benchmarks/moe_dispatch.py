@@ -44,7 +44,6 @@ import argparse
 import gc
 import math
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -53,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _env import loadavg
+from _env import loadavg, machine_info as _machine_info
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -603,21 +602,9 @@ def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, dev
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-        "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "lucidrains_mixture_of_experts": LUCIDRAINS_ERROR or "available",
-    }
+    info = _machine_info()
+    info["lucidrains_mixture_of_experts"] = LUCIDRAINS_ERROR or "available"
+    return info
 
 
 def main(argv=None) -> int:

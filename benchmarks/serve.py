@@ -44,7 +44,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
+from _env import machine_info
 from PIL import Image
 
 import m3vit
@@ -220,21 +220,6 @@ def measure_task_switch(urls: dict[str, str], image: bytes, task_a: str, task_b:
 
 def _median(values):
     return statistics.median(values) if values else None
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu_model": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def bench_setting(name: str, args, workdir: Path) -> dict:
