@@ -32,7 +32,6 @@ from queue import SimpleQueue
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from ..efficiency.streaming import expert_weight_bytes
@@ -42,6 +41,7 @@ from ..data.images import ImageReadError, ImageTooLargeError, read_image
 from ..data.transforms import preprocess
 from ..engine.inference import check_input_size
 from ..models import moe_block_indices
+from ..tasks.base import resize_bilinear
 from ..utils.errors import InputError, M3ViTError
 
 __all__ = ["RequestError", "ServiceBusyError", "PathwayRun", "PredictionService", "read_image_bytes",
@@ -376,9 +376,7 @@ class PredictionService:
         size = tuple(int(s) for s in image_size)
         tasks, experts = {}, {}
         for run in runs:
-            pred = run.output
-            if tuple(pred.shape[-2:]) != size:
-                pred = F.interpolate(pred[None], size=size, mode="bilinear", align_corners=False)[0]
+            pred = resize_bilinear(run.output[None], size)[0]
             task = self.task_objects[run.task]
             entry = {"png": _png_b64(task.colorize(pred, kind="pred")), "ms": round(run.ms, 3),
                      "experts_read": run.experts_read, "bytes_read": run.bytes_read}
