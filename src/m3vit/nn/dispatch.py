@@ -184,24 +184,35 @@ def _expert_mlp_backward(grad_out, x, token, gate, counts, w1, b1, w2, b2, hidde
 
 
 def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) -> Tensor:
-    """All non-empty queues padded to the longest and run as one batched GEMM pair (autograd ops)."""
-    counts = torch.tensor(plan.counts, device=x.device)
-    expert = plan.expert
-    nonempty = counts > 0
-    if not bool(nonempty.all()):  # never read an idle expert: keep only the experts with tokens
-        used = nonempty.nonzero().squeeze(1)
+    """All non-empty queues padded to the longest and run as one batched GEMM pair (autograd ops).
+
+    The padded layout is worked out on the host from the plan's ``counts`` (no device sync, few ops): the
+    i-th queued pair goes to row ``i + offset[its expert]``, where an expert's offset is its padded start
+    (``busy index * longest``) minus its packed start. Without grad mode GELU and the gating run in place.
+    """
+    busy = [(expert, count) for expert, count in enumerate(plan.counts) if count]
+    longest = max(count for _, count in busy)
+    offsets, packed_start = [0] * len(plan.counts), 0
+    for padded_index, (expert, count) in enumerate(busy):
+        offsets[expert] = padded_index * longest - packed_start
+        packed_start += count
+    device = x.device
+    row = torch.arange(plan.token.numel(), device=device).add_(
+        torch.tensor(offsets, device=device).index_select(0, plan.expert))
+    if len(busy) < len(plan.counts):  # never read an idle expert: keep only the experts with tokens
+        used = torch.tensor([expert for expert, _ in busy], device=device)
         w1, b1, w2, b2 = (t.index_select(0, used) for t in (w1, b1, w2, b2))
-        expert = (torch.cumsum(nonempty, 0) - 1).index_select(0, expert)
-        counts = counts.index_select(0, used)
-    experts, longest = w1.shape[0], max(plan.counts)
-    row = expert * longest + _queue_position(expert, counts)
+    experts = len(busy)
     # Padding rows read token 0 and get combine weight 0, so they add nothing (and no gradient).
-    padded_token = torch.zeros(experts * longest, dtype=torch.long, device=x.device).index_put_((row,), plan.token)
+    padded_token = torch.zeros(experts * longest, dtype=torch.long, device=device).index_put_((row,), plan.token)
     padded_gate = gate.new_zeros(experts * longest).index_put_((row,), gate)
     xs = x.index_select(0, padded_token).view(experts, longest, -1)
-    h = torch.nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), xs, w1))
+    in_place = not torch.is_grad_enabled()  # the same values; autograd would need the inputs kept
+    h = torch.baddbmm(b1.unsqueeze(1), xs, w1)
+    h = torch.ops.aten.gelu_(h) if in_place else torch.nn.functional.gelu(h)
     y = torch.baddbmm(b2.unsqueeze(1), h, w2).view(experts * longest, -1)
-    return torch.zeros_like(x).index_add_(0, padded_token, y * padded_gate.unsqueeze(1))
+    y = y.mul_(padded_gate.unsqueeze(1)) if in_place else y * padded_gate.unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, padded_token, y)
 
 
 def queued_gates(weights: Tensor, plan: DispatchPlan) -> Tensor:
