@@ -256,7 +256,8 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
         # off inside: every buffer stays in one dtype.
         dtype = torch.get_autocast_dtype(device)
         x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    gate = queued_gates(weights, plan).to(x.dtype)
+    gate = queued_gates(weights, plan)
+    gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
     if plan.token.numel() == 0:
         return torch.zeros_like(x)
     if strategy == "auto":

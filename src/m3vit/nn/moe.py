@@ -298,8 +298,8 @@ class MoE(nn.Module):
         out = self.run_experts(x.reshape(batch * num_tokens, self.dim), routing)
         self._aux_loss = self.routing_loss(routing) if self.training else None
         counts, dropped = routing.queue_stats()
-        self._routing_record = (routing.indices.detach(), routing.weights.detach(), routing.probs.detach(),
-                                routing.token_tasks, counts, dropped)
+        detached = (t.detach() if t.requires_grad else t for t in (routing.indices, routing.weights, routing.probs))
+        self._routing_record = (*detached, routing.token_tasks, counts, dropped)
         return out.reshape(batch, num_tokens, self.dim)
 
     def routing_loss(self, routing: Routing) -> Tensor:
