@@ -19,6 +19,7 @@ a fake implementation, so ``torch.compile`` compiles the routing around it witho
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -251,7 +252,8 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
         # Run the experts in the autocast dtype, as autocast would run each GEMM, then leave autocast
         # off inside: every buffer stays in one dtype.
         dtype = torch.get_autocast_dtype(device)
@@ -262,7 +264,8 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
         return torch.zeros_like(x)
     if strategy == "auto":
         strategy = choose_strategy(plan, w1.shape[1], w1.shape[2])
-    with torch.autocast(device, enabled=False):
+    # Entering an autocast context costs microseconds: only when there is autocast to leave.
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         if strategy == "batched":
             return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2)
         # needs_input_grad inside the op is True under no_grad too; decide here if backward can run.
