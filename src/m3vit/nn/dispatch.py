@@ -218,7 +218,8 @@ def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) ->
 
 def queued_gates(weights: Tensor, plan: DispatchPlan) -> Tensor:
     """The combine weight of every queued pair, in queue order: ``[len(plan.token)]``."""
-    return weights.t().reshape(-1).index_select(0, plan.slot)
+    # take() reads the transposed view by its logical (choice-major) flat index: no copy of weights.t().
+    return weights.t().take(plan.slot)
 
 
 def dispatch_to_experts(
