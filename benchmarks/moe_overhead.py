@@ -17,8 +17,14 @@ same random tokens ``[1, N, D]``:
   side by side, interleaved round by round (``torch.utils.benchmark.Timer.blocked_autorange``), medians
   and the median of the per-round ratios, with the load average before and after.
 
+``--candidates`` also times, on the layer's own routing, the small-queue forms considered for the
+expert compute (the shipped ``batched`` dispatch; its padded layout from a sort-free one-hot cumulative
+count instead of the ``argsort`` plan; a combine that gathers each token's k rows and sums them with one
+``bmm`` instead of the scatter-add; every expert over every token, E/k times the FLOPs) and the two
+planners alone, all next to the MLP.
+
 Run: ``.venv/bin/python benchmarks/moe_overhead.py [--sizes micro tiny] [--strategies auto per_expert
-batched] [--rounds 9] [--min-run-time 0.2] [--threads 2] [--no-timing] [--out
+batched] [--rounds 9] [--min-run-time 0.2] [--threads 2] [--no-timing] [--candidates] [--out
 benchmarks/results/moe_overhead.json]``.
 """
 
@@ -37,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
 
 import m3vit
-from m3vit.nn import MoE
+from m3vit.nn import MoE, dispatch_to_experts, plan_dispatch
 from m3vit.nn.dispatch import STRATEGIES, choose_strategy
 from m3vit.nn.layers import Mlp
 from m3vit.utils.io import write_json
@@ -139,6 +145,80 @@ def bench_size(size: str, strategies: list[str], rounds: int, min_run_time: floa
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# Small-queue candidates (reference forms, timed by --candidates; the dispatch ships "batched")
+# ---------------------------------------------------------------------------------------------
+
+
+def onehot_layout(indices, num_experts):
+    """Queue lengths (host) and every pair's 1-based place in its queue, choice-major, without a sort."""
+    flat = indices.t().reshape(-1)
+    running = (flat.unsqueeze(1) == torch.arange(num_experts)).cumsum(0)  # [S*k, E]
+    return running[-1].tolist(), running.gather(1, flat.unsqueeze(1)).squeeze(1)
+
+
+def batched_onehot_layout(x, indices, weights, w1, b1, w2, b2):
+    """The batched dispatch (dropless, every expert busy) with its padded rows from ``onehot_layout``."""
+    num_tokens, top_k = indices.shape
+    counts, place = onehot_layout(indices, w1.shape[0])
+    longest = max(counts)
+    row = torch.add(place, indices.t().reshape(-1), alpha=longest).sub_(1)
+    padded_token = torch.zeros(w1.shape[0] * longest, dtype=torch.long).index_put_(
+        (row,), torch.arange(num_tokens).repeat(top_k))
+    padded_gate = weights.new_zeros(w1.shape[0] * longest).index_put_((row,), weights.t().reshape(-1))
+    xs = x.index_select(0, padded_token).view(w1.shape[0], longest, -1)
+    h = torch.ops.aten.gelu_(torch.baddbmm(b1.unsqueeze(1), xs, w1))
+    y = torch.baddbmm(b2.unsqueeze(1), h, w2).view(-1, x.shape[1]).mul_(padded_gate.unsqueeze(1))
+    return torch.zeros_like(x).index_add_(0, padded_token, y)
+
+
+def batched_gather_combine(x, indices, weights, w1, b1, w2, b2):
+    """Padded experts as above, combined by gathering each token's k output rows and one ``bmm``."""
+    num_tokens, top_k = indices.shape
+    counts, place = onehot_layout(indices, w1.shape[0])
+    longest = max(counts)
+    row = torch.add(place.view(top_k, num_tokens).t(), indices, alpha=longest).sub_(1)  # [S, k]
+    xs = x.new_zeros(w1.shape[0] * longest, x.shape[1]).index_put_((row,), x.unsqueeze(1))
+    h = torch.ops.aten.gelu_(torch.baddbmm(b1.unsqueeze(1), xs.view(w1.shape[0], longest, -1), w1))
+    y = torch.baddbmm(b2.unsqueeze(1), h, w2).view(-1, x.shape[1])
+    return torch.bmm(weights.unsqueeze(1), y[row]).squeeze(1)
+
+
+def all_experts(x, indices, weights, w1, b1, w2, b2):
+    """Every expert over every token (one wide first GEMM, one bmm), combined with the dense gate matrix."""
+    num_experts, dim, hidden = w1.shape
+    h = torch.nn.functional.gelu(torch.addmm(b1.reshape(-1), x, w1.permute(1, 0, 2).reshape(dim, -1)))
+    y = torch.baddbmm(b2.unsqueeze(1), h.view(-1, num_experts, hidden).transpose(0, 1), w2)  # [E, S, D]
+    gates = weights.new_zeros(x.shape[0], num_experts).scatter_(1, indices, weights)
+    return torch.einsum("se,esd->sd", gates, y)
+
+
+def bench_candidates(size: str, rounds: int, min_run_time: float) -> dict:
+    """Time the small-queue forms on the layer's routing; check each against the shipped dispatch."""
+    moe, mlp, x = layers(size)
+    with torch.inference_mode():
+        routing = moe.route(x, 0)
+        args = (x[0], routing.indices, routing.weights, moe.w1, moe.b1, moe.w2, moe.b2)
+        shipped = dispatch_to_experts(*args, strategy="batched")[0]
+        forms = {"batched (shipped)": lambda: dispatch_to_experts(*args, strategy="batched"),
+                 "batched, one-hot layout": lambda: batched_onehot_layout(*args),
+                 "batched, gather + bmm combine": lambda: batched_gather_combine(*args),
+                 "all experts, every token": lambda: all_experts(*args)}
+        max_error = {name: float((form() if name != "batched (shipped)" else shipped).sub(shipped).abs().max())
+                     for name, form in forms.items()}
+        fns = {"mlp": lambda: mlp(x), **forms,
+               "planner: argsort plan": lambda: plan_dispatch(routing.indices, moe.num_experts),
+               "planner: one-hot layout": lambda: onehot_layout(routing.indices, moe.num_experts)}
+        times = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                timer = Timer("fn()", globals={"fn": fns[name]})
+                times[name].append(timer.blocked_autorange(min_run_time=min_run_time).median * 1e6)
+    return {"size": size, "median_us": {n: statistics.median(t) for n, t in times.items()},
+            "max_abs_error_vs_shipped": max_error, "runs_us": times}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -147,12 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-run-time", type=float, default=0.2, help="seconds per blocked_autorange measurement")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-timing", action="store_true", help="op counts only (deterministic)")
+    ap.add_argument("--candidates", action="store_true", help="also time the small-queue candidate forms")
     ap.add_argument("--out", default="benchmarks/results/moe_overhead.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = _loadavg()
     results = [bench_size(size, args.strategies, args.rounds, args.min_run_time, not args.no_timing)
                for size in args.sizes]
+    candidates = ([bench_candidates(size, args.rounds, args.min_run_time) for size in args.sizes]
+                  if args.candidates else [])
     load_after = _loadavg()
     print(f"# one MoE layer vs the dense MLP, batch 1, eval, inference_mode, {args.threads} threads, "
           f"torch {torch.__version__}; load {load_before} -> {load_after}")
@@ -168,9 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for s, e in r["strategies"].items():
             print(f"{r['size']} moe[{s}] ops: {e['by_op']}")
+    if candidates:
+        print("\n| size | candidate | median us | max abs diff vs shipped |\n|---|---|---:|---:|")
+        for c in candidates:
+            for name, median in c["median_us"].items():
+                error = c["max_abs_error_vs_shipped"].get(name)
+                print(f"| {c['size']} | {name} | {median:.1f} | {'' if error is None else f'{error:.1e}'} |")
     write_json(args.out, {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
                           "torch": torch.__version__, "threads": args.threads, "loadavg_before": load_before,
-                          "loadavg_after": load_after, "results": results})
+                          "loadavg_after": load_after, "results": results,
+                          "candidates": candidates})
     print(f"\nwrote {args.out}")
     return 0
 
