@@ -395,3 +395,58 @@ def test_auto_strategy_weighs_queue_length_by_expert_width(num_tokens, num_exper
     rule = mean_queue < BATCHED_MAX_MEAN_QUEUE and mean_queue * width * width < BATCHED_MAX_QUEUE_MACS
     assert rule == (expected == "batched")
     assert choose_strategy(plan, width, width) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched strategy's host-side padded layout: bit for bit the earlier device-side one
+# ----------------------------------------------------------------------------------------------
+
+
+def batched_before_host_layout(x, plan, gate, w1, b1, w2, b2):
+    """``_run_batched`` as it was before its padded layout moved to the host (queue positions, the busy
+    experts and their renumbering worked out with device ops and a sync), kept as the contract."""
+    counts = torch.tensor(plan.counts)
+    expert = plan.expert
+    nonempty = counts > 0
+    if not bool(nonempty.all()):
+        used = nonempty.nonzero().squeeze(1)
+        w1, b1, w2, b2 = (t.index_select(0, used) for t in (w1, b1, w2, b2))
+        expert = (torch.cumsum(nonempty, 0) - 1).index_select(0, expert)
+        counts = counts.index_select(0, used)
+    experts, longest = w1.shape[0], max(plan.counts)
+    starts = torch.cumsum(counts, 0) - counts
+    row = expert * longest + torch.arange(expert.numel()) - starts.index_select(0, expert)
+    padded_token = torch.zeros(experts * longest, dtype=torch.long).index_put_((row,), plan.token)
+    padded_gate = gate.new_zeros(experts * longest).index_put_((row,), gate)
+    xs = x.index_select(0, padded_token).view(experts, longest, -1)
+    h = torch.nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), xs, w1))
+    y = torch.baddbmm(b2.unsqueeze(1), h, w2).view(experts * longest, -1)
+    return torch.zeros_like(x).index_add_(0, padded_token, y * padded_gate.unsqueeze(1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from([None, 1, 2, 5]), st.sampled_from(["grad", "no_grad", "inference"]))
+@example(EDGE_CASES[4], None, "grad").via("edge")
+@example(EDGE_CASES[5], 2, "inference").via("edge")
+def test_batched_equals_its_earlier_form_bit_for_bit(p, capacity, mode):
+    """Forward (in place under no_grad / inference_mode, out of place with grad) and every gradient equal
+    the earlier batched dispatch exactly, over shapes, top-k, idle experts and capacity."""
+    from m3vit.nn.dispatch import _run_batched, queued_gates
+
+    indices, _, leaves = make_problem(**p)
+    leaves = [t.float().requires_grad_(mode == "grad") for t in leaves]  # float32: rounding shows
+    x, weights, w1, b1, w2, b2 = leaves
+    plan = plan_dispatch(indices, p["num_experts"], capacity)
+    if plan.token.numel() == 0:
+        return
+    context = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference": torch.inference_mode}[mode]
+    with context():
+        got = _run_batched(x, plan, queued_gates(weights, plan), w1, b1, w2, b2)
+    want = batched_before_host_layout(x, plan, queued_gates(weights, plan), w1, b1, w2, b2)
+    assert torch.equal(got, want)
+    if mode == "grad":
+        probe = torch.randn_like(x)
+        got_grads = torch.autograd.grad((got * probe).sum(), leaves)
+        want_grads = torch.autograd.grad((want * probe).sum(), leaves)
+        for name, g, w in zip(["x", "weights", "w1", "b1", "w2", "b2"], got_grads, want_grads):
+            assert torch.equal(g, w), name

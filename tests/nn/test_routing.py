@@ -255,3 +255,66 @@ def test_a_router_sharing_the_models_embedding_leaves_it_to_the_model():
     one_task = TaskEmbedding(1, 6)
     one_task.load_state_dict({**embed.state_dict(), "0.weight": embed.task_input_weight(1)})
     torch.testing.assert_close(one_task.embeddings()[0], embed.embeddings()[1], rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference: the same numbers without grad mode, and one host read per layer
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("dispatch", STRATEGIES)
+def test_an_eval_forward_is_the_same_under_no_grad_and_inference_mode(router, dispatch):
+    """Without grad mode the experts run in place (GELU, gating): outputs and the routing record stay
+    bit-identical to the grad-mode eval forward, for every router and strategy, idle experts included.
+    (Per-expert alone differs in the last bits, as it did before: with grad mode it writes the first GEMM
+    into the buffer of pre-activations kept for backward, ``addmm(out=...)``.)"""
+    x = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(4))
+    for ids, task_ids in itertools.product([None, (0, 2, 3, 5)], [2, torch.tensor([0, 1])]):
+        moe = _layer(router, dispatch, "eval", ids, None, False)
+        want = moe(x, task_ids)
+        want_routing = moe.last_routing
+        for context in (torch.no_grad, torch.inference_mode):
+            with context():
+                got = moe(x, task_ids)
+            if dispatch == "per_expert":
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+            else:
+                assert torch.equal(got, want), (context, ids, task_ids)
+            for key in ("indices", "weights", "probs", "task_ids", "counts", "dropped"):
+                got_value, want_value = moe.last_routing[key], want_routing[key]
+                same = torch.equal(got_value, want_value) if torch.is_tensor(want_value) else got_value == want_value
+                assert same, (context, key)
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a device value on the host."""
+
+    READS = {"_local_scalar_dense", "is_nonzero", "item", "nonzero", "masked_select", "_unique2", "equal"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.reads.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dispatch", STRATEGIES)
+def test_a_one_task_eval_forward_reads_the_device_only_for_the_queue_lengths(dispatch, monkeypatch):
+    """The one host read of an eval forward with an ``int`` task is the plan's queue lengths (``tolist``):
+    no ``bool``/``int``/``item`` of a device value (each a stream sync on a GPU), idle experts included."""
+    tolist_calls = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: tolist_calls.append(1) or original(t))
+    moe = _layer("multi_gate", dispatch, "eval", None, None, False)
+    moe.w1.data[5] = float("nan")  # expert 5 is never picked below: it must stay unread
+    with torch.no_grad():
+        moe.router.weight[:, 5] = -1.0  # positive tokens: a logit of minus their sum, never in the top 2
+        x = torch.rand(2, 9, 12, generator=torch.Generator().manual_seed(6)) + 1.0
+        with torch.inference_mode(), _HostReads() as reads:
+            out = moe(x, 1)
+    assert reads.reads == [] and len(tolist_calls) == 1
+    assert moe.last_routing["counts"][5] == 0 and torch.isfinite(out).all()

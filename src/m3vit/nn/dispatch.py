@@ -19,6 +19,7 @@ a fake implementation, so ``torch.compile`` compiles the routing around it witho
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -184,29 +185,41 @@ def _expert_mlp_backward(grad_out, x, token, gate, counts, w1, b1, w2, b2, hidde
 
 
 def _run_batched(x: Tensor, plan: DispatchPlan, gate: Tensor, w1, b1, w2, b2) -> Tensor:
-    """All non-empty queues padded to the longest and run as one batched GEMM pair (autograd ops)."""
-    counts = torch.tensor(plan.counts, device=x.device)
-    expert = plan.expert
-    nonempty = counts > 0
-    if not bool(nonempty.all()):  # never read an idle expert: keep only the experts with tokens
-        used = nonempty.nonzero().squeeze(1)
+    """All non-empty queues padded to the longest and run as one batched GEMM pair (autograd ops).
+
+    The padded layout is worked out on the host from the plan's ``counts`` (no device sync, few ops): the
+    i-th queued pair goes to row ``i + offset[its expert]``, where an expert's offset is its padded start
+    (``busy index * longest``) minus its packed start. Without grad mode GELU and the gating run in place.
+    """
+    busy = [(expert, count) for expert, count in enumerate(plan.counts) if count]
+    longest = max(count for _, count in busy)
+    offsets, packed_start = [0] * len(plan.counts), 0
+    for padded_index, (expert, count) in enumerate(busy):
+        offsets[expert] = padded_index * longest - packed_start
+        packed_start += count
+    device = x.device
+    row = torch.arange(plan.token.numel(), device=device).add_(
+        torch.tensor(offsets, device=device).index_select(0, plan.expert))
+    if len(busy) < len(plan.counts):  # never read an idle expert: keep only the experts with tokens
+        used = torch.tensor([expert for expert, _ in busy], device=device)
         w1, b1, w2, b2 = (t.index_select(0, used) for t in (w1, b1, w2, b2))
-        expert = (torch.cumsum(nonempty, 0) - 1).index_select(0, expert)
-        counts = counts.index_select(0, used)
-    experts, longest = w1.shape[0], max(plan.counts)
-    row = expert * longest + _queue_position(expert, counts)
+    experts = len(busy)
     # Padding rows read token 0 and get combine weight 0, so they add nothing (and no gradient).
-    padded_token = torch.zeros(experts * longest, dtype=torch.long, device=x.device).index_put_((row,), plan.token)
+    padded_token = torch.zeros(experts * longest, dtype=torch.long, device=device).index_put_((row,), plan.token)
     padded_gate = gate.new_zeros(experts * longest).index_put_((row,), gate)
     xs = x.index_select(0, padded_token).view(experts, longest, -1)
-    h = torch.nn.functional.gelu(torch.baddbmm(b1.unsqueeze(1), xs, w1))
+    in_place = not torch.is_grad_enabled()  # the same values; autograd would need the inputs kept
+    h = torch.baddbmm(b1.unsqueeze(1), xs, w1)
+    h = torch.ops.aten.gelu_(h) if in_place else torch.nn.functional.gelu(h)
     y = torch.baddbmm(b2.unsqueeze(1), h, w2).view(experts * longest, -1)
-    return torch.zeros_like(x).index_add_(0, padded_token, y * padded_gate.unsqueeze(1))
+    y = y.mul_(padded_gate.unsqueeze(1)) if in_place else y * padded_gate.unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, padded_token, y)
 
 
 def queued_gates(weights: Tensor, plan: DispatchPlan) -> Tensor:
     """The combine weight of every queued pair, in queue order: ``[len(plan.token)]``."""
-    return weights.t().reshape(-1).index_select(0, plan.slot)
+    # take() reads the transposed view by its logical (choice-major) flat index: no copy of weights.t().
+    return weights.t().take(plan.slot)
 
 
 def dispatch_to_experts(
@@ -240,17 +253,20 @@ def run_experts(x: Tensor, plan: DispatchPlan, weights: Tensor, w1: Tensor, b1: 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not a dispatch strategy; choose one of {list(STRATEGIES)}")
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
         # Run the experts in the autocast dtype, as autocast would run each GEMM, then leave autocast
         # off inside: every buffer stays in one dtype.
         dtype = torch.get_autocast_dtype(device)
         x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
-    gate = queued_gates(weights, plan).to(x.dtype)
+    gate = queued_gates(weights, plan)
+    gate = gate if gate.dtype == x.dtype else gate.to(x.dtype)
     if plan.token.numel() == 0:
         return torch.zeros_like(x)
     if strategy == "auto":
         strategy = choose_strategy(plan, w1.shape[1], w1.shape[2])
-    with torch.autocast(device, enabled=False):
+    # Entering an autocast context costs microseconds: only when there is autocast to leave.
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         if strategy == "batched":
             return _run_batched(x.contiguous(), plan, gate, w1, b1, w2, b2)
         # needs_input_grad inside the op is True under no_grad too; decide here if backward can run.

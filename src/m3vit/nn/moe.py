@@ -296,10 +296,12 @@ class MoE(nn.Module):
         routing = self.route(x, task_ids)
         batch, num_tokens, _ = x.shape
         out = self.run_experts(x.reshape(batch * num_tokens, self.dim), routing)
-        self._aux_loss = self.routing_loss(routing) if self.training else None
         counts, dropped = routing.queue_stats()
-        self._routing_record = (routing.indices.detach(), routing.weights.detach(), routing.probs.detach(),
-                                routing.token_tasks, counts, dropped)
+        detached = (t.detach() if t.requires_grad else t for t in (routing.indices, routing.weights, routing.probs))
+        # Plain attributes, set through __dict__: nn.Module.__setattr__'s parameter/buffer/module checks
+        # cost more than the rest of this bookkeeping.
+        self.__dict__["_aux_loss"] = self.routing_loss(routing) if self.training else None
+        self.__dict__["_routing_record"] = (*detached, routing.token_tasks, counts, dropped)
         return out.reshape(batch, num_tokens, self.dim)
 
     def routing_loss(self, routing: Routing) -> Tensor:
