@@ -39,6 +39,7 @@ import statistics
 import sys
 
 import torch
+from _env import loadavg
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
 
@@ -92,14 +93,6 @@ def count_ops(fn) -> dict:
     syncs = sum(n for name, n in counter.ops.items() if name in SYNC_OPS) + tolist_calls[0]
     return {"ops": sum(counter.ops.values()), "host_syncs": syncs, "tolist": tolist_calls[0],
             "by_op": dict(counter.ops.most_common())}
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def layers(size: str):
@@ -231,12 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/moe_overhead.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load_before = _loadavg()
+    load_before = loadavg()
     results = [bench_size(size, args.strategies, args.rounds, args.min_run_time, not args.no_timing)
                for size in args.sizes]
     candidates = ([bench_candidates(size, args.rounds, args.min_run_time) for size in args.sizes]
                   if args.candidates else [])
-    load_after = _loadavg()
+    load_after = loadavg()
     print(f"# one MoE layer vs the dense MLP, batch 1, eval, inference_mode, {args.threads} threads, "
           f"torch {torch.__version__}; load {load_before} -> {load_after}")
     print("\n| size | layer | aten ops | host syncs | median us | / MLP |\n|---|---|---:|---:|---:|---:|")
