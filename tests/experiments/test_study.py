@@ -1,11 +1,13 @@
 """The Δm study over seeds on tiny configs: per-seed runs, paired Δm, statistics, held-out scenes, resume."""
 
 import json
+import shlex
 
 import pytest
 
 from m3vit.analysis import summarize
-from m3vit.cli import main
+from m3vit.cli import build_parser, main
+from m3vit.engine.config import parse_overrides
 from m3vit.engine.config import ConfigError, load_config
 from m3vit.experiments import DEFAULT_MULTI, DEFAULT_SINGLE, run_study, single_task_config
 from m3vit.engine.config import resolve_config_path
@@ -77,8 +79,16 @@ def test_two_seed_study_end_to_end(tiny_configs, tmp_path, capsys):
     assert baselines["sal"]["maxF"] == pytest.approx(study["summary"]["val"]["metrics"]["single"]["sal"]["maxF"]["mean"])
     report = (out / "report.md").read_text()
     assert "## held-out scenes" in report and "![per-task bars](figures/study.png)" in report
-    assert "m3vit study --out" in report and "--set 'train.steps=2'" in report and (out / "figures" / "study.png").is_file()
+    assert "m3vit study --out" in report and "--set train.steps=2" in report and (out / "figures" / "study.png").is_file()
     assert not list(out.rglob("*.tmp*"))
+    # the report's command is the same study: every multi run (one --multi), the configs as given, the overrides
+    command = report.split("## Reproduce")[1].split("```bash\n")[1].split("\n```")[0].replace("\\\n", " ")
+    words = shlex.split(command)
+    assert words[:2] == ["m3vit", "study"]
+    again_args = build_parser().parse_args(words[1:])
+    assert again_args.multi == ["m3vit", str(tiny_configs["m3vit"]), "mvit", str(tiny_configs["mvit"])]
+    assert again_args.single == str(tiny_configs["mvit"]) and again_args.seeds == 2
+    assert parse_overrides(again_args.set) == parse_overrides(argv[argv.index("--set") + 1::2])
 
     # resumed: nothing is retrained or re-evaluated
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("model.safetensors")}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -259,6 +260,9 @@ def run_study(out: str | Path, multi: Mapping[str, str | Path] | None = None, si
             "eval_sets": {"val": {"split": base.data.val_split, "data_seed": base.data.seed},
                           "heldout": {"split": base.data.val_split, "data_seed": heldout}},
             "configs": {"single": str(single_path), **{n: str(p) for n, p in multi_paths.items()}},
+            # as given (a shipped name stays a name), for the report's command
+            "config_args": {"single": str(single if single is not None else DEFAULT_SINGLE),
+                            **{n: str(p) for n, p in (multi or DEFAULT_MULTI).items()}},
             "overrides": dict(overrides or {}),
             "statistics": {"std": "sample standard deviation over the seeds (n - 1)",
                            "ci": f"95% percentile bootstrap interval of the mean over the seeds ({resamples} resamples, "
@@ -411,10 +415,13 @@ def _report(study: Mapping, out: Path) -> str:
               f"Training time summed over the {n * study['runs_per_seed']} runs: {study['train_seconds'] / 60:.1f} min; "
               f"this invocation's wall time: {study['wall_seconds'] / 60:.1f} min (finished runs are not retrained).", "",
               "## Reproduce", "", "```bash",
-              f"m3vit study --out {out} --seeds {n} --heldout-seed {study['eval_sets']['heldout']['data_seed']}"
-              + "".join(f" \\\n  --multi {name} {study['configs'][name]}" for name in study["multi"])
-              + f" \\\n  --single {study['configs']['single']}"
-              + "".join(f" \\\n  --set '{key}={json.dumps(value)}'" for key, value in study["overrides"].items()),
+              f"m3vit study --out {shlex.quote(str(out))} --seeds {n} "
+              f"--heldout-seed {study['eval_sets']['heldout']['data_seed']}"
+              + " \\\n  --multi" + "".join(f" {shlex.quote(name)} {shlex.quote(study['config_args'][name])}"
+                                              for name in study["multi"])
+              + f" \\\n  --single {shlex.quote(study['config_args']['single'])}"
+              + "".join(f" \\\n  --set {shlex.quote(f'{key}={json.dumps(value)}')}"
+                        for key, value in study["overrides"].items()),
               "```", ""]
     return "\n".join(lines)
 
