@@ -86,13 +86,7 @@ def run_conflicts(args) -> int:
             written.append(plot_conflict_matrices({label: last.mean_cosine}, last.tasks, out.path("conflicts.png")))
             if args.run and len(reports) > 1:
                 written.append(plot_conflict_evolution(reports, out.path("evolution.png")))
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    print(conflicts_text(reports))
-    if written:
-        print(f"wrote {', '.join(os.path.basename(str(p)) for p in written)} in {args.out}")
-    return 0
+    return _report(args, data, lambda: conflicts_text(reports), written)
 
 
 def run_compare(args) -> int:
@@ -119,10 +113,15 @@ def run_compare(args) -> int:
             matrices = {name: np.array(c["conflicts"]["cosine"], dtype=float)
                         for name, c in result["checkpoints"].items()}
             written.append(plot_conflict_matrices(matrices, result["tasks"], out.path("conflicts.png")))
+    return _report(args, result, lambda: compare_text(result), written)
+
+
+def _report(args, data: dict, text, written: list) -> int:
+    """Print ``data`` as JSON (``--json``) or ``text()`` and the files written to ``--out``."""
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(data, indent=2))
         return 0
-    print(compare_text(result))
+    print(text())
     if written:
         print(f"wrote {', '.join(os.path.basename(str(p)) for p in written)} in {args.out}")
     return 0
