@@ -52,6 +52,22 @@ def _router_hooks(model, adjust=None):
     return calls, handles
 
 
+def _usage_with_forced_experts(model, scenes, expert_of_task: dict):
+    """``expert_usage`` with each task's router pushed (+100 on one logit) to ``expert_of_task[task id]``."""
+    def bias(layer, task_ids, logits):
+        out = logits.clone()
+        for b, t in enumerate(task_ids.tolist()):
+            out[b, :, expert_of_task[t]] += 100.0
+        return out
+
+    _, handles = _router_hooks(model, bias)
+    try:
+        return expert_usage(model, scenes)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @pytest.mark.parametrize("router", ["multi_gate", "task_conditioned"])
 def test_counts_match_a_plain_loop_over_the_router_logits(scenes, router):
     model = _model(router)
@@ -92,18 +108,7 @@ def test_forced_experts_show_full_usage_and_no_overlap(scenes):
     model = _model(top_k=1)
     forced = {0: 0, 1: 3, 2: 3}  # task id -> expert its router is biased to
 
-    def bias(layer, task_ids, logits):
-        out = logits.clone()
-        for b, t in enumerate(task_ids.tolist()):
-            out[b, :, forced[t]] += 100.0
-        return out
-
-    _, handles = _router_hooks(model, bias)
-    try:
-        usage = expert_usage(model, scenes)
-    finally:
-        for h in handles:
-            h.remove()
+    usage = _usage_with_forced_experts(model, scenes, forced)
     for t_idx, expert in forced.items():
         assert (usage.fractions[:, t_idx, expert] == 1.0).all()
         assert np.allclose(usage.mean_gate_weight[:, t_idx, expert], 1.0)
@@ -281,18 +286,7 @@ def test_mutual_information_of_routed_models(scenes):
     assert np.allclose(expert_usage(_model("shared"), scenes).mutual_information(), 0.0, atol=1e-12)
     model = _model(top_k=1)
 
-    def bias(layer, task_ids, logits):  # semseg -> expert 0, sal and depth -> expert 3
-        out = logits.clone()
-        for b, t in enumerate(task_ids.tolist()):
-            out[b, :, {0: 0, 1: 3, 2: 3}[t]] += 100.0
-        return out
-
-    _, handles = _router_hooks(model, bias)
-    try:
-        usage = expert_usage(model, scenes)
-    finally:
-        for h in handles:
-            h.remove()
+    usage = _usage_with_forced_experts(model, scenes, {0: 0, 1: 3, 2: 3})  # semseg -> 0, sal and depth -> 3
     entropy_of_experts = -(1 / 3 * math.log2(1 / 3) + 2 / 3 * math.log2(2 / 3))
     assert np.allclose(usage.mutual_information(), entropy_of_experts)
     data = usage.to_dict()
