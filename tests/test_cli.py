@@ -87,7 +87,7 @@ def test_choice_lists_agree_with_their_registries():
     from m3vit.efficiency.fixed_point import OVERFLOWS, ROUNDINGS
     from m3vit.efficiency.onnx_export import QUANTIZATION_METHODS
     from m3vit.engine.config import DEVICES
-    from m3vit.engine.evaluator import PATHWAYS
+    from m3vit.engine.inference import PATHWAYS
     from m3vit.hardware.simulator import DESIGNS
     from m3vit.hardware.spec import list_platforms
     from m3vit.models.config import GATE_SOFTMAX

@@ -10,7 +10,7 @@ from pathlib import Path
 DATASETS = ("synthetic", "pascal_context", "nyud")  # m3vit.data.DATASETS
 PEOPLE_MODES = ("sparse", "close")  # m3vit.data.synthetic.PEOPLE_MODES
 DEVICES = ("auto", "cpu", "cuda")  # m3vit.engine.config.DEVICES
-EVAL_PATHWAYS = ("single", "all")  # m3vit.engine.evaluator.PATHWAYS
+EVAL_PATHWAYS = ("single", "all")  # m3vit.engine.inference.PATHWAYS
 EVAL_PROTOCOLS = ("default", "reference")  # m3vit.tasks.base.PROTOCOLS
 HW_DESIGNS = ("dense", "moe_no_reorder", "moe_reorder", "moe_all_on_chip")  # m3vit.hardware.simulator.DESIGNS
 ROUNDINGS = ("nearest", "floor")  # m3vit.efficiency.fixed_point.ROUNDINGS

@@ -63,12 +63,6 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def write_json_atomic(path: str, data: dict) -> None:
-    from ..utils.io import write_json
-
-    write_json(path, data)  # a write failure is an OutputError naming the path
-
-
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

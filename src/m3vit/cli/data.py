@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
 
 
 def run_show(args) -> int:
-    from ..data import DATASETS, build_dataset
+    from ..data import DATASETS, build_dataset, datasets_with_people
     from ..data.show import render_grid
 
     if args.start < 0:
@@ -37,8 +37,7 @@ def run_show(args) -> int:
     if DATASETS[args.dataset].people_modes:
         options["people"] = args.people
     elif args.people is not None:
-        with_people = " or ".join(n for n, d in DATASETS.items() if d.people_modes)
-        raise CLIError(f"--people applies to the {with_people} scenes only")
+        raise CLIError(f"--people applies to the {' or '.join(datasets_with_people())} scenes only")
     dataset = build_dataset(args.dataset, args.split, root=args.root, seed=args.seed, tasks=args.tasks, **options)
     stop = min(args.start + args.num, len(dataset))
     if args.start >= stop:

@@ -9,7 +9,8 @@ import json
 import sys
 
 from .choices import EVAL_PATHWAYS, EVAL_PROTOCOLS, OVERFLOWS, ROUNDINGS
-from .common import CLIError, add_device_option, device, positive_int, write_json_atomic
+from ..utils.io import write_json
+from .common import CLIError, add_device_option, device, positive_int
 
 _FIXED_POINT_OPTIONS = ("weight_bits", "weight_int_bits", "bias_bits", "bias_int_bits", "act_bits", "act_int_bits",
                         "rounding", "overflow")
@@ -153,7 +154,7 @@ def run(args) -> int:
     if formats is not None:
         report["fixed_point"] = _fixed_point_eval(model, formats, metrics, run_eval)
     if args.out:
-        write_json_atomic(args.out, report)
+        write_json(args.out, report)  # a write failure is an OutputError naming the path
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

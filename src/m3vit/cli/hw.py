@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from .choices import HW_DESIGNS, packaged_platforms
-from .common import CLIError, Parser, default_model_tasks, positive_int, write_json_atomic
+from ..utils.io import write_json
+from .common import CLIError, Parser, default_model_tasks, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -110,7 +111,7 @@ def _finish(args, report: dict, measured: dict | None = None) -> int:
     from ..hardware.report import simulation_text
 
     if args.out:
-        write_json_atomic(args.out, report)
+        write_json(args.out, report)  # a write failure is an OutputError naming the path
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -38,12 +38,17 @@ __all__ = [
     "DATASETS", "build_dataset", "dataset_from_config", "DataSettings", "SyntheticScenes", "PascalContextMT", "NYUDMT", "VOC_CLASSES", "NYUD_CLASSES",
     "IMAGENET_MEAN", "IMAGENET_STD", "Compose", "Normalize", "PadCrop", "RandomHorizontalFlip",
     "RandomScaleRotate", "Resize", "eval_transforms", "train_transforms", "SCALE_ROTATE_RECIPES",
-    "scale_rotate_options", "reference_loss_weights", "read_image", "ImageReadError", "ImageTooLargeError",
+    "scale_rotate_options", "reference_loss_weights", "datasets_with_people", "read_image", "ImageReadError", "ImageTooLargeError",
     "MAX_PIXELS", "preprocess", "resize_image",
 ]
 
 #: Dataset name -> class (the names configs and the CLI use).
 DATASETS = {"synthetic": SyntheticScenes, "pascal_context": PascalContextMT, "nyud": NYUDMT}
+
+
+def datasets_with_people() -> list[str]:
+    """Names of the datasets that take a ``people`` option (``people_modes`` declared), for messages."""
+    return [name for name, dataset in DATASETS.items() if dataset.people_modes]
 
 
 def scale_rotate_options(name: str, recipe: str = "reference") -> dict:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..data import DATASETS, SCALE_ROTATE_RECIPES
+from ..data import DATASETS, SCALE_ROTATE_RECIPES, datasets_with_people
 from ..models.config import MAX_INPUT_SIDE, ConfigError, ModelConfig, parse_number
 from ..models.factory import model_config
 from ..models.registry import list_models
@@ -182,10 +182,10 @@ class DataSection:
         _check_choice(f"{prefix}.scale_rotate", self.scale_rotate, SCALE_ROTATE_RECIPES)
         _check_int(f"{prefix}.num_workers", self.num_workers, 0)
         if self.people is not None:
-            _check_choice(f"{prefix}.people", self.people, sorted({m for d in DATASETS.values() for m in d.people_modes}))
+            with_people = datasets_with_people()
+            _check_choice(f"{prefix}.people", self.people, sorted({m for n in with_people for m in DATASETS[n].people_modes}))
             if not dataset.people_modes:
-                with_people = " or ".join(n for n, d in DATASETS.items() if d.people_modes)
-                raise _fail(f"{prefix}.people", f"applies to the {with_people} dataset only: set it to null")
+                raise _fail(f"{prefix}.people", f"applies to the {' or '.join(with_people)} dataset only: set it to null")
 
 
 @dataclass

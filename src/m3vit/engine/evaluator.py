@@ -20,7 +20,7 @@ from ..utils.errors import ConfigError, DataError
 from .builders import build_tasks
 from .inference import PATHWAYS, predict_checked
 
-__all__ = ["evaluate", "metrics_table", "PATHWAYS"]
+__all__ = ["evaluate", "metrics_table"]
 
 log = logging.getLogger(__name__)
 
