@@ -26,14 +26,13 @@ Run: ``.venv/bin/python benchmarks/onnx_int8_accuracy.py [--checkpoint demo-out/
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _env import loadavg
+from _env import loadavg, machine_info
 
 from m3vit.utils.io import write_json
 from m3vit.efficiency.export import export_checkpoint
@@ -124,8 +123,7 @@ def main(argv=None) -> int:
                  "images": len(val) if args.limit is None else min(args.limit, len(val)),
                  "calibration": {"split": run_cfg.data.train_split, "images": count}},
         "loadavg_before": load_before, "loadavg_after": loadavg(),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__},
+        "machine": {**machine_info(), "onnxruntime": onnxruntime.__version__},
         "results": results,
     }
     write_json(args.out, report)

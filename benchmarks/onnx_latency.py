@@ -32,7 +32,6 @@ Run: ``.venv/bin/python benchmarks/onnx_latency.py [--sizes tiny:224 small:512] 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _env import loadavg
+from _env import loadavg, machine_info
 
 import m3vit
 from m3vit.utils.io import write_json
@@ -171,8 +170,7 @@ def main(argv=None) -> int:
         "benchmark": "onnx_latency",
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
         "loadavg_before": load_before, "loadavg_after": load_after,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
+        "machine": {**machine_info(), "onnxruntime": onnxruntime.__version__, "numpy": np.__version__},
         "task": TASK, "batch": 1, "results": results,
     }
     write_json(args.out, report)
