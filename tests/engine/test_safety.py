@@ -178,6 +178,20 @@ def test_start_fresh_deletes_only_what_the_trainer_wrote(tmp_path, tiny_config):
     assert not (out / "final").exists() and not (out / "log.jsonl").exists()
 
 
+def test_start_fresh_keeps_a_users_file_in_the_tensorboard_folder(tmp_path, tiny_config):
+    """The TensorBoard folder loses only event files; anything else there is the user's and stays."""
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=1), out)
+    board = out / "tensorboard"
+    board.mkdir(exist_ok=True)
+    (board / "events.out.tfevents.123.host").write_bytes(b"event")
+    (board / "notes.md").write_text("the user's")
+    with pytest.raises(OutputError, match="it holds tensorboard"):
+        start_fresh(out)
+    assert [p.name for p in board.iterdir()] == ["notes.md"] and (board / "notes.md").read_text() == "the user's"
+    assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. One run per folder
 
