@@ -129,6 +129,18 @@ def test_data_show_writes_a_png_grid(tmp_path, capsys):
                  "--out", str(out)]) == 0
 
 
+def test_data_show_never_replaces_a_picture_it_did_not_write(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "samples.png"
+    Image.new("RGB", (8, 8), "red").save(out)
+    before = out.read_bytes()
+    assert main(["data", "show", "--num", "1", "--size", "32", "32", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} exists and is not a PNG figure written by m3vit") and len(err.splitlines()) == 1
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["samples.png"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -71,6 +71,20 @@ def test_eval_json_reproduces_the_library(checkpoints, capsys, tmp_path):
     assert not list(out_file.parent.glob(".*"))
 
 
+def test_eval_out_replaces_its_own_report_and_refuses_a_users_file(checkpoints, capsys, tmp_path):
+    out_file = tmp_path / "metrics.json"
+    out_file.write_text('{"metrics": {"semseg": {"mIoU": 50.0}}}\n')  # the user's baselines, say
+    before = out_file.read_bytes()
+    code, _, err = _run(["eval", "--checkpoint", checkpoints["moe"], "--limit", "1", "--out", out_file], capsys)
+    assert code == 2 and err.startswith(f"error: {out_file} exists and is not a JSON report (m3vit-eval-report)")
+    assert out_file.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+    out_file.unlink()
+    for _ in range(2):  # written, then replaced: its own report
+        code, _, err = _run(["eval", "--checkpoint", checkpoints["moe"], "--limit", "1", "--out", out_file], capsys)
+        assert code == 0, err
+    assert json.loads(out_file.read_text())["format"] == "m3vit-eval-report"
+
+
 def test_eval_table_shows_main_metrics_first_and_no_per_class_iou(checkpoints, capsys):
     code, out, err = _run(["eval", "--checkpoint", checkpoints["moe"], "--tasks", "depth", "semseg", "normals"], capsys)
     assert code == 0, err

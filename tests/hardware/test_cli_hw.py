@@ -48,6 +48,18 @@ def test_simulate_json_shape(capsys, tmp_path):
     assert report["task_switch"]["bytes"] > 0
 
 
+def test_simulate_out_never_replaces_a_file_it_did_not_write(capsys, tmp_path):
+    out_file = tmp_path / "sim.json"
+    out_file.write_text("my notes\n")
+    code, _, err = _run(capsys, "hw", "simulate", *TINY, "--out", str(out_file))
+    assert code == 2 and err.startswith(f"error: {out_file} exists and is not a JSON report (m3vit-hw-report)")
+    assert out_file.read_text() == "my notes\n"
+    out_file.unlink()
+    for _ in range(2):  # written, then replaced: its own report
+        assert _run(capsys, "hw", "simulate", *TINY, "--out", str(out_file))[0] == 0
+    assert json.loads(out_file.read_text())["format"] == "m3vit-hw-report"
+
+
 def test_simulate_table_and_heads(capsys):
     code, out, _ = _run(capsys, "hw", "simulate", *TINY, "--heads", "--task", "sal", "--platform", "zcu102")
     assert code == 0

@@ -239,3 +239,90 @@ def test_a_folder_lock_excludes_other_processes_and_dies_with_its_holder(tmp_pat
 def test_write_json_round_trip(tmp_path):
     write_json(tmp_path / "sub" / "x.json", {"a": [1, 2]})
     assert json.loads((tmp_path / "sub" / "x.json").read_text()) == {"a": [1, 2]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Single files the user names: JSON reports and figures
+# ----------------------------------------------------------------------------------------------
+
+FORMAT = "m3vit-test-report"
+
+
+def test_write_report_replaces_only_its_own_format(tmp_path):
+    from m3vit.utils.io import write_report
+
+    path = tmp_path / "report.json"
+    write_report(path, {"format": FORMAT, "value": 1})
+    write_report(path, {"format": FORMAT, "value": 2})  # its own: replaced
+    assert json.loads(path.read_text())["value"] == 2
+    with pytest.raises(OutputError, match="not a JSON report \\(m3vit-other\\) written by m3vit"):
+        write_report(path, {"format": "m3vit-other", "value": 3})  # another kind of report: kept
+    assert json.loads(path.read_text())["value"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+@pytest.mark.parametrize("content", [b'{"metrics": {"semseg": {"mIoU": 1.0}}}', b"my notes\n", b"\xff\xfe\x00",
+                                     b'["m3vit-test-report"]', b'{"format": 7}', b""])
+def test_write_report_refuses_a_file_it_did_not_write(tmp_path, content):
+    from m3vit.utils.io import write_report
+
+    path = tmp_path / "report.json"
+    path.write_bytes(content)
+    with pytest.raises(OutputError, match=f"{path} exists and is not a JSON report"):
+        write_report(path, {"format": FORMAT})
+    assert path.read_bytes() == content
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_write_report_refuses_a_folder_and_a_link(tmp_path):
+    from m3vit.utils.io import write_report
+
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        write_report(tmp_path / "dir", {"format": FORMAT})
+    target = tmp_path / "target.json"
+    write_report(target, {"format": FORMAT, "value": 1})
+    (tmp_path / "link.json").symlink_to(target)
+    with pytest.raises(OutputError, match="exists and is not"):  # a link is never m3vit's own file
+        write_report(tmp_path / "link.json", {"format": FORMAT, "value": 2})
+    assert json.loads(target.read_text())["value"] == 1 and (tmp_path / "link.json").is_symlink()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=200),
+                         st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=20), st.integers()),
+                                         max_size=4).map(lambda d: json.dumps(d).encode()),
+                         st.sampled_from([FORMAT, "m3vit-other"]).map(
+                             lambda f: json.dumps({"format": f, "x": 1}).encode())))
+def test_an_existing_file_is_replaced_only_when_it_is_the_same_report(tmp_path, content):
+    from m3vit.utils.io import write_report
+
+    path = tmp_path / "r.json"
+    path.write_bytes(content)
+    try:
+        own = json.loads(content).get("format") == FORMAT
+    except (ValueError, AttributeError):
+        own = False
+    if own:
+        write_report(path, {"format": FORMAT, "new": True})
+        assert json.loads(path.read_text()) == {"format": FORMAT, "new": True}
+    else:
+        with pytest.raises(OutputError):
+            write_report(path, {"format": FORMAT, "new": True})
+        assert path.read_bytes() == content
+    path.unlink()
+
+
+def test_figures_m3vit_saves_are_recognised_and_others_are_not(tmp_path):
+    from PIL import Image
+
+    from m3vit.utils.figures import is_m3vit_figure, new_figure, save_figure
+
+    fig = new_figure(1, 1)
+    fig.add_subplot().plot([0, 1])
+    ours = save_figure(fig, tmp_path / "ours.png")
+    assert is_m3vit_figure(ours)
+    Image.new("RGB", (4, 4)).save(tmp_path / "theirs.png")
+    (tmp_path / "text.png").write_text("not a picture")
+    assert not is_m3vit_figure(tmp_path / "theirs.png") and not is_m3vit_figure(tmp_path / "text.png")
+    assert not is_m3vit_figure(tmp_path / "missing.png")

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from ..engine.inference import predict_checked
-from ..utils.io import OutputFolder, write_atomic, write_json, write_text
+from ..utils.figures import save_figure
+from ..utils.io import OutputFolder, write_json, write_text
 from ..models import moe_block_indices
 from ..models.modes import eval_mode
 
@@ -325,10 +326,6 @@ def _heatmap(ax, values: np.ndarray, tasks: list[str], title: str, annotate: boo
     return image
 
 
-def _save_figure(fig, path: Path) -> Path:
-    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-
-
 def heatmap_names(usage: ExpertUsage) -> list[str]:
     """The file names ``plot_heatmaps`` writes."""
     return [f"experts_block{block}.png" for block in usage.layers] + ["experts_all.png"]
@@ -367,13 +364,13 @@ def plot_heatmaps(usage: ExpertUsage, out: str | os.PathLike | Callable[[str], P
                          f"block {block}: % of each task's token→expert assignments (top-{usage.top_k})"
                          f"{overlap_text}", annotate)
         fig.colorbar(image, ax=ax, label="%")
-        paths.append(_save_figure(fig, out(f"experts_block{block}.png")))
+        paths.append(Path(save_figure(fig, out(f"experts_block{block}.png"), dpi=110)))
     fig = Figure(figsize=(width, height_per * len(usage.layers) + 0.4), layout="constrained")
     axes = fig.subplots(len(usage.layers), 1, squeeze=False)[:, 0]
     for l_idx, block in enumerate(usage.layers):
         _heatmap(axes[l_idx], fractions[l_idx], usage.tasks, f"block {block}", annotate)
     fig.suptitle(f"expert usage per task (% of assignments, {usage.num_images} images)", fontsize=11)
-    paths.append(_save_figure(fig, out("experts_all.png")))
+    paths.append(Path(save_figure(fig, out("experts_all.png"), dpi=110)))
     return paths
 
 

@@ -9,9 +9,11 @@ import json
 import sys
 
 from .choices import EVAL_PATHWAYS, EVAL_PROTOCOLS, OVERFLOWS, ROUNDINGS
-from ..utils.io import write_json
+from ..utils.io import check_report_replaceable, write_report
 from .common import CLIError, add_device_option, device, positive_int
 
+#: The ``"format"`` of the JSON report ``--out`` writes (an existing file is replaced only when it has it).
+EVAL_REPORT_FORMAT = "m3vit-eval-report"
 _FIXED_POINT_OPTIONS = ("weight_bits", "weight_int_bits", "bias_bits", "bias_int_bits", "act_bits", "act_int_bits",
                         "rounding", "overflow")
 
@@ -102,6 +104,8 @@ def run(args) -> int:
     from ..tasks import delta_m, load_baselines, reference_baselines_path, reference_delta_m
     from ..tasks.delta import REFERENCE_DELTA_M_EXCLUDES
 
+    if args.out:  # refused at once, not after the evaluation
+        check_report_replaceable(args.out, EVAL_REPORT_FORMAT)
     formats = _fixed_point_formats(args)
     if args.onnx and formats is not None:
         raise CLIError("--fixed-point emulates the PyTorch model: it cannot be combined with --onnx")
@@ -140,6 +144,7 @@ def run(args) -> int:
         dm = reference_delta_m(metrics, baselines)[0] if reference else delta_m(metrics, baselines)
     num_samples = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     report = {
+        "format": EVAL_REPORT_FORMAT,
         "metrics": metrics,
         "checkpoint": str(args.checkpoint),
         "onnx": args.onnx,
@@ -154,7 +159,7 @@ def run(args) -> int:
     if formats is not None:
         report["fixed_point"] = _fixed_point_eval(model, formats, metrics, run_eval)
     if args.out:
-        write_json(args.out, report)  # a write failure is an OutputError naming the path
+        write_report(args.out, report)  # refuses a file not its own; a write failure names the path
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

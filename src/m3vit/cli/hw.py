@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 
 from .choices import HW_DESIGNS, packaged_platforms
-from ..utils.io import write_json
+from ..utils.io import check_report_replaceable, write_report
 from .common import CLIError, Parser, default_model_tasks, positive_int
+
+#: The ``"format"`` of the JSON report ``--out`` writes (an existing file is replaced only when it has it).
+HW_REPORT_FORMAT = "m3vit-hw-report"
 
 
 def add_parser(subparsers) -> None:
@@ -58,6 +61,8 @@ def _inputs(args, need_model: bool = False):
     from ..models import load_checkpoint, model_config
     from ..models.checkpoint import verify_checkpoint
 
+    if args.out:  # refused at once, not after the simulation
+        check_report_replaceable(args.out, HW_REPORT_FORMAT)
     overrides = {k: v for k, v in (("num_experts", args.experts), ("top_k", args.top_k)) if v is not None}
     size = tuple(args.img_size) if args.img_size else None
     if args.image and not args.checkpoint:
@@ -110,8 +115,9 @@ def _simulate(args, cfg, task, routing) -> dict:
 def _finish(args, report: dict, measured: dict | None = None) -> int:
     from ..hardware.report import simulation_text
 
+    report = {"format": HW_REPORT_FORMAT, **report}
     if args.out:
-        write_json(args.out, report)  # a write failure is an OutputError naming the path
+        write_report(args.out, report)  # refuses a file not its own; a write failure names the path
     if args.json:
         print(json.dumps(report, indent=2))
     else:

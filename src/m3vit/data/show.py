@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from ..tasks import get_task
 from ..utils.errors import InputError
-from ..utils.figures import image_to_uint8, picture_grid
+from ..utils.figures import image_to_uint8, is_m3vit_figure, picture_grid
+from ..utils.io import check_file_replaceable
 
 __all__ = ["dataset_tasks", "render_grid"]
 
@@ -37,10 +38,12 @@ def render_grid(dataset, indices: Sequence[int], path: str | os.PathLike, *, cel
     """Write a PNG grid of ``dataset[i]`` for ``i in indices`` (image + every label); return the path.
 
     Samples must be un-normalised (``image`` in [0, 1]): pass the dataset without ``Normalize``.
-    The file is written to a temporary name and renamed, so a failure leaves nothing behind.
+    The file is written to a temporary name and renamed, so a failure leaves nothing behind; an existing
+    ``path`` is replaced only when it is a figure m3vit wrote (``OutputError`` otherwise, before any work).
     """
     if not indices:
         raise InputError("render_grid needs at least one sample index")
+    check_file_replaceable(path, is_m3vit_figure, "a PNG figure")
     tasks = dataset_tasks(dataset)
     rows = []
     for index in indices:

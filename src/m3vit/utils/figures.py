@@ -11,7 +11,10 @@ from collections.abc import Sequence
 
 from .io import write_atomic
 
-__all__ = ["new_figure", "save_figure", "image_to_uint8", "picture_grid"]
+__all__ = ["new_figure", "save_figure", "is_m3vit_figure", "image_to_uint8", "picture_grid", "FIGURE_TAG"]
+
+#: The PNG text entry every figure m3vit saves carries, by which ``is_m3vit_figure`` recognises its own files.
+FIGURE_TAG = ("Software", "m3vit")
 
 
 def new_figure(width: float, height: float, dpi: int = 100):
@@ -24,9 +27,24 @@ def new_figure(width: float, height: float, dpi: int = 100):
     return Figure(figsize=(width, height), dpi=dpi)
 
 
-def save_figure(fig, path: str | os.PathLike) -> str:
-    """Write a matplotlib ``Figure`` as PNG to a temporary name, then rename it to ``path``; the path."""
-    return os.fspath(write_atomic(path, lambda tmp: fig.savefig(tmp, format="png")))
+def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> str:
+    """Write a matplotlib ``Figure`` as PNG (tagged ``FIGURE_TAG``; ``dpi`` default: the figure's) to a
+    temporary name, then rename it to ``path``; the path."""
+    key, value = FIGURE_TAG
+    return os.fspath(write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi or "figure",
+                                                                metadata={key: value})))
+
+
+def is_m3vit_figure(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG that ``save_figure`` wrote (its ``FIGURE_TAG`` text entry)."""
+    from PIL import Image, UnidentifiedImageError
+
+    key, value = FIGURE_TAG
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and getattr(image, "text", {}).get(key) == value
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def image_to_uint8(image):

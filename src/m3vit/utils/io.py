@@ -8,6 +8,9 @@ The rules every command follows (the README's "Safety" section):
   place. An existing target is replaced only when it is an m3vit output of the same kind
   (``OutputKind.recognises``: for a checkpoint, a folder holding nothing but the files a checkpoint
   has); a user's folder, a plain file or an output of another kind is refused with one line.
+* A single file the user names (``eval --out report.json``, ``data show --out samples.png``) replaces an
+  existing file only when m3vit recognises it as its own of the same kind (``check_file_replaceable``: a
+  JSON report's ``"format"``, a PNG's text tag); anything else is refused with one line.
 * A folder that receives files from several runs (inference outputs, expert reports, experiment
   reports) keeps a manifest ``.m3vit-output.json`` of the files m3vit wrote there
   (``OutputFolder``): a file that is not listed is never overwritten. Each name is appended to a journal
@@ -32,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,7 +44,8 @@ from typing import Any
 
 from .errors import OutputError, RunLockedError
 
-__all__ = ["current_umask", "write_atomic", "write_bytes", "write_text", "write_json", "OutputKind",
+__all__ = ["current_umask", "write_atomic", "write_bytes", "write_text", "write_json", "write_report",
+           "check_file_replaceable", "check_report_replaceable", "report_format", "OutputKind",
            "atomic_directory", "check_replaceable", "remove_output", "OutputFolder", "FolderLock", "MANIFEST_FILE",
            "TEMP_MARK", "is_temporary_name", "make_dirs"]
 
@@ -163,6 +168,47 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` atomically."""
     return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def check_file_replaceable(path: str | os.PathLike, recognises: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace an existing ``path`` unless it is a regular file m3vit recognises as its own
+    (``recognises(path)``): an ``OutputError`` naming ``path`` and ``what`` m3vit writes there."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"{path} is a folder; give a file name to write")
+    if not stat.S_ISREG(mode) or not recognises(path):
+        raise OutputError(f"{path} exists and is not {what} written by m3vit; move it away or choose another name")
+
+
+def report_format(path: str | os.PathLike) -> str | None:
+    """The ``"format"`` of the JSON report in ``path`` (a JSON object's ``"format"`` string), else None."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(64 << 20))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON (JSONDecodeError is a ValueError)
+        return None
+    fmt = data.get("format") if isinstance(data, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def check_report_replaceable(path: str | os.PathLike, fmt: str) -> None:
+    """``check_file_replaceable`` for a JSON report of format ``fmt``: call it before long work, so a
+    refused ``--out`` fails at once."""
+    check_file_replaceable(path, lambda p: report_format(p) == fmt, f"a JSON report ({fmt})")
+
+
+def write_report(path: str | os.PathLike, report: dict) -> Path:
+    """Write a JSON ``report`` (a dict whose ``"format"`` names its kind, e.g. ``"m3vit-eval-report"``) to a
+    file the user named, atomically; an existing file is replaced only when it is a report of the same
+    format (``check_report_replaceable``)."""
+    check_report_replaceable(path, report["format"])
+    return write_json(path, report)
 
 
 # ----------------------------------------------------------------------------------------------
