@@ -20,11 +20,17 @@ same random tokens ``[1, N, D]``:
 ``--candidates`` also times, on the layer's own routing, the small-queue forms considered for the
 expert compute (the shipped ``batched`` dispatch; its padded layout from a sort-free one-hot cumulative
 count instead of the ``argsort`` plan; a combine that gathers each token's k rows and sums them with one
-``bmm`` instead of the scatter-add; every expert over every token, E/k times the FLOPs) and the two
+``bmm`` instead of the scatter-add; the pairs sorted by expert and two ``torch.nn.functional.grouped_mm``
+calls, no padding and no host sync; every expert over every token, E/k times the FLOPs) and the two
 planners alone, all next to the MLP.
 
+``--in-model`` times every block's MLP (dense) or MoE layer *inside* a whole one-task forward of
+``m3vit_<size>`` and ``mvit_<size>`` (wrapped ``forward`` methods, the two models alternating, medians),
+with the backbone and the head: the layer's cost where its expert weights compete for cache with the
+rest of the model, which the isolated timing above does not show.
+
 Run: ``.venv/bin/python benchmarks/moe_overhead.py [--sizes micro tiny] [--strategies auto per_expert
-batched] [--rounds 9] [--min-run-time 0.2] [--threads 2] [--no-timing] [--candidates] [--out
+batched] [--rounds 9] [--min-run-time 0.2] [--threads 2] [--no-timing] [--candidates] [--in-model] [--out
 benchmarks/results/moe_overhead.json]``.
 """
 
@@ -37,8 +43,10 @@ import copy
 import os
 import statistics
 import sys
+import time
 
 import torch
+import torch.nn.functional as F
 from _env import loadavg
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.benchmark import Timer
@@ -177,6 +185,21 @@ def batched_gather_combine(x, indices, weights, w1, b1, w2, b2):
     return torch.bmm(weights.unsqueeze(1), y[row]).squeeze(1)
 
 
+def grouped(x, indices, weights, w1, b1, w2, b2):
+    """The pairs sorted by expert (choice-major, as the plan), two ``F.grouped_mm`` over the jagged queues
+    (offsets on the device: no host sync, no padding), biases gathered per row, scatter-add combine."""
+    num_tokens, _ = indices.shape
+    flat = indices.t().reshape(-1)
+    slot = torch.argsort(flat, stable=True)
+    counts = torch.zeros(w1.shape[0], dtype=torch.long).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = counts.cumsum(0).to(torch.int32)
+    expert, token = flat.index_select(0, slot), slot.remainder(num_tokens)
+    h = F.grouped_mm(x.index_select(0, token), w1, offs=offs).add_(b1.index_select(0, expert))
+    y = F.grouped_mm(torch.ops.aten.gelu_(h), w2, offs=offs).add_(b2.index_select(0, expert))
+    y.mul_(weights.t().reshape(-1).index_select(0, slot).unsqueeze(1))
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
 def all_experts(x, indices, weights, w1, b1, w2, b2):
     """Every expert over every token (one wide first GEMM, one bmm), combined with the dense gate matrix."""
     num_experts, dim, hidden = w1.shape
@@ -196,6 +219,7 @@ def bench_candidates(size: str, rounds: int, min_run_time: float) -> dict:
         forms = {"batched (shipped)": lambda: dispatch_to_experts(*args, strategy="batched"),
                  "batched, one-hot layout": lambda: batched_onehot_layout(*args),
                  "batched, gather + bmm combine": lambda: batched_gather_combine(*args),
+                 "grouped_mm, sorted, no padding": lambda: grouped(*args),
                  "all experts, every token": lambda: all_experts(*args)}
         max_error = {name: float((form() if name != "batched (shipped)" else shipped).sub(shipped).abs().max())
                      for name, form in forms.items()}
@@ -212,6 +236,43 @@ def bench_candidates(size: str, rounds: int, min_run_time: float) -> dict:
             "max_abs_error_vs_shipped": max_error, "runs_us": times}
 
 
+def bench_in_model(size: str, rounds: int) -> dict:
+    """Per block, the MLP / MoE layer's time inside whole one-task forwards of both models (medians, µs)."""
+    models = {}
+    for kind in ("m3vit", "mvit"):
+        torch.manual_seed(0)
+        models[kind] = m3vit.create_model(f"{kind}_{size}", TASKS, img_size=(SIZES[size],) * 2).eval()
+    times: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+
+    def timed(key, module):
+        forward = module.forward
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            times[key].append((time.perf_counter() - start) * 1e6)
+            return out
+        module.forward = wrapper
+
+    for kind, model in models.items():
+        for i, block in enumerate(model.backbone.blocks):
+            timed((kind, f"block {i} {'MoE' if block.is_moe else 'MLP'}" if kind == "m3vit" else f"block {i}"),
+                  block.mlp)
+        timed((kind, "backbone"), model.backbone)
+        timed((kind, "head"), model.heads[TASKS[0]])
+        timed((kind, "model"), model)
+    images = torch.randn(1, 3, SIZES[size], SIZES[size])
+    warmup = 3
+    with torch.inference_mode():
+        for r in range(rounds + warmup):
+            for kind in (("m3vit", "mvit") if r % 2 else ("mvit", "m3vit")):
+                models[kind](images, tasks=TASKS[:1])
+    medians = {kind: {part.split(" MoE")[0].split(" MLP")[0]: statistics.median(t[warmup:])
+                      for (k, part), t in times.items() if k == kind} for kind in models}
+    medians["m3vit_layers"] = [part for (k, part) in times if k == "m3vit" and part.startswith("block")]
+    return {"size": size, "rounds": rounds, "median_us": medians}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -221,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-timing", action="store_true", help="op counts only (deterministic)")
     ap.add_argument("--candidates", action="store_true", help="also time the small-queue candidate forms")
+    ap.add_argument("--in-model", action="store_true", help="also time each MLP / MoE layer inside whole forwards")
     ap.add_argument("--out", default="benchmarks/results/moe_overhead.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -229,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                for size in args.sizes]
     candidates = ([bench_candidates(size, args.rounds, args.min_run_time) for size in args.sizes]
                   if args.candidates else [])
+    in_model = [bench_in_model(size, max(args.rounds, 30)) for size in args.sizes] if args.in_model else []
     load_after = loadavg()
     print(f"# one MoE layer vs the dense MLP, batch 1, eval, inference_mode, {args.threads} threads, "
           f"torch {torch.__version__}; load {load_before} -> {load_after}")
@@ -250,10 +313,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, median in c["median_us"].items():
                 error = c["max_abs_error_vs_shipped"].get(name)
                 print(f"| {c['size']} | {name} | {median:.1f} | {'' if error is None else f'{error:.1e}'} |")
+    for m in in_model:
+        m3, mv = m["median_us"]["m3vit"], m["median_us"]["mvit"]
+        print(f"\n| {m['size']}: part (in a whole forward) | m3vit us | mvit us | difference us |\n|---|---:|---:|---:|")
+        labels = dict(zip([f"block {i}" for i in range(len(m["median_us"]["m3vit_layers"]))],
+                          m["median_us"]["m3vit_layers"]))
+        for part in m3:
+            print(f"| {labels.get(part, part)} | {m3[part]:.0f} | {mv[part]:.0f} | {m3[part] - mv[part]:+.0f} |")
     write_json(args.out, {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
                           "torch": torch.__version__, "threads": args.threads, "loadavg_before": load_before,
                           "loadavg_after": load_after, "results": results,
-                          "candidates": candidates})
+                          "candidates": candidates, "in_model": in_model})
     print(f"\nwrote {args.out}")
     return 0
 
