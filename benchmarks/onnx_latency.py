@@ -16,7 +16,8 @@ with ``m3vit.efficiency.onnx_export.export_onnx`` and run side by side in one pr
 * ``torch m3vit`` / ``torch mvit``  PyTorch eager ``model(images, tasks=["semseg"])`` under inference mode.
 
 Batch 1, ``--threads`` (default 2) intra-op threads for both runtimes (``intra_op_num_threads``,
-``torch.set_num_threads``). After ``--warmup`` rounds, ``--repeats`` rounds each time every variant once,
+``torch.set_num_threads``); ``--no-spin`` stops onnxruntime's idle worker threads spinning between runs,
+which otherwise take CPU from the PyTorch call timed next. After ``--warmup`` rounds, ``--repeats`` rounds each time every variant once,
 in an order rotated every round; medians are reported. The routing of random weights is close to
 uniform over the experts; a trained model's routing is more skewed.
 
@@ -55,7 +56,7 @@ def build(name: str, size: int) -> torch.nn.Module:
     return m3vit.create_model(name, [TASK], img_size=(size, size)).eval()
 
 
-def prepare(label: str, size: int, int8: list[str], threads: int, workdir: Path) -> dict:
+def prepare(label: str, size: int, int8: list[str], threads: int, workdir: Path, spin: bool = True) -> dict:
     """Models, ONNX files and sessions of one size: ``{variant: callable(images) -> output}``."""
     models = {"m3vit": build(f"m3vit_{label}", size), "mvit": build(f"mvit_{label}", size)}
     calibration = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -67,7 +68,7 @@ def prepare(label: str, size: int, int8: list[str], threads: int, workdir: Path)
             files[f"ort {name} int8 {method}"] = quantize_onnx(path, workdir / f"{label}_{name}.int8_{method}.onnx",
                                                               method=method, calibration=calibration, batch_size=1)
     for variant, path in files.items():
-        session = onnx_session(path, threads=threads)
+        session = onnx_session(path, threads=threads, spin=spin)
         input_name = session.get_inputs()[0].name
         runners[variant] = (lambda s, n: lambda x: s.run(None, {n: x.numpy()}))(session, input_name)
     for name, model in models.items():
@@ -139,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--int8", nargs="*", default=list(QUANTIZATION_METHODS), choices=QUANTIZATION_METHODS,
                     help="int8 methods to time (default: all)")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="onnxruntime worker threads do not spin between runs (they leave the cores to PyTorch)")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -152,12 +155,13 @@ def main(argv=None) -> int:
             label, _, pixels = spec.partition(":")
             size = int(pixels or 224)
             print(f"exporting {label} at {size}x{size} ...", file=sys.stderr, flush=True)
-            setup = prepare(label, size, args.int8, args.threads, Path(tmp))
+            setup = prepare(label, size, args.int8, args.threads, Path(tmp), spin=not args.no_spin)
             print(f"timing {len(setup['runners'])} variants ...", file=sys.stderr, flush=True)
             runs = time_variants(setup["runners"], size, args.repeats, args.warmup)
             medians = {n: statistics.median(r) for n, r in runs.items()}
             results.append({
                 "size": label, "img_size": size, "threads": args.threads, "repeats": args.repeats,
+                "ort_spinning": not args.no_spin,
                 "variants": {n: {"median_ms": medians[n], "min_ms": min(r), "runs_ms": r} for n, r in runs.items()},
                 "file_bytes": setup["file_bytes"],
                 "ratios": ratios(medians, args.int8),

@@ -214,6 +214,17 @@ def _assert_batch_zero_runs(path, channels):
     assert run.stdout.splitlines() == [f"0 0 {channels} 32 32", f"2 2 {channels} 32 32"]
 
 
+def test_a_session_without_spinning_threads_gives_the_same_output(multi_gate, calibration):
+    from m3vit.efficiency.onnx_export import onnx_session
+
+    _, path = multi_gate
+    images = {"images": _images(calibration, 2).numpy()}
+    spinning = onnx_session(path, threads=2)
+    quiet = onnx_session(path, threads=2, spin=False)
+    assert quiet.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert (quiet.run(None, images)[0] == spinning.run(None, images)[0]).all()
+
+
 def test_sparse_export_runs_batch_zero(multi_gate):
     _assert_batch_zero_runs(multi_gate[1], channels=1)
 

@@ -207,9 +207,11 @@ def export_onnx(model: MultiTaskModel, path: str | os.PathLike, *, task: str | N
     return write_atomic(path, write)
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
+def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True):
     """An onnxruntime CPU ``InferenceSession`` on ``path`` (all graph optimisations; ``threads`` intra-op
-    threads, default onnxruntime's). A file that is not an ONNX model raises ``InputError``."""
+    threads, default onnxruntime's). ``spin=False`` stops its idle worker threads spinning between runs
+    (they then leave the cores to other work, at some latency). A file that is not an ONNX model raises
+    ``InputError``."""
     ort = _require("onnxruntime")
     from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
 
@@ -217,6 +219,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except InvalidProtobuf:
