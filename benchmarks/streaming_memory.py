@@ -450,8 +450,9 @@ NOTES = [
     "the baseline process (torch + m3vit imported, input made), 'RSS after fwd' is VmRSS after the last forward.",
     "weights MiB: parameters + buffers in memory (streaming: the non-expert ones plus the two expert buffers).",
     "Expert reads hit the page cache (the checkpoint was just written); a cold disk adds read time to streaming.",
-    "load_checkpoint's peak includes its transient (random init + the loaded state dict); the steady ratio "
-    "(RSS after the forward) is the one a long-running process sees.",
+    "load_checkpoint builds the model on the meta device and reads each tensor once, so a peak is the weights "
+    "plus the forward's activations; the steady ratio (RSS after the forward) is the one a long-running "
+    "process sees.",
 ]
 
 
