@@ -35,7 +35,7 @@ Targets: ``ours`` within 1.05x of the equal-FLOPs dense MLP (forward) and faster
 
 Run: ``.venv/bin/python benchmarks/moe_dispatch.py [--quick] [--repeats N] [--out PATH]``, or
 ``.venv/bin/python benchmarks/moe_dispatch.py --crossover [--crossover-widths 192 384 768]
-[--crossover-queues 16 32 64 128 256] [--crossover-experts 16] [--repeats 5] [--device cpu|cuda] [--out PATH]``.
+[--crossover-queues 16 32 64 128 256] [--crossover-experts 16] [--crossover-skews 0 1] [--repeats 5] [--device cpu|cuda] [--out PATH]``.
 """
 
 from __future__ import annotations
@@ -98,18 +98,23 @@ def gshard_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def random_routing(num_tokens: int, num_experts: int, top_k: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Softmax of random logits, top-k; combine weights are the picked probabilities."""
+def random_routing(num_tokens: int, num_experts: int, top_k: int, generator: torch.Generator,
+                   skew: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Softmax of random logits, top-k; combine weights are the picked probabilities. ``skew`` adds a
+    per-expert bias from ``+skew`` to ``-skew`` to the logits: some experts get long queues, others short
+    ones, as a trained router's uneven choices do (0: nearly even queues)."""
     logits = torch.randn(num_tokens, num_experts, generator=generator)
+    if skew:
+        logits += torch.linspace(skew, -skew, num_experts)
     weights, indices = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
     return weights.contiguous(), indices.contiguous()
 
 
-def make_problem(shape: Shape, seed: int = 0) -> dict[str, Tensor]:
-    """Tokens, routing and stacked expert weights at O(1) activation scale."""
+def make_problem(shape: Shape, seed: int = 0, skew: float = 0.0) -> dict[str, Tensor]:
+    """Tokens, routing (``random_routing``, ``skew``) and stacked expert weights at O(1) activation scale."""
     g = torch.Generator().manual_seed(seed)
     s, d, e, h = shape.num_tokens, shape.dim, shape.experts, shape.hidden
-    weights, indices = random_routing(s, e, shape.top_k, g)
+    weights, indices = random_routing(s, e, shape.top_k, g, skew)
     return {
         "x": torch.randn(s, d, generator=g),
         "indices": indices,
@@ -541,61 +546,72 @@ CROSSOVER_WIDTHS = (192, 384, 768)
 CROSSOVER_QUEUES = (16, 32, 64, 128, 256)
 
 
-def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
-    """Forward (no grad) of ``per_expert`` against ``batched`` for expert width ``D = H`` and mean queue
-    length ``S * k / E`` (top-4, random routing); where batched stops winning is the crossover.
+def bench_crossover(widths, queues, experts: int, repeats: int, warmup: int, device: str = "cpu",
+                    skews=(0.0,)) -> dict:
+    """Forward (no grad) of ``per_expert`` against ``batched`` for expert width ``D = H``, mean queue length
+    ``S * k / E`` (top-4) and routing ``skew`` (``random_routing``: 0 gives nearly even queues, longest
+    ~1.1-1.3x the mean; a trained router's are more uneven, which costs batched more padding).
 
-    ``choose_strategy`` decides on the rows of a mean queue and its work, ``mean_queue * D * H``
-    multiply-adds (``m3vit.nn.dispatch.BATCHED_MAX_MEAN_QUEUE`` / ``BATCHED_MAX_QUEUE_MACS``); each point
-    prints what it picks. Random routing gives nearly even queues (longest ~1.1-1.3x the mean); a real
-    model's are more uneven, which costs batched more padding.
+    ``choose_strategy`` (what ``dispatch="auto"`` runs) is printed per point, with the padding it weighs:
+    the padded rows per busy expert (``longest - mean``) times ``D x H``, in multiply-adds.
     """
-    from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, BATCHED_MAX_QUEUE_MACS
-
     top_k = 4
     print(f"\n## crossover: per_expert vs batched forward, E={experts}, top-{top_k}, D=H in {list(widths)}, "
-          f"mean queue in {list(queues)} rows; auto: batched below {BATCHED_MAX_MEAN_QUEUE} rows and "
-          f"{BATCHED_MAX_QUEUE_MACS / 1e6:.1f}M MACs per mean queue")
-    print("\n| D=H | mean queue | longest | queue MACs (M) | per_expert ms (median / min) | batched ms (median / min) | "
-          "batched / per_expert (medians / mins) | auto picks |\n|---:|---:|---:|---:|---:|---:|---:|---|")
+          f"mean queue in {list(queues)} rows, skew in {list(skews)}")
+    print("\n| D=H | skew | mean queue | longest | padding MACs per expert (M) | per_expert ms (median / min) | "
+          "batched ms (median / min) | batched / per_expert (medians / mins) | auto picks |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     points = []
-    for dim in widths:
-        for queue in queues:
-            num_tokens = max(1, queue * experts // top_k)
-            p = make_problem(Shape("crossover", 1, num_tokens, dim, experts, top_k, dim), seed=dim + queue)
-            args = tuple(p[k].to(device) for k in ("x", "indices", "weights", "w1", "b1", "w2", "b2"))
-            plan = plan_dispatch(p["indices"], experts)
+    for skew in skews:
+        for dim in widths:
+            for queue in queues:
+                num_tokens = max(1, queue * experts // top_k)
+                p = make_problem(Shape("crossover", 1, num_tokens, dim, experts, top_k, dim), seed=dim + queue,
+                                 skew=skew)
+                args = tuple(p[k].to(device) for k in ("x", "indices", "weights", "w1", "b1", "w2", "b2"))
+                plan = plan_dispatch(p["indices"], experts)
 
-            def run(strategy, args=args):
-                dispatch_to_experts(*args, strategy=strategy)
-                if device == "cuda":
-                    torch.cuda.synchronize()
+                def run(strategy, args=args):
+                    dispatch_to_experts(*args, strategy=strategy)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
 
-            cases = [Case(s, lambda s=s: run(s)) for s in ("per_expert", "batched")]
-            with torch.no_grad():
-                time_interleaved(cases, repeats, warmup, min_sample_s=0.02)
-            per_expert, batched = (c.median_ms for c in cases)
-            per_expert_min, batched_min = (1e3 * min(c.samples) for c in cases)
-            mean_queue = num_tokens * top_k / experts
-            pick = choose_strategy(plan, dim, dim)
-            points.append({"dim": dim, "hidden": dim, "experts": experts, "top_k": top_k, "num_tokens": num_tokens,
-                           "mean_queue": mean_queue, "longest_queue": max(plan.counts),
-                           "queue_macs": mean_queue * dim * dim, "per_expert_ms": per_expert, "batched_ms": batched,
-                           "batched_over_per_expert": batched / per_expert, "per_expert_min_ms": per_expert_min,
-                           "batched_min_ms": batched_min, "batched_over_per_expert_min": batched_min / per_expert_min,
-                           "auto": pick,
-                           "samples_ms": {c.name: [1e3 * t for t in c.samples] for c in cases}})
-            print(f"| {dim} | {mean_queue:.0f} | {max(plan.counts)} | {mean_queue * dim * dim / 1e6:.1f} | "
-                  f"{per_expert:.2f} / {per_expert_min:.2f} | {batched:.2f} / {batched_min:.2f} | "
-                  f"{batched / per_expert:.2f} / {batched_min / per_expert_min:.2f} | {pick} |", flush=True)
-    # Judged on the minima: on a shared machine they are the better estimate of the uncontended cost.
-    wrong = [pt for pt in points if (pt["auto"] == "batched") != (pt["batched_min_ms"] < pt["per_expert_min_ms"])]
-    print(f"\n  auto picks the slower strategy (by minima) at {len(wrong)} of {len(points)} points"
-          + (": " + ", ".join(f"D={pt['dim']} queue {pt['mean_queue']:.0f} ({pt['batched_over_per_expert_min']:.2f}x)"
-                              for pt in wrong) if wrong else ""))
-    return {"experts": experts, "top_k": top_k, "repeats": repeats, "device": device,
-            "threshold_mean_queue": BATCHED_MAX_MEAN_QUEUE, "threshold_queue_macs": BATCHED_MAX_QUEUE_MACS,
-            "points": points, "auto_wrong": len(wrong)}
+                cases = [Case(s, lambda s=s: run(s)) for s in ("per_expert", "batched")]
+                with torch.no_grad():
+                    time_interleaved(cases, repeats, warmup, min_sample_s=0.02)
+                per_expert, batched = (c.median_ms for c in cases)
+                per_expert_min, batched_min = (1e3 * min(c.samples) for c in cases)
+                busy = sum(1 for c in plan.counts if c)
+                mean_queue = num_tokens * top_k / busy
+                longest = max(plan.counts)
+                padding_macs = (longest - mean_queue) * dim * dim
+                pick = choose_strategy(plan, dim, dim)
+                points.append({"dim": dim, "hidden": dim, "experts": experts, "top_k": top_k, "skew": skew,
+                               "num_tokens": num_tokens, "mean_queue": mean_queue, "longest_queue": longest,
+                               "padding_macs_per_expert": padding_macs, "per_expert_ms": per_expert,
+                               "batched_ms": batched, "batched_over_per_expert": batched / per_expert,
+                               "per_expert_min_ms": per_expert_min, "batched_min_ms": batched_min,
+                               "batched_over_per_expert_min": batched_min / per_expert_min, "auto": pick,
+                               "samples_ms": {c.name: [1e3 * t for t in c.samples] for c in cases}})
+                print(f"| {dim} | {skew:g} | {mean_queue:.0f} | {longest} | {padding_macs / 1e6:.2f} | "
+                      f"{per_expert:.2f} / {per_expert_min:.2f} | {batched:.2f} / {batched_min:.2f} | "
+                      f"{batched / per_expert:.2f} / {batched_min / per_expert_min:.2f} | {pick} |", flush=True)
+    # Judged on the minima: on a shared machine they are the better estimate of the uncontended cost. A point
+    # within 5% either way is a tie: either pick is right.
+    wrong = [pt for pt in points if abs(pt["batched_over_per_expert_min"] - 1) > 0.05
+             and (pt["auto"] == "batched") != (pt["batched_min_ms"] < pt["per_expert_min_ms"])]
+    print(f"\n  auto picks the slower strategy (by minima, ties within 5% aside) at {len(wrong)} of {len(points)} points"
+          + (": " + ", ".join(f"D={pt['dim']} skew {pt['skew']:g} queue {pt['mean_queue']:.0f} "
+                              f"({pt['batched_over_per_expert_min']:.2f}x)" for pt in wrong) if wrong else ""))
+    # What auto's picks cost: the time over the faster strategy, in sum over the points and at the worst one.
+    chosen = [pt["batched_min_ms"] if pt["auto"] == "batched" else pt["per_expert_min_ms"] for pt in points]
+    fastest = [min(pt["batched_min_ms"], pt["per_expert_min_ms"]) for pt in points]
+    worst = max(c / f for c, f in zip(chosen, fastest))
+    print(f"  auto's picks take {sum(chosen) / sum(fastest):.3f}x the faster strategy's time summed over the points; "
+          f"worst point {worst:.2f}x")
+    return {"experts": experts, "top_k": top_k, "repeats": repeats, "device": device, "skews": list(skews),
+            "points": points, "auto_wrong": len(wrong), "auto_over_fastest_sum": sum(chosen) / sum(fastest),
+            "auto_over_fastest_worst": worst}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,6 +643,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crossover-widths", type=int, nargs="+", default=list(CROSSOVER_WIDTHS), metavar="D")
     ap.add_argument("--crossover-queues", type=int, nargs="+", default=list(CROSSOVER_QUEUES), metavar="ROWS")
     ap.add_argument("--crossover-experts", type=int, default=16)
+    ap.add_argument("--crossover-skews", type=float, nargs="+", default=[0.0, 1.0], metavar="SKEW",
+                    help="routing skews of the sweep (0: even queues; 1: longest queue ~2-3x the mean)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="device of the --crossover sweep (the other sections run on CPU)")
     ap.add_argument("--out", default="benchmarks/results/moe_dispatch.json")
@@ -655,7 +673,7 @@ def main(argv=None) -> int:
         if args.device == "cuda" and not torch.cuda.is_available():
             ap.error("--device cuda: CUDA is not available here")
         results["crossover"] = bench_crossover(args.crossover_widths, args.crossover_queues, args.crossover_experts,
-                                               args.repeats or 5, warmup, args.device)
+                                               args.repeats or 5, warmup, args.device, args.crossover_skews)
         results["loadavg_after"] = loadavg()
         results["elapsed_s"] = time.perf_counter() - start
         write_json(args.out, results)

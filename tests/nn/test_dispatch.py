@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from m3vit.nn import dispatch_to_experts, expert_capacity, plan_dispatch
-from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, BATCHED_MAX_QUEUE_MACS, choose_strategy
+from m3vit.nn.dispatch import BATCHED_MAX_MEAN_QUEUE, BATCHED_MAX_SKEW, BATCHED_PADDING_MACS, choose_strategy
 
 STRATEGIES = pytest.mark.parametrize("strategy", ["per_expert", "batched"])
 
@@ -372,29 +372,35 @@ def test_strategies_agree_on_long_queues_and_unknown_strategy_is_rejected():
 
 
 @pytest.mark.parametrize(
-    "num_tokens,num_experts,width,expected",
+    "num_tokens,num_experts,width,skew,expected",
     [
-        (2 * 197, 16, 192, "batched"),        # small shape of benchmarks/moe_dispatch.py: ~99 rows, 192 wide
-        (197, 16, 192, "batched"),            # m3vit_tiny at 224x224, batch 1: ~49 rows
-        (1025, 16, 384, "per_expert"),        # m3vit_small at 512x512, batch 1: ~256 rows, 384 wide
-        (1025, 64, 768, "per_expert"),        # m3vit_base, 64 experts, 512x512: ~64 rows but 768 wide
-        (1025, 64, 192, "batched"),           # the same queues at width 192: short and little work
-        (197, 16, 384, "per_expert"),         # ~49 rows, but over the work cap at width 384
-        (8 * 65, 16, 96, "batched"),          # m3vit_micro, 128x128, batch 8: 130 rows of width 96
-        (2 * 1025, 16, 96, "per_expert"),     # 512 rows: over the row limit at any width
+        (2 * 197, 16, 192, 0.0, "batched"),      # small shape of benchmarks/moe_dispatch.py: ~99 even rows, 192 wide
+        (197, 16, 192, 0.0, "batched"),          # m3vit_tiny at 224x224, batch 1: ~49 rows
+        (197, 16, 384, 0.0, "batched"),          # ~49 even rows at 384: batched measured 0.70x per-expert
+        (1025, 16, 384, 0.0, "per_expert"),      # m3vit_small at 512x512, batch 1: ~256 rows, over the row cap
+        (1025, 64, 768, 1.0, "per_expert"),      # m3vit_base E64 at 512x512, uneven (trained-like) queues
+        (1025, 64, 192, 0.0, "batched"),         # ~64 even rows at width 192
+        (8 * 65, 16, 96, 2.0, "batched"),        # m3vit_micro, 128x128, batch 8: narrow, padding is cheap
+        (2 * 197, 16, 192, 2.0, "per_expert"),   # the small shape with uneven queues: padding ~3x the mean
+        (2 * 1025, 16, 96, 0.0, "per_expert"),   # 512 rows: over the row cap at any width
     ],
 )
-def test_auto_strategy_weighs_queue_length_by_expert_width(num_tokens, num_experts, width, expected):
-    """The rule: batched only while a mean queue is under BATCHED_MAX_MEAN_QUEUE rows and its work
-    (rows x D x H) under BATCHED_MAX_QUEUE_MACS; widths <= 192 keep the row rule alone."""
+def test_auto_strategy_weighs_padding_against_per_expert_cost(num_tokens, num_experts, width, skew, expected):
+    """The rule: batched only while a mean queue is under BATCHED_MAX_MEAN_QUEUE rows and the longest
+    (what batched pads to) is at most BATCHED_MAX_SKEW x the mean + BATCHED_PADDING_MACS / (D x H) rows."""
     gen = torch.Generator().manual_seed(0)
-    indices = torch.rand(num_tokens, num_experts, generator=gen).topk(4, dim=1).indices
-    plan = plan_dispatch(indices, num_experts)
-    busy = sum(1 for c in plan.counts if c)
-    mean_queue = num_tokens * 4 / busy
-    rule = mean_queue < BATCHED_MAX_MEAN_QUEUE and mean_queue * width * width < BATCHED_MAX_QUEUE_MACS
+    logits = torch.randn(num_tokens, num_experts, generator=gen) + torch.linspace(skew, -skew, num_experts)
+    plan = plan_dispatch(logits.topk(4, dim=1).indices, num_experts)
+    busy = [c for c in plan.counts if c]
+    mean_queue = num_tokens * 4 / len(busy)
+    rule = (mean_queue < BATCHED_MAX_MEAN_QUEUE
+            and max(busy) <= BATCHED_MAX_SKEW * mean_queue + BATCHED_PADDING_MACS / (width * width))
     assert rule == (expected == "batched")
     assert choose_strategy(plan, width, width) == expected
+
+
+def test_auto_strategy_of_an_empty_plan():
+    assert choose_strategy(plan_dispatch(torch.empty(0, 2, dtype=torch.long), 4), 8, 8) == "per_expert"
 
 
 # ----------------------------------------------------------------------------------------------

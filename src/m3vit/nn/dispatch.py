@@ -9,7 +9,7 @@ is empty is never read. Two ways to run the queues, chosen by queue length (``st
   cache (the CPU analogue of holding two experts on chip), which brings it close to a dense MLP of
   the same active FLOPs (see BENCHMARKS.md). Forward and backward are written out by hand (``ExpertMLP``) so the backward
   also runs expert by expert, writing straight into the stacked weight gradients.
-* ``"batched"`` (short, narrow queues, where per-GEMM overhead dominates): the non-empty queues are padded to
+* ``"batched"`` (short, even queues, where per-GEMM overhead dominates): the non-empty queues are padded to
   the longest one and all run in one batched GEMM pair (``baddbmm``); padding rows carry a zero
   combine weight, but they are computed, so FLOPs include them.
 
@@ -30,17 +30,18 @@ __all__ = ["DispatchPlan", "plan_dispatch", "dispatch_to_experts", "run_experts"
            "moe_experts_op", "expert_capacity", "choose_strategy", "STRATEGIES"]
 
 STRATEGIES = ("auto", "per_expert", "batched")
-# "auto" runs the queues batched only while a mean queue (rows per non-empty expert) is short in rows
-# AND small in work (rows x expert input width x hidden width, multiply-adds). Batched saves a fixed
-# cost per expert GEMM but executes the padding up to the longest queue, which a real model's uneven
-# routing makes long (m3vit_base, 64 experts, 512x512: mean 64 rows, longest 130-310), at a cost that
-# grows with the width. On 2 CPU cores batched wins clearly at ~100 rows of width 192 and loses at
-# ~256 rows of width 384 (benchmarks/moe_dispatch.py, BENCHMARKS.md), hence 160 rows; for m3vit_base
-# E64 per-expert ran the forward faster (6070 vs 8198 ms; 6169 vs 6689 ms as minima on a busy machine),
-# hence the work cap 160 x 192 x 192: it leaves widths <= 192 as they were and gives 40 rows at 384,
-# 10 at 768. ``benchmarks/moe_dispatch.py --crossover`` measures the crossover across widths.
+# "auto" runs the queues batched while a mean queue (rows per busy expert) is under
+# BATCHED_MAX_MEAN_QUEUE rows and the longest queue, which every queue is padded to, is at most
+# BATCHED_MAX_SKEW times the mean plus the rows that a per-expert GEMM call's fixed cost is worth,
+# BATCHED_PADDING_MACS / (D x H): padding is cheap at small widths and short queues, where the per-expert
+# path's ~6 ops per expert dominate, and dear at large widths or with a trained router's uneven queues.
+# Fitted on ``benchmarks/moe_dispatch.py --crossover`` (widths 96-768, mean queues 8-256, routing skews
+# 0-2, 16 and 64 experts; 2 CPU threads): over its 150 points the rule's worst pick costs 1.33x the
+# faster strategy (the previous rule, by mean queue and width alone: 4.3x), and it keeps m3vit_base E64
+# at 512x512 (mean 64 rows, longest 130-310) on the per-expert path (2764 vs 3836 ms; BENCHMARKS.md).
 BATCHED_MAX_MEAN_QUEUE = 160
-BATCHED_MAX_QUEUE_MACS = 160 * 192 * 192
+BATCHED_MAX_SKEW = 1.5
+BATCHED_PADDING_MACS = 3_000_000
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,16 @@ def plan_dispatch(indices: Tensor, num_experts: int, capacity: int | None = None
 
 
 def choose_strategy(plan: DispatchPlan, dim: int, hidden: int) -> str:
-    """What ``strategy="auto"`` runs for this plan and experts ``dim -> hidden -> dim``: ``"batched"``
-    when a mean queue is short (``BATCHED_MAX_MEAN_QUEUE`` rows) and little work
-    (``BATCHED_MAX_QUEUE_MACS``), else ``"per_expert"``."""
+    """What ``strategy="auto"`` runs for this plan and experts ``dim -> hidden -> dim``: ``"batched"`` when
+    a mean queue is short (under ``BATCHED_MAX_MEAN_QUEUE`` rows) and the longest queue, to which batched
+    pads every other, is at most ``BATCHED_MAX_SKEW`` x the mean + ``BATCHED_PADDING_MACS / (dim x hidden)``
+    rows; else ``"per_expert"`` (also for an empty plan: nothing runs)."""
     busy = sum(1 for c in plan.counts if c)
     pairs = plan.token.numel()
-    short = pairs < BATCHED_MAX_MEAN_QUEUE * busy
-    return "batched" if short and pairs * dim * hidden < BATCHED_MAX_QUEUE_MACS * busy else "per_expert"
+    if busy == 0 or pairs >= BATCHED_MAX_MEAN_QUEUE * busy:
+        return "per_expert"
+    allowed = BATCHED_MAX_SKEW * pairs / busy + BATCHED_PADDING_MACS / (dim * hidden)
+    return "batched" if max(plan.counts) <= allowed else "per_expert"
 
 
 def _queue_position(expert: Tensor, counts: Tensor) -> Tensor:
