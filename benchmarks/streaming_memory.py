@@ -162,7 +162,7 @@ def child_latency(args) -> dict:
             layer.dispatch = dispatch
     models = {"resident": resident, "resident (per-expert dispatch)": per_expert,
               "resident (batched dispatch)": batched,
-              "streaming": load_streaming_model(args.checkpoint, map_location=device),
+              "streaming": load_streaming_model(args.checkpoint, map_location=device, prefetch=True),
               "streaming (no prefetch)": load_streaming_model(args.checkpoint, map_location=device, prefetch=False)}
     runs = {name: [] for name in models}
     with torch.inference_mode():

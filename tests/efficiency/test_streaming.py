@@ -60,7 +60,7 @@ def run(model, x, tasks=None):
                                                  (8, "task_conditioned"), (16, "shared")])
 def test_streaming_equals_resident_bit_for_bit(tmp_path, num_experts, router):
     path = checkpoint(tmp_path, tiny_model(num_experts, router))
-    resident, streaming = load_checkpoint(path), load_streaming_model(path)
+    resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
     x = images()
     for tasks in (None, ["depth"], ["sal", "semseg"]):
         want, got = run(resident, x, tasks), run(streaming, x, tasks)
@@ -79,7 +79,7 @@ def test_streaming_matches_batched_dispatch_within_rounding(tmp_path):
     """A resident model whose dispatch is "batched" runs the same sums as padded batched GEMMs: the
     routing is identical and the outputs differ only by float32 rounding of a different GEMM kernel."""
     path = checkpoint(tmp_path, tiny_model(8, dispatch="batched"))
-    resident, streaming = load_checkpoint(path), load_streaming_model(path)
+    resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
     x = images(3)
     want, got = run(resident, x), run(streaming, x)
     for task in want:
@@ -91,7 +91,7 @@ def test_streaming_matches_batched_dispatch_within_rounding(tmp_path):
 def test_streaming_from_a_half_precision_checkpoint(tmp_path):
     """Weights stored as float16 are widened to the model's float32 on both paths: still identical."""
     path = checkpoint(tmp_path, tiny_model(4).half())
-    resident, streaming = load_checkpoint(path), load_streaming_model(path)
+    resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
     assert streaming.expert_streamer.dtype == torch.float16
     x = images()
     want, got = run(resident, x), run(streaming, x)
@@ -120,7 +120,7 @@ def test_experts_without_tokens_are_never_read(tmp_path, router):
     model = tiny_model(8, router)
     _exclude_experts(model, allowed)
     path = checkpoint(tmp_path, model)
-    resident, streaming = load_checkpoint(path), load_streaming_model(path)
+    resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
     streamer = streaming.expert_streamer
     x = images()
     want = run(resident, x)
@@ -145,7 +145,7 @@ def test_a_layer_where_one_expert_takes_every_token(tmp_path):
     model = tiny_model(8, top_k=1)
     _exclude_experts(model, {3})
     path = checkpoint(tmp_path, model)
-    resident, streaming = load_checkpoint(path), load_streaming_model(path)
+    resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
     streaming.expert_streamer.stats.reset()
     want, got = run(resident, images()), run(streaming, images())
     assert all(torch.equal(got[t], want[t]) for t in want)
@@ -153,16 +153,31 @@ def test_a_layer_where_one_expert_takes_every_token(tmp_path):
     assert streaming.expert_streamer.stats.loads == 2 and streaming.expert_streamer.stats.peak_live == 1
 
 
+def test_prefetch_by_default_only_where_a_core_is_left_for_the_reader(monkeypatch, tmp_path):
+    from m3vit.efficiency import streaming
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(streaming, "usable_cpus", lambda: threads)  # every core computes: no reader thread
+    assert not streaming.default_prefetch("cpu") and streaming.default_prefetch("cuda")
+    monkeypatch.setattr(streaming, "usable_cpus", lambda: threads + 1)
+    assert streaming.default_prefetch("cpu")
+    monkeypatch.setattr(streaming, "usable_cpus", lambda: threads)
+    path = checkpoint(tmp_path, tiny_model(8))
+    assert not load_streaming_model(path).expert_streamer.prefetch
+    assert load_streaming_model(path, prefetch=True).expert_streamer.prefetch
+    assert 1 <= streaming.usable_cpus() <= (os.cpu_count() or 1)
+
+
 def test_without_prefetch_the_output_is_the_same(tmp_path):
     path = checkpoint(tmp_path, tiny_model(8))
     x = images()
-    a, b = run(load_streaming_model(path), x), run(load_streaming_model(path, prefetch=False), x)
+    a, b = run(load_streaming_model(path, prefetch=True), x), run(load_streaming_model(path, prefetch=False), x)
     assert all(torch.equal(a[t], b[t]) for t in a)
 
 
 def test_capacity_factor_drops_the_same_pairs(tmp_path):
     path = checkpoint(tmp_path, tiny_model(4, capacity_factor=0.5))
-    resident, streaming = load_checkpoint(path), load_streaming_model(path)
+    resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
     want, got = run(resident, images()), run(streaming, images())
     assert resident.moe_layers[0].last_routing["dropped"] > 0
     assert all(torch.equal(got[t], want[t]) for t in want)
@@ -177,7 +192,7 @@ def test_streaming_model_holds_no_expert_tensor(tmp_path):
     model = tiny_model(16)
     path = checkpoint(tmp_path, model)
     total, experts = expert_weight_bytes(model)
-    streaming = load_streaming_model(path)
+    streaming = load_streaming_model(path, prefetch=True)
     s_total, s_experts = expert_weight_bytes(streaming)
     assert experts > 0 and s_experts == 0
     assert s_total == total - experts  # everything but the experts is resident
@@ -191,7 +206,7 @@ def test_at_most_two_expert_buffers_are_live(tmp_path, monkeypatch):
     """A slow reader makes the compute wait: the live count, sampled at every read and every compute,
     never exceeds two, and it reaches two (the next expert is read while the current one computes)."""
     path = checkpoint(tmp_path, tiny_model(16))
-    streaming = load_streaming_model(path)
+    streaming = load_streaming_model(path, prefetch=True)
     streamer = streaming.expert_streamer
     samples, threads = [], set()
     original = ExpertStreamer._read
@@ -276,7 +291,7 @@ def test_an_error_in_the_compute_releases_both_buffers(expert_file):
 # Errors
 # ---------------------------------------------------------------------------------------------
 def test_training_mode_is_refused(tmp_path):
-    streaming = load_streaming_model(checkpoint(tmp_path, tiny_model()))
+    streaming = load_streaming_model(checkpoint(tmp_path, tiny_model()), prefetch=True)
     streaming.train()
     with pytest.raises(RuntimeError, match="eval mode only"):
         streaming(images())
@@ -286,7 +301,7 @@ def test_compile_model_refuses_a_streaming_model(tmp_path):
     from m3vit.nn import compile_model
     from m3vit.utils.errors import InputError
 
-    streaming = load_streaming_model(checkpoint(tmp_path, tiny_model()))
+    streaming = load_streaming_model(checkpoint(tmp_path, tiny_model()), prefetch=True)
     with pytest.raises(InputError, match="streams its experts"):
         compile_model(streaming)
     streaming.expert_streamer.close()
@@ -372,7 +387,7 @@ def test_a_checkpoint_holding_a_subset_of_the_experts(tmp_path):
     for gate_softmax in ("all", "kept"):
         model = tiny_model(8, expert_subsets={1: [0, 2, 5], 3: [1, 3, 4, 7]}, gate_softmax=gate_softmax)
         path = checkpoint(tmp_path, model, f"subset-{gate_softmax}")
-        resident, streaming = load_checkpoint(path), load_streaming_model(path)
+        resident, streaming = load_checkpoint(path), load_streaming_model(path, prefetch=True)
         assert [m.num_experts for m in streaming.moe_layers] == [3, 4]
         want, got = run(resident, images()), run(streaming, images())
         assert all(torch.equal(got[t], want[t]) for t in want)

@@ -28,6 +28,11 @@ Memory behaviour:
   even transiently; only the non-expert weights are materialised and read from the file.
 * Cost: each forward reads every busy expert of every MoE layer from the file (page cache or disk);
   the read of the first busy expert of each layer is not overlapped with compute.
+* Prefetch (the background reader) is on by default when it can overlap: on CUDA (the copy is DMA), or
+  on a CPU with a core that torch's compute threads leave free (``default_prefetch``). On a CPU whose
+  every core computes, reading from the page cache is a CPU copy that competes with the GEMMs: on 2
+  cores with 2 threads, m3vit_base E64 at 512x512 ran 1.18x the resident per-expert model with prefetch
+  and 1.09x without (``benchmarks/streaming_memory.py``, BENCHMARKS.md), so there it is off.
 * On CUDA the non-expert weights and the two expert buffers live on the GPU; the reader thread fills
   one of two pinned host buffers, then copies it to the device buffer on a side stream with
   ``non_blocking=True``; the compute stream waits for that copy's event, and a buffer is only
@@ -62,6 +67,8 @@ from ..utils.errors import CheckpointError, InputError
 from ..utils.safetensors_layout import TensorEntry, pread_exact, read_safetensors_layout, tensor_bytes
 
 __all__ = [
+    "default_prefetch",
+    "usable_cpus",
     "EXPERT_PARAMS",
     "TensorEntry",
     "read_safetensors_layout",
@@ -134,21 +141,35 @@ class StreamStats:
             self.peak_live = self.live
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_prefetch(device: str | torch.device) -> bool:
+    """Whether reading the next expert in the background can overlap compute: on CUDA, or when this
+    process has more CPUs than torch's intra-op threads (a core left for the reader thread)."""
+    return torch.device(device).type == "cuda" or usable_cpus() > torch.get_num_threads()
+
+
 class ExpertStreamer:
     """Reads single experts of a checkpoint's MoE layers into two preallocated buffers, one ahead of compute.
 
     ``stream(tensors, experts)`` yields ``(expert, ExpertWeights)`` for each expert in ``experts`` in
     order; the next expert is read by a background thread while the caller computes on the current one.
     The yielded weights are only valid until the generator is resumed. ``prefetch=False`` reads each
-    expert when it is needed (no overlap; for measuring what the overlap gains).
+    expert when it is needed (no overlap); ``None`` (default) decides by ``default_prefetch(device)``.
     """
 
     def __init__(self, path: str | os.PathLike, dim: int, hidden_dim: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu", prefetch: bool = True):
+                 device: str | torch.device = "cpu", prefetch: bool | None = None):
         self.path = Path(path)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.prefetch = prefetch
+        self.prefetch = default_prefetch(self.device) if prefetch is None else prefetch
         self.stats = StreamStats()
         self._cuda = self.device.type == "cuda"
         if self.device.type not in ("cpu", "cuda"):
@@ -372,12 +393,13 @@ def expert_weight_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def load_streaming_model(checkpoint_dir: str | os.PathLike, map_location: str | torch.device = "cpu",
-                         prefetch: bool = True) -> MultiTaskModel:
+                         prefetch: bool | None = None) -> MultiTaskModel:
     """The checkpoint's model, in eval mode, with its experts streamed from ``model.safetensors``.
 
     Same forward API as ``load_checkpoint``'s model; every MoE layer is a ``StreamingMoE`` sharing one
     ``ExpertStreamer`` (``model.expert_streamer``: its ``stats``, ``close()``). ``map_location`` is
-    ``"cpu"`` or a CUDA device. ``prefetch=False`` reads each expert when needed, without overlap.
+    ``"cpu"`` or a CUDA device. ``prefetch=False`` reads each expert when needed, without overlap; ``True``
+    reads the next one in the background; ``None`` (default) decides by ``default_prefetch`` (module docstring).
     The checkpoint is checked first by ``verify_checkpoint`` (header, sizes, config against weights), so no
     byte is read at an offset the header does not justify. Raises ``FileNotFoundError`` for a missing
     checkpoint, ``CheckpointError`` for a damaged one or weights that do not match ``config.yaml``, and
