@@ -35,10 +35,11 @@ STRATEGIES = ("auto", "per_expert", "batched")
 # BATCHED_MAX_SKEW times the mean plus the rows that a per-expert GEMM call's fixed cost is worth,
 # BATCHED_PADDING_MACS / (D x H): padding is cheap at small widths and short queues, where the per-expert
 # path's ~6 ops per expert dominate, and dear at large widths or with a trained router's uneven queues.
-# Fitted on ``benchmarks/moe_dispatch.py --crossover`` (widths 96-768, mean queues 8-256, routing skews
-# 0-2, 16 and 64 experts; 2 CPU threads): over its 150 points the rule's worst pick costs 1.33x the
-# faster strategy (the previous rule, by mean queue and width alone: 4.3x), and it keeps m3vit_base E64
-# at 512x512 (mean 64 rows, longest 130-310) on the per-expert path (2764 vs 3836 ms; BENCHMARKS.md).
+# Fitted on three ``benchmarks/moe_dispatch.py --crossover`` sweeps (widths 96-768, mean queues 8-256,
+# routing skews 0-2, 16 and 64 experts; 2 CPU threads; 150 points) and checked on a fourth run (72
+# points): its worst pick costs 1.31x the faster strategy there (the previous rule, by mean queue and
+# width alone: 1.71x), and it keeps m3vit_base E64 at 512x512 (mean 64 rows, longest 130-310) on the
+# per-expert path (per-expert 2719 ms, batched 4127 ms; BENCHMARKS.md).
 BATCHED_MAX_MEAN_QUEUE = 160
 BATCHED_MAX_SKEW = 1.5
 BATCHED_PADDING_MACS = 3_000_000
