@@ -82,6 +82,14 @@ def test_temporary_names_of_the_trainer_are_recognised(name):
     assert _TEMPORARY.match(name)
 
 
+@pytest.mark.parametrize("name", [".config.yaml.tmp-backup", ".log.jsonl.old-3", ".config.yaml.deleting-1",
+                                  ".step-3.tmp-", ".final.old-x", ".step-3"])
+def test_old_folder_suffixes_apply_to_checkpoint_folders_only(name):
+    # m3vit 0.1 used .tmp-/.old-/.deleting- for checkpoint folders, never for the run's files: a user's
+    # ".config.yaml.tmp-backup" is not one of them and is never cleaned up.
+    assert not _TEMPORARY.match(name)
+
+
 @given(st.text(alphabet="abcdefgjklmnopqrstuvwxyz.-_0123456789", max_size=24))
 def test_names_of_the_user_are_never_temporaries(name):
     # A user's file becomes a temporary only if it has the exact shape of one of the trainer's own names.

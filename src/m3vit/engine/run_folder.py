@@ -273,11 +273,12 @@ def prune_checkpoints(out: Path, keep: int) -> None:
 
 # The temporary names the trainer (and the checkpoint writer under it) creates in a run folder and in
 # its checkpoints/ folder, today's and those of earlier m3vit versions: only these are cleaned up.
+_OWN_DIRS = rf"(?:step-\d+|{re.escape(FINAL)})"
 _OWN_NAMES = rf"(?:step-\d+|{re.escape(FINAL)}|{re.escape(RUN_CONFIG)}|{re.escape(LOG_FILE)})"
 _TEMPORARY = re.compile(
-    rf"^\.{_OWN_NAMES}(?:\.m3vit-(?:tmp|old)-[A-Za-z0-9_]+"       # m3vit.utils.io
-    rf"|\.tmp-[A-Za-z0-9_]+|\.old-\d+|\.deleting-\d+"             # m3vit 0.1 directories
-    rf"|\.[A-Za-z0-9_]{{8}}\.tmp)$")                                # m3vit 0.1 files (mkstemp)
+    rf"^\.(?:{_OWN_NAMES}\.m3vit-(?:tmp|old)-[A-Za-z0-9_]+"         # m3vit.utils.io
+    rf"|{_OWN_DIRS}(?:\.tmp-[A-Za-z0-9_]+|\.old-\d+|\.deleting-\d+)"  # m3vit 0.1 checkpoint folders
+    rf"|{_OWN_NAMES}\.[A-Za-z0-9_]{{8}}\.tmp)$")                       # m3vit 0.1 files (mkstemp)
 
 
 def _clean_temporaries(root: Path) -> None:
