@@ -256,8 +256,7 @@ def bench_in_model(size: str, rounds: int) -> dict:
 
     for kind, model in models.items():
         for i, block in enumerate(model.backbone.blocks):
-            timed((kind, f"block {i} {'MoE' if block.is_moe else 'MLP'}" if kind == "m3vit" else f"block {i}"),
-                  block.mlp)
+            timed((kind, f"block {i}"), block.mlp)
         timed((kind, "backbone"), model.backbone)
         timed((kind, "head"), model.heads[TASKS[0]])
         timed((kind, "model"), model)
@@ -267,10 +266,10 @@ def bench_in_model(size: str, rounds: int) -> dict:
         for r in range(rounds + warmup):
             for kind in (("m3vit", "mvit") if r % 2 else ("mvit", "m3vit")):
                 models[kind](images, tasks=TASKS[:1])
-    medians = {kind: {part.split(" MoE")[0].split(" MLP")[0]: statistics.median(t[warmup:])
-                      for (k, part), t in times.items() if k == kind} for kind in models}
-    medians["m3vit_layers"] = [part for (k, part) in times if k == "m3vit" and part.startswith("block")]
-    return {"size": size, "rounds": rounds, "median_us": medians}
+    medians = {kind: {part: statistics.median(t[warmup:]) for (k, part), t in times.items() if k == kind}
+               for kind in models}
+    moe_blocks = [f"block {i}" for i, block in enumerate(models["m3vit"].backbone.blocks) if block.is_moe]
+    return {"size": size, "rounds": rounds, "median_us": medians, "m3vit_moe_blocks": moe_blocks}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,10 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     for m in in_model:
         m3, mv = m["median_us"]["m3vit"], m["median_us"]["mvit"]
         print(f"\n| {m['size']}: part (in a whole forward) | m3vit us | mvit us | difference us |\n|---|---:|---:|---:|")
-        labels = dict(zip([f"block {i}" for i in range(len(m["median_us"]["m3vit_layers"]))],
-                          m["median_us"]["m3vit_layers"]))
         for part in m3:
-            print(f"| {labels.get(part, part)} | {m3[part]:.0f} | {mv[part]:.0f} | {m3[part] - mv[part]:+.0f} |")
+            label = f"{part} (MoE)" if part in m["m3vit_moe_blocks"] else part
+            print(f"| {label} | {m3[part]:.0f} | {mv[part]:.0f} | {m3[part] - mv[part]:+.0f} |")
     write_json(args.out, {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
                           "torch": torch.__version__, "threads": args.threads, "loadavg_before": load_before,
                           "loadavg_after": load_after, "results": results,
