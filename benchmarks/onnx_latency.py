@@ -12,7 +12,8 @@ with ``m3vit.efficiency.onnx_export.export_onnx`` and run side by side in one pr
                         the tokens routed to it);
 * ``ort mvit``          onnxruntime, the dense model;
 * ``ort ... int8 <m>``  the same files quantised by ``quantize_onnx`` (``--int8``: ``static``, ``dynamic``;
-                        static calibrates on random images, which is fine for latency only);
+                        static calibrates on random images, which is fine for latency only); with
+                        ``--float-experts`` also m3vit static with its experts' GEMMs left in float;
 * ``torch m3vit`` / ``torch mvit``  PyTorch eager ``model(images, tasks=["semseg"])`` under inference mode.
 
 Batch 1, ``--threads`` (default 2) intra-op threads for both runtimes (``intra_op_num_threads``,
@@ -58,7 +59,8 @@ def build(name: str, size: int) -> torch.nn.Module:
     return m3vit.create_model(name, [TASK], img_size=(size, size)).eval()
 
 
-def prepare(label: str, size: int, int8: list[str], threads: int, workdir: Path, spin: bool = True) -> dict:
+def prepare(label: str, size: int, int8: list[str], threads: int, workdir: Path, spin: bool = True,
+            float_experts: bool = False) -> dict:
     """Models, ONNX files and sessions of one size: ``{variant: callable(images) -> output}``."""
     models = {"m3vit": build(f"m3vit_{label}", size), "mvit": build(f"mvit_{label}", size)}
     calibration = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -69,6 +71,10 @@ def prepare(label: str, size: int, int8: list[str], threads: int, workdir: Path,
         for method in int8:
             files[f"ort {name} int8 {method}"] = quantize_onnx(path, workdir / f"{label}_{name}.int8_{method}.onnx",
                                                               method=method, calibration=calibration, batch_size=1)
+        if float_experts and name == "m3vit" and "static" in int8:
+            files[f"ort {name} int8 static, experts float"] = quantize_onnx(
+                path, workdir / f"{label}_{name}.int8_static_float_experts.onnx", method="static",
+                calibration=calibration, batch_size=1, float_experts=True)
     for variant, path in files.items():
         session = onnx_session(path, threads=threads, spin=spin)
         input_name = session.get_inputs()[0].name
@@ -112,6 +118,7 @@ def ratios(medians: dict[str, float], int8: list[str]) -> dict[str, float]:
             f"ort m3vit int8 {method}")
         put(f"int8 {method} speed-up mvit: fp32 / int8", "ort mvit", f"ort mvit int8 {method}")
         put(f"ort m3vit int8 {method} / ort mvit int8 {method}", f"ort m3vit int8 {method}", f"ort mvit int8 {method}")
+    put("int8 static speed-up m3vit, experts float: fp32 / int8", "ort m3vit", "ort m3vit int8 static, experts float")
     return out
 
 
@@ -145,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spin", action="store_true",
                     help="let onnxruntime's idle worker threads spin between runs (its default; here they take the "
                          "cores from the session or PyTorch call timed next, so it is off unless asked for)")
+    ap.add_argument("--float-experts", action="store_true",
+                    help="also time m3vit quantised static with its experts' GEMMs left in float")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
@@ -158,7 +167,8 @@ def main(argv=None) -> int:
             label, _, pixels = spec.partition(":")
             size = int(pixels or 224)
             print(f"exporting {label} at {size}x{size} ...", file=sys.stderr, flush=True)
-            setup = prepare(label, size, args.int8, args.threads, Path(tmp), spin=args.spin)
+            setup = prepare(label, size, args.int8, args.threads, Path(tmp), spin=args.spin,
+                            float_experts=args.float_experts)
             print(f"timing {len(setup['runners'])} variants ...", file=sys.stderr, flush=True)
             runs = time_variants(setup["runners"], size, args.repeats, args.warmup)
             medians = {n: statistics.median(r) for n, r in runs.items()}

@@ -329,6 +329,23 @@ def test_int8_runs_is_smaller_and_close_with_float_routing(method, multi_gate, c
     assert all(produced_by[i].op_type != "DequantizeLinear" for node in products for i in node.input)
 
 
+def test_int8_can_keep_the_experts_in_float(multi_gate, calibration, tmp_path):
+    import onnx
+
+    from m3vit.efficiency.onnx_export import quantize_onnx
+
+    _, path = multi_gate
+    images = _images(calibration, 2)
+
+    def int8_weights(**options):
+        proto = onnx.load(str(quantize_onnx(path, tmp_path / "sal.int8.onnx", calibration=images, **options)))
+        return {name for node in proto.graph.node for name in node.input if name.endswith("_quantized")}
+
+    everything, float_experts = int8_weights(), int8_weights(float_experts=True)
+    experts = {w for w in everything if ".mlp.w1." in w or ".mlp.w2." in w}
+    assert len(experts) == 16 and everything - float_experts == experts  # only the experts' GEMMs stay float
+
+
 def test_quantize_errors(multi_gate, tmp_path):
     from m3vit.efficiency.onnx_export import quantize_onnx
 

@@ -249,16 +249,19 @@ def check_onnx(model: MultiTaskModel, path: str | os.PathLike, images: Tensor, *
 # ----------------------------------------------------------------------------------------------
 
 
-def _float_nodes(proto) -> list[str]:
+def _float_nodes(proto, experts: bool = False) -> list[str]:
     """Nodes ``quantize_onnx`` keeps in float: those an ``ExportRouter`` emitted (found by their name scope,
     which records the module class), so the experts a token picks are decided as in the float model, and
     every ``MatMul`` of two activations (attention scores and their product with the values: int8 there
-    costs accuracy and, through a quantised softmax between them, time)."""
+    costs accuracy and, through a quantised softmax between them, time); with ``experts`` also every
+    ``MatMul`` of a ``SparseExportMoE`` (the experts' GEMMs)."""
     weights = {init.name for init in proto.graph.initializer}
     out = []
     for node in proto.graph.node:
         scope = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
-        if ExportRouter.__qualname__ in scope or (node.op_type == "MatMul" and node.input[1] not in weights):
+        matmul = node.op_type == "MatMul"
+        if (ExportRouter.__qualname__ in scope or (matmul and node.input[1] not in weights)
+                or (experts and matmul and SparseExportMoE.__qualname__ in scope)):
             out.append(node.name)
     return out
 
@@ -292,7 +295,7 @@ class _DropMessages(logging.Filter):
 
 
 def quantize_onnx(source: str | os.PathLike, out: str | os.PathLike, *, method: str = "static",
-                  calibration: Tensor | None = None, batch_size: int = 4) -> Path:
+                  calibration: Tensor | None = None, batch_size: int = 4, float_experts: bool = False) -> Path:
     """Write an int8 version of the ONNX file ``source`` to ``out`` (atomically) with onnxruntime's quantiser.
 
     ``method``:
@@ -305,7 +308,9 @@ def quantize_onnx(source: str | os.PathLike, out: str | os.PathLike, *, method: 
       slower than float convolutions on an AVX2 CPU).
 
     The MoE routing (gate, softmax, top-k) and the attention's activation x activation products stay in
-    float (``_float_nodes``). The source's metadata is copied.
+    float (``_float_nodes``); ``float_experts`` also keeps the experts' GEMMs in float (at ``m3vit_small``
+    512x512 that measured the same speed-up as quantising them: ``benchmarks/onnx_latency.py
+    --float-experts``). The source's metadata is copied.
     """
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"method={method!r} is not a quantisation method; choose one of {list(QUANTIZATION_METHODS)}")
@@ -318,7 +323,7 @@ def quantize_onnx(source: str | os.PathLike, out: str | os.PathLike, *, method: 
     from onnxruntime import quantization as q
 
     proto = onnx.load(str(source))
-    keep_float = _float_nodes(proto)
+    keep_float = _float_nodes(proto, experts=float_experts)
 
     def write(tmp: str) -> None:
         # The quantiser advises (root logger) to pre-process first: shape inference and fusions. The exporter
