@@ -5,15 +5,17 @@ test_safety.)"""
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3vit.engine.config import RunConfig
 from m3vit.engine.run_folder import (_TEMPORARY, CHECKPOINTS, LOG_FILE, RUN_CONFIG, RunDirectoryError,
-                                     append_log, claim_run_folder, prepare_run_folder, step_checkpoint_path,
+                                     append_log, claim_run_folder, prepare_run_folder, read_log, step_checkpoint_path,
                                      step_checkpoints, truncate_log)
 from m3vit.utils.errors import RunLockedError
 
@@ -99,3 +101,30 @@ def test_names_of_the_user_are_never_temporaries(name):
     for user in (name, f"{name}.notes", f"step-1{name}", f".git{name}"):
         if not user.startswith(own):
             assert not _TEMPORARY.match(user)
+
+
+def test_truncate_log_refuses_a_file_that_is_not_a_log(tmp_path):
+    log = tmp_path / LOG_FILE
+    log.write_text('{"step": 1}\nmy notes\n')
+    with pytest.raises(RunDirectoryError, match="not this run's log"):
+        truncate_log(log, 1)
+    assert log.read_text() == '{"step": 1}\nmy notes\n'
+
+
+_records = st.lists(st.fixed_dictionaries({"step": st.integers(0, 10**6)},
+                                          optional={"loss": st.floats(allow_nan=False, allow_infinity=False),
+                                                    "eval": st.dictionaries(st.text(max_size=5), st.floats(0, 1))}),
+                    max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(records=_records, torn=st.integers(0, 40))
+def test_read_log_reads_back_what_append_log_wrote_whatever_the_torn_tail(records, torn):
+    """Every record the trainer appended reads back; a killed run's half-written last record is left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / LOG_FILE
+        for record in records:
+            append_log(log, record)
+        with open(log, "a") as f:
+            f.write(json.dumps({"step": 7, "loss": 0.25})[:torn])
+        assert read_log(log) == records

@@ -294,3 +294,51 @@ def test_pruning_keeps_a_step_checkpoint_holding_a_user_file(tmp_path, tiny_conf
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["step-1", "step-4"]  # step-2 and step-3 were m3vit's alone and were pruned
     assert (out / "checkpoints" / "step-1" / "NOTES.txt").read_text() == "why step 1 matters"
+
+
+def test_start_fresh_keeps_a_users_log_jsonl_in_a_run_folder(tmp_path, tiny_config):
+    """In a run folder, a ``log.jsonl`` that is not the trainer's log (lines that are not its records) is the
+    user's: --fresh deletes the run's own files around it and stops, naming it."""
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=1), out)
+    (out / "log.jsonl").write_text("my lab notebook, not JSON\n")
+    with pytest.raises(OutputError, match="it holds log.jsonl"):
+        start_fresh(out)
+    assert (out / "log.jsonl").read_text() == "my lab notebook, not JSON\n"
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]
+
+
+@pytest.mark.parametrize("text, own", [
+    (b"", True),
+    (b'{"step": 1, "loss": 0.5}\n{"step": 2, "eval": {"semseg": {"mIoU": 1.0}}}\n', True),
+    (b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo', True),        # a torn last line of a killed run
+    (b'{"mine": 1}\n', False),                                    # JSON objects, not the trainer's records
+    (b'{"step": 1}\n{"step": "two"}\n', False),
+    (b'{"step": 1}\nnot json\n{"step": 3}\n', False),             # only the last line may be torn
+    (b'[1, 2]\n', False),
+    (b"\x00\xff binary", False),
+])
+def test_remove_run_folder_deletes_log_jsonl_only_when_it_is_the_trainers(tmp_path, tiny_config, text, own):
+    from m3vit.engine.run_folder import remove_run_folder
+
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=1), out)
+    (out / "log.jsonl").write_bytes(text)
+    left = remove_run_folder(out)
+    assert left == ([] if own else ["log.jsonl"])
+    assert out.exists() == (not own)
+
+
+def test_resume_refuses_a_log_jsonl_that_is_not_the_runs(tmp_path, tiny_overrides, capsys):
+    """A resume rewrites the log (drops the steps after the checkpoint): a log.jsonl of the user's in the run
+    folder stops it before anything is written, in one line, the file untouched."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(train__steps=1, train__checkpoint_every=1)
+    assert _cli(capsys, "train", "--out", out, *overrides)[0] == 0
+    (out / "log.jsonl").write_text("step 1 looked fine\n")
+    before = sorted(p.name for p in out.rglob("*"))
+    code, _, err = _cli(capsys, "train", "--out", out, "--resume",
+                        *tiny_overrides(train__steps=2, train__checkpoint_every=1))
+    _one_line_error(code, err, "log.jsonl is not the run's log", "move it out")
+    assert (out / "log.jsonl").read_text() == "step 1 looked fine\n"
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -42,7 +42,7 @@ from .config import RunConfig
 
 __all__ = ["RUN_CONFIG", "LOG_FILE", "CHECKPOINTS", "FINAL", "TENSORBOARD", "RESUMABLE_KEYS", "TRAINER_STATE_KEYS",
            "RunDirectoryError", "claim_run_folder", "check_run_folder", "config_differences", "prepare_run_folder",
-           "truncate_log", "append_log", "step_checkpoint_path", "step_checkpoints", "verify_step_checkpoint",
+           "read_log", "truncate_log", "append_log", "step_checkpoint_path", "step_checkpoints", "verify_step_checkpoint",
            "latest_checkpoint", "prune_checkpoints", "remove_run_folder"]
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ def check_run_folder(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
         raise RunDirectoryError(
             f"--resume: {key} differs from the run's {saved_path} ({before!r} there, {after!r} now){more}; "
             f"a resumed run may only change {', '.join(sorted(RESUMABLE_KEYS))}")
+    if read_log(out / LOG_FILE) is None:  # the resume rewrites the log: never a file of the user's
+        raise RunDirectoryError(f"--resume: {out / LOG_FILE} is not the run's log (not one JSON record with a "
+                                f"step per line); move it out of {str(out)!r}")
     checkpoint = latest_checkpoint(out)
     if checkpoint is None:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", out / CHECKPOINTS)
@@ -147,22 +150,42 @@ def prepare_run_folder(out: Path, cfg: RunConfig) -> None:
 # The log.
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines of steps <= ``step`` (and drop a torn last line of a killed run); a log that does not
-    exist yet is created empty."""
-    if not path.is_file():
-        if not path.exists():
-            path.touch()
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+def read_log(path: str | os.PathLike) -> list[dict] | None:
+    """The records of a run's log ``path`` (training and evaluation lines, in order), or None when the file is
+    not a log the trainer wrote: every complete line must be a JSON object with an integer ``"step"``; only a last line
+    without its newline (a killed run's torn write) may be cut short, and it is left out. A log that does
+    not exist reads as no records."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError:
+        return None
+    *lines, torn = text.split("\n")
+    if torn and not torn.startswith("{"):
+        return None
+    records = []
+    for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and int(record.get("step", 0)) <= step:
-            kept.append(line)
-    write_text(path, "".join(f"{line}\n" for line in kept))
+            return None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            return None
+        records.append(record)
+    return records
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps <= ``step`` (and drop a torn last line of a killed run); a log that does not
+    exist yet is created empty. A file there that is not the trainer's log (``read_log``) raises
+    ``RunDirectoryError`` (``check_run_folder`` refuses a resume on it first)."""
+    records = read_log(path)
+    if records is None:
+        raise RunDirectoryError(f"{path} is not this run's log (not one JSON record with a step per line); "
+                                f"move it out of the run folder")
+    write_text(path, "".join(f"{json.dumps(record)}\n" for record in records if record["step"] <= step))
 
 
 def append_log(path: Path, record: dict) -> None:
@@ -296,7 +319,6 @@ def _clean_temporaries(root: Path) -> None:
 
 
 #: What a run folder holds when m3vit alone wrote it (``remove_run_folder``).
-_RUN_FILES = (RUN_CONFIG, LOG_FILE)
 
 
 def _is_run_folder(out: Path) -> bool:
@@ -337,9 +359,10 @@ def remove_run_folder(out: str | os.PathLike) -> list[str]:
             event.unlink()
         if not any(board.iterdir()):
             board.rmdir()
-    for name in _RUN_FILES:
-        if (out / name).is_file():
-            (out / name).unlink()
+    if (out / RUN_CONFIG).is_file():  # _is_run_folder read it: a run config
+        (out / RUN_CONFIG).unlink()
+    if (out / LOG_FILE).is_file() and read_log(out / LOG_FILE) is not None:
+        (out / LOG_FILE).unlink()
     left = sorted(p.name for p in out.iterdir())
     if not left:
         out.rmdir()

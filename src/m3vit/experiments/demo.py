@@ -23,12 +23,12 @@ from ..efficiency import count_flops, measure_latency
 from ..engine.builders import build_eval_dataset, build_train_dataset
 from ..engine.config import ConfigError, RunConfig, load_config, resolve_config_path
 from ..engine.evaluator import evaluate
-from ..engine.run_folder import FINAL, LOG_FILE, remove_run_folder
+from ..engine.run_folder import FINAL, LOG_FILE, read_log, remove_run_folder
 from ..models import load_checkpoint
 from ..tasks import delta_m
 from ..utils.errors import OutputError
 from ..utils.io import OutputFolder, write_json, write_text
-from .report import format_table, metrics_table, plot_curves, plot_predictions, read_log
+from .report import format_table, metrics_table, plot_curves, plot_predictions
 
 __all__ = ["DEFAULT_CONFIGS", "DemoResult", "run_demo", "compare_configs", "efficiency_summary"]
 
@@ -114,7 +114,7 @@ def _train(cfg: RunConfig, out: Path, fresh: bool) -> dict[str, Any]:
 
 def training_seconds(log_path: Path) -> float | None:
     """Training time of a run, summed over its resumes (the last ``time`` in its ``log.jsonl``)."""
-    times = [r["time"] for r in read_log(log_path) if "time" in r] if Path(log_path).is_file() else []
+    times = [r["time"] for r in read_log(log_path) or [] if "time" in r]
     return times[-1] if times else None
 
 

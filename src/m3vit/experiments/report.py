@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -11,28 +10,25 @@ import torch
 
 from ..utils import tables
 from ..engine.builders import build_tasks
+from ..engine.run_folder import read_log
 from ..engine.inference import predict
 from ..tasks import task_class, task_title
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, InputError
 from ..utils.figures import image_to_uint8, new_figure, picture_grid, save_figure
 
-__all__ = ["read_log", "plot_curves", "plot_predictions", "plot_intervals", "metrics_table", "format_table",
+__all__ = ["plot_curves", "plot_predictions", "plot_intervals", "metrics_table", "format_table",
            "headline_metrics"]
 
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The records of a run's ``log.jsonl`` (training and evaluation lines), in order."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
+def _log_records(path: str | os.PathLike) -> list[dict]:
+    records = read_log(path)
+    if records is None:
+        raise InputError(f"{path} is not an m3vit training log (one JSON record with a step per line)")
     return records
 
 
 def plot_curves(logs: Mapping[str, str | os.PathLike], path: str | os.PathLike) -> str:
     """One PNG: total training loss and each task's loss against the step, one line per run."""
-    runs = {name: [r for r in read_log(p) if "loss" in r] for name, p in logs.items()}
+    runs = {name: [r for r in _log_records(p) if "loss" in r] for name, p in logs.items()}
     tasks = sorted({k.split("/", 1)[1] for records in runs.values() for r in records for k in r
                     if k.startswith("loss/")})
     panels = ["total"] + tasks
