@@ -312,6 +312,7 @@ def test_start_fresh_keeps_a_users_log_jsonl_in_a_run_folder(tmp_path, tiny_conf
     (b"", True),
     (b'{"step": 1, "loss": 0.5}\n{"step": 2, "eval": {"semseg": {"mIoU": 1.0}}}\n', True),
     (b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo', True),        # a torn last line of a killed run
+    (b'{"step": 1}\n\n', True),                                  # a blank line an editor added
     (b'{"mine": 1}\n', False),                                    # JSON objects, not the trainer's records
     (b'{"step": 1}\n{"step": "two"}\n', False),
     (b'{"step": 1}\nnot json\n{"step": 3}\n', False),             # only the last line may be torn

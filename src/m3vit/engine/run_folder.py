@@ -152,9 +152,9 @@ def prepare_run_folder(out: Path, cfg: RunConfig) -> None:
 
 def read_log(path: str | os.PathLike) -> list[dict] | None:
     """The records of a run's log ``path`` (training and evaluation lines, in order), or None when the file is
-    not a log the trainer wrote: every complete line must be a JSON object with an integer ``"step"``; only a last line
-    without its newline (a killed run's torn write) may be cut short, and it is left out. A log that does
-    not exist reads as no records."""
+    not a log the trainer wrote: every complete line must be a JSON object with an integer ``"step"`` (or be
+    blank); only a last line without its newline (a killed run's torn write) may be cut short, and it is left
+    out. A log that does not exist reads as no records."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -166,6 +166,8 @@ def read_log(path: str | os.PathLike) -> list[dict] | None:
         return None
     records = []
     for line in lines:
+        if not line.strip():  # a blank line (an editor's) is no record
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
