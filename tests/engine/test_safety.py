@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -164,18 +165,26 @@ def test_resume_cleans_only_the_trainers_own_temporary_names(tmp_path, tiny_conf
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".git", ".notes"]
 
 
-def test_start_fresh_deletes_only_what_the_trainer_wrote(tmp_path, tiny_config):
+def test_start_fresh_deletes_nothing_when_a_user_file_is_in_the_run(tmp_path, tiny_config):
+    """A file of the user's anywhere in a run folder stops the fresh start before anything is deleted."""
     out = tmp_path / "run"
     train(tiny_config(train__steps=2, train__checkpoint_every=1), out)
     (out / "notes.txt").write_text("mine")
     (out / "checkpoints" / "step-1" / "README").write_text("the user's note in a checkpoint")
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     with pytest.raises(OutputError, match="it holds checkpoints, notes.txt"):
         start_fresh(out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     assert (out / "notes.txt").read_text() == "mine"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]  # step-2 was m3vit's
-    assert sorted(p.name for p in (out / "checkpoints" / "step-1").iterdir()) == [
-        "README", "config.yaml", "model.safetensors", "trainer.pt"]
-    assert not (out / "final").exists() and not (out / "log.jsonl").exists()
+
+
+def test_start_fresh_deletes_a_run_that_is_all_the_trainers(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=2, train__checkpoint_every=1), out)
+    (out / "checkpoints" / ".step-3.m3vit-tmp-abc123").mkdir()  # an interrupted save
+    (out / "checkpoints" / ".step-3.m3vit-tmp-abc123" / "model.safetensors").write_bytes(b"partial")
+    start_fresh(out)
+    assert not out.exists()
 
 
 def test_start_fresh_keeps_a_users_file_in_the_tensorboard_folder(tmp_path, tiny_config):
@@ -188,8 +197,8 @@ def test_start_fresh_keeps_a_users_file_in_the_tensorboard_folder(tmp_path, tiny
     (board / "notes.md").write_text("the user's")
     with pytest.raises(OutputError, match="it holds tensorboard"):
         start_fresh(out)
-    assert [p.name for p in board.iterdir()] == ["notes.md"] and (board / "notes.md").read_text() == "the user's"
-    assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]
+    assert sorted(p.name for p in board.iterdir()) == ["events.out.tfevents.123.host", "notes.md"]
+    assert (board / "notes.md").read_text() == "the user's" and (out / "final").is_dir()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +314,7 @@ def test_start_fresh_keeps_a_users_log_jsonl_in_a_run_folder(tmp_path, tiny_conf
     with pytest.raises(OutputError, match="it holds log.jsonl"):
         start_fresh(out)
     assert (out / "log.jsonl").read_text() == "my lab notebook, not JSON\n"
-    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl"]
+    assert (out / "final").is_dir() and (out / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize("text, own", [
@@ -343,3 +352,95 @@ def test_resume_refuses_a_log_jsonl_that_is_not_the_runs(tmp_path, tiny_override
     _one_line_error(code, err, "log.jsonl is not the run's log", "move it out")
     assert (out / "log.jsonl").read_text() == "step 1 looked fine\n"
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+
+def test_start_fresh_waits_for_no_run_it_refuses_a_locked_run_folder(tmp_path, tiny_config):
+    """A run folder in use (its lock held, e.g. by ``m3vit train --resume``) is not deleted under the run."""
+    from m3vit.utils.errors import RunLockedError
+    from m3vit.utils.io import FolderLock
+
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=1), out)
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with FolderLock(out):
+        with pytest.raises(RunLockedError, match="in use by another m3vit process"):
+            start_fresh(out)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("link", ["final", "checkpoints/step-1", "tensorboard", "log.jsonl", "checkpoints"])
+def test_start_fresh_never_follows_a_link_out_of_the_run(tmp_path, tiny_config, link):
+    """A link in the run folder (to the user's checkpoint, another run's events, ...) is the user's: nothing
+    is deleted, in the run or where the link points."""
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=1, train__checkpoint_every=1), out)
+    elsewhere = tmp_path / "mine"
+    source = out / link
+    if source.is_dir():
+        shutil.copytree(source, elsewhere)
+        shutil.rmtree(source)
+    elif source.exists():
+        shutil.copy(source, elsewhere)
+        source.unlink()
+    else:  # the run has no such entry (tensorboard without the package): link to a folder of events
+        elsewhere.mkdir()
+        (elsewhere / "events.out.tfevents.1.other-run").write_bytes(b"event")
+    source.symlink_to(elsewhere)
+    mine = sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*"))
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    with pytest.raises(OutputError, match=f"it holds {link.split('/')[0]}"):
+        start_fresh(out)
+    assert sorted(str(p.relative_to(elsewhere)) for p in elsewhere.rglob("*")) == mine
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+
+
+def test_pruning_never_follows_a_step_folder_that_is_a_link(tmp_path, tiny_config):
+    out = tmp_path / "run"
+    cfg = tiny_config(train__steps=1, train__checkpoint_every=1)
+    train(cfg, out)
+    mine = tmp_path / "my_model"
+    shutil.copytree(out / "final", mine)
+    (out / "checkpoints" / "step-0").symlink_to(mine)
+    train(cfg.replace({"train.steps": 4, "train.keep_checkpoints": 2}), out, resume=True)
+    assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in (out / "final").iterdir())
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0", "step-3", "step-4"]
+
+
+def test_start_fresh_keeps_a_hand_written_config_in_a_run_folder(tmp_path, tiny_config):
+    """A config.yaml the user wrote (comments, their layout) in a run folder is theirs, even when it is a run
+    config: --fresh deletes nothing."""
+    out = tmp_path / "run"
+    train(tiny_config(train__steps=1), out)
+    text = "# my settings for this run\n" + (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(text)
+    with pytest.raises(OutputError, match="config.yaml"):
+        start_fresh(out)
+    assert (out / "config.yaml").read_text() == text and (out / "final").is_dir()
+
+
+def test_resume_refuses_to_rewrite_a_hand_written_config(tmp_path, tiny_config, capsys):
+    """``train --config RUN/config.yaml --out RUN --resume`` on a config the user wrote into RUN: a resume
+    rewrites the config, so it is refused in one line, the file untouched."""
+    run = tmp_path / "myrun"
+    run.mkdir()
+    text = "# lab notebook: the settings of this run\n" + tiny_config(train__steps=1).to_yaml()
+    (run / "config.yaml").write_text(text)
+    code, _, err = _cli(capsys, "train", "--config", run / "config.yaml", "--out", run, "--resume")
+    _one_line_error(code, err, "config.yaml is not the run config m3vit train wrote")
+    assert (run / "config.yaml").read_text() == text and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_an_old_temporary_folder_holding_a_user_file_is_kept(tmp_path, tiny_config):
+    """m3vit 0.1's temporary folder names are cleaned up only while they hold nothing but checkpoint files."""
+    out = tmp_path / "run"
+    cfg = tiny_config(train__steps=1, train__checkpoint_every=1)
+    train(cfg, out)
+    kept = out / "checkpoints" / ".step-3.old-1"
+    kept.mkdir()
+    (kept / "NOTES.txt").write_text("mine")
+    gone = out / "checkpoints" / ".step-2.old-1"
+    gone.mkdir()
+    (gone / "model.safetensors").write_bytes(b"partial")
+    train(cfg.replace({"train.steps": 2}), out, resume=True)
+    assert (kept / "NOTES.txt").read_text() == "mine" and not gone.exists()

@@ -25,7 +25,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -105,6 +104,9 @@ def check_run_folder(out: Path, cfg: RunConfig, resume: bool) -> Path | None:
         raise RunDirectoryError(f"--resume: {saved_path} is not valid YAML") from None
     if not isinstance(saved, dict):
         raise RunDirectoryError(f"--resume: {saved_path} is not a run config")
+    if not _is_trainer_config(saved_path):  # the resume rewrites it: never a config written by hand
+        raise RunDirectoryError(f"--resume: {saved_path} is not the run config m3vit train wrote there (a resume "
+                                f"rewrites it); move it out of {str(out)!r} or choose another --out")
     try:  # keys added since the run was written take their defaults, which keep the earlier behaviour
         saved = RunConfig.from_dict(saved, source=str(saved_path)).to_dict()
     except ConfigError:
@@ -277,7 +279,9 @@ def step_checkpoints(out: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+    """The ``step-N`` folders of ``root`` by step; a link named so is not one (never resumed from or pruned)."""
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and p.is_dir() and not p.is_symlink())
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
@@ -308,64 +312,110 @@ _TEMPORARY = re.compile(
 
 def _clean_temporaries(root: Path) -> None:
     """Remove what an interrupted save or prune left in ``root``: exactly the temporary names the trainer
-    creates (``_TEMPORARY``), nothing else (a user's ``.git`` or ``.notes`` stays)."""
-    if not root.is_dir():
+    creates (``_TEMPORARY``), nothing else (a user's ``.git`` or ``.notes`` stays). A temporary folder goes
+    only while it holds nothing but a checkpoint's files, deleted by name; one holding anything else, or a
+    link, is kept with a warning."""
+    if not root.is_dir() or root.is_symlink():
         return
     for path in root.iterdir():
         if not _TEMPORARY.match(path.name):
             continue
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)  # a temporary folder of the trainer's own: everything in it is m3vit's
+            if _holds_only_checkpoint_files(path):
+                remove_output(path, CHECKPOINT)
+            else:
+                log.warning("kept %s: it holds files m3vit did not write", path)
         else:
             path.unlink()
 
 
-#: What a run folder holds when m3vit alone wrote it (``remove_run_folder``).
+def _holds_only_checkpoint_files(folder: Path) -> bool:
+    """Whether every entry of ``folder`` is a plain file a checkpoint has (a checkpoint being written may
+    lack some, and its config may be unfinished: not ``CHECKPOINT.recognises``)."""
+    return not CHECKPOINT.foreign_entries(folder) and not any(p.is_symlink() for p in folder.iterdir())
 
 
-def _is_run_folder(out: Path) -> bool:
-    """Whether ``out`` is an (empty or) m3vit training run folder: its ``config.yaml`` is a run config."""
-    config = out / RUN_CONFIG
-    if not config.is_file():
-        return not any(out.iterdir())
+def _is_trainer_config(path: Path) -> bool:
+    """Whether ``path`` is the run config ``m3vit train`` wrote (``RunConfig.to_yaml``): a YAML mapping of a
+    run's sections whose text is exactly that dump of what it holds. A config written or edited by hand
+    (comments, another layout) is the user's, and is never deleted or rewritten."""
+    if path.is_symlink() or not path.is_file():
+        return False
     try:
-        saved = yaml.safe_load(config.read_text())
+        text = path.read_text()
+        saved = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return False
-    return isinstance(saved, dict) and "train" in saved and set(saved) <= {"model", "data", "train", "eval"}
+    return (isinstance(saved, dict) and "train" in saved and set(saved) <= {"model", "data", "train", "eval"}
+            and yaml.safe_dump(saved, sort_keys=False) == text)
+
+
+_EVENT_PREFIX = "events.out.tfevents."
+
+
+def _is_own_entry(path: Path) -> bool:
+    """Whether the entry ``path`` of a run folder whose config is the trainer's holds only what the trainer
+    writes (a link never does: it is not followed)."""
+    name = path.name
+    if path.is_symlink():
+        return False
+    if _TEMPORARY.match(name):
+        return not path.is_dir() or _holds_only_checkpoint_files(path)
+    if name == RUN_CONFIG:
+        return True
+    if name == LOG_FILE:
+        return path.is_file() and read_log(path) is not None
+    if name == FINAL:
+        return CHECKPOINT.recognises(path)
+    if name == CHECKPOINTS:
+        return path.is_dir() and all(
+            not p.is_symlink() and (CHECKPOINT.recognises(p) if _STEP_DIR.match(p.name) else
+                                    bool(_TEMPORARY.match(p.name)) and _is_own_entry(p))
+            for p in path.iterdir())
+    if name == TENSORBOARD:
+        return path.is_dir() and all(p.is_file() and not p.is_symlink() and p.name.startswith(_EVENT_PREFIX)
+                                     for p in path.iterdir())
+    return False
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """The entries of run folder ``out`` (sorted names) that hold anything the trainer did not write: all of
+    them unless its ``config.yaml`` is the trainer's (``_is_trainer_config``)."""
+    entries = sorted(out.iterdir())
+    if entries and not _is_trainer_config(out / RUN_CONFIG):
+        return [p.name for p in entries]
+    return [p.name for p in entries if not _is_own_entry(p)]
 
 
 def remove_run_folder(out: str | os.PathLike) -> list[str]:
-    """Delete a training run folder's own content (config, log, step checkpoints, ``final/``,
-    TensorBoard event files and the trainer's temporary names), then the folder if nothing else is in
-    it. Returns what was left: files m3vit did not write are never deleted."""
+    """Delete a training run folder (config, log, step checkpoints, ``final/``, TensorBoard event files and
+    the trainer's temporary names, then the folder), holding its lock (``RunLockedError`` while a run uses
+    it), only when all of it is the trainer's: a file or link of the user's anywhere in it (a ``config.yaml``
+    or ``log.jsonl`` m3vit did not write included, recognised by content) leaves everything as it was.
+    Returns the top-level entries holding what is not the trainer's (empty: the folder is gone)."""
     out = Path(out)
     if not out.is_dir():
         return []
-    if not _is_run_folder(out):  # not the trainer's: delete nothing at all
-        return sorted(p.name for p in out.iterdir())
-    for sub in (out / CHECKPOINTS, out):
-        _clean_temporaries(sub)
-    root = out / CHECKPOINTS
-    if root.is_dir():
-        for _, path in _step_dirs(root):
-            if CHECKPOINT.recognises(path):
+    with FolderLock(out, what="--out"):
+        foreign = _foreign_entries(out)
+        if foreign:
+            return foreign
+        for sub in (out / CHECKPOINTS, out):
+            _clean_temporaries(sub)
+        root = out / CHECKPOINTS
+        if root.is_dir():
+            for _, path in _step_dirs(root):
                 remove_output(path, CHECKPOINT)
-        if not any(root.iterdir()):
             root.rmdir()
-    if CHECKPOINT.recognises(out / FINAL):
-        remove_output(out / FINAL, CHECKPOINT)
-    board = out / TENSORBOARD
-    if board.is_dir():
-        for event in board.glob("events.out.tfevents.*"):
-            event.unlink()
-        if not any(board.iterdir()):
+        if (out / FINAL).is_dir():
+            remove_output(out / FINAL, CHECKPOINT)
+        board = out / TENSORBOARD
+        if board.is_dir():
+            for event in board.iterdir():
+                event.unlink()
             board.rmdir()
-    if (out / RUN_CONFIG).is_file():  # _is_run_folder read it: a run config
-        (out / RUN_CONFIG).unlink()
-    if (out / LOG_FILE).is_file() and read_log(out / LOG_FILE) is not None:
-        (out / LOG_FILE).unlink()
-    left = sorted(p.name for p in out.iterdir())
-    if not left:
+        for name in (RUN_CONFIG, LOG_FILE):
+            if (out / name).is_file():
+                (out / name).unlink()
         out.rmdir()
-    return left
+    return []
