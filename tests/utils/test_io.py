@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from m3vit.utils.errors import M3ViTError, OutputError, RunLockedError
 from m3vit.utils.io import (MANIFEST_FILE, FolderLock, OutputFolder, OutputKind, atomic_directory, current_umask,
-                            remove_output, write_json, write_text)
+                            exchange_paths, remove_output, write_json, write_text)
 
 KIND = OutputKind("report", frozenset({"a.txt", "b.txt"}), lambda folder: (folder / "a.txt").is_file())
 
@@ -112,6 +112,48 @@ def test_a_folder_that_became_foreign_during_the_work_is_not_replaced(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_exchange_paths_swaps_two_folders_in_one_step(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "name.txt").write_text(folder.name)
+    if not exchange_paths(a, b):
+        pytest.skip("this system or file system has no atomic exchange (renameat2)")
+    assert (a / "name.txt").read_text() == "b" and (b / "name.txt").read_text() == "a"
+    with pytest.raises(FileNotFoundError):
+        exchange_paths(tmp_path / "absent", b)
+
+
+@pytest.mark.parametrize("atomic", [True, False])
+def test_replacing_a_folder_output_never_leaves_the_path_missing(tmp_path, monkeypatch, atomic):
+    """The old output and the new one swap in one step: a crash right after it (here: deleting the old one
+    fails) finds the new output in place. Without an atomic exchange the two renames still replace it."""
+    import m3vit.utils.io as io
+
+    if not atomic:
+        monkeypatch.setattr(io, "exchange_paths", lambda a, b: False)
+    target = tmp_path / "out"
+    with atomic_directory(target, KIND) as tmp:
+        write_text(tmp / "a.txt", "old")
+
+    def crash(path, kind):
+        raise KeyboardInterrupt("killed while deleting the old output")
+
+    monkeypatch.setattr(io, "remove_output", crash)
+    if atomic:  # a kill at any rename finds the output in place
+        real_replace = os.replace
+
+        def replace_then_check(src, dst):
+            real_replace(src, dst)
+            assert target.is_dir(), "the output is missing between two renames"
+
+        monkeypatch.setattr(io.os, "replace", replace_then_check)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target, KIND) as tmp:
+            write_text(tmp / "a.txt", "new")
+    assert (target / "a.txt").read_text() == "new"
+
+
 def test_remove_output_deletes_only_the_kinds_files(tmp_path):
     folder = tmp_path / "f"
     folder.mkdir()
@@ -122,6 +164,23 @@ def test_remove_output_deletes_only_the_kinds_files(tmp_path):
     (folder / "mine.txt").unlink()
     (folder / "a.txt").write_text("x")
     assert remove_output(folder, KIND) == [] and not folder.exists()
+
+
+def test_a_link_to_an_output_is_neither_recognised_nor_removed_through(tmp_path):
+    """What a link points to is not the output's: it is not replaced, and removing the output never
+    deletes the files it points to."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.txt").write_text("the user's")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    assert KIND.recognises(real) and not KIND.recognises(link)
+    with pytest.raises(OutputError, match="is a link"):
+        remove_output(link, KIND)
+    with pytest.raises(OutputError, match="not a folder"):
+        with atomic_directory(link, KIND) as tmp:
+            write_text(tmp / "a.txt", "new")
+    assert (real / "a.txt").read_text() == "the user's" and link.is_symlink()
 
 
 names = st.sampled_from(["a.txt", "b.txt", "notes.txt", ".git", "data.csv"])
@@ -173,6 +232,39 @@ def test_output_folder_that_wrote_nothing_leaves_no_trace(tmp_path):
         with OutputFolder(tmp_path / "new", kind="demo"):
             raise OutputError("a config error before any output")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_journal_that_could_not_be_written_leaves_nothing_and_the_rerun_works(tmp_path, monkeypatch):
+    """A full disk while the journal is created: the error names the journal, the empty folder m3vit made
+    is gone, and a rerun (space freed) writes normally."""
+    import m3vit.utils.io as io
+
+    real_write = os.write
+
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "preds"
+    monkeypatch.setattr(io.os, "write", full_disk)
+    with pytest.raises(OutputError, match="no space left"):
+        with OutputFolder(out, kind="infer") as folder:
+            write_text(folder.path("a.png"), "x")
+    assert not out.exists()
+    monkeypatch.setattr(io.os, "write", real_write)
+    with OutputFolder(out, kind="infer") as folder:
+        write_text(folder.path("a.png"), "x")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "a.png"]
+
+
+@pytest.mark.parametrize("journal", [b"", b'{"format": "m3vit-out'])
+def test_a_journal_with_no_whole_line_recorded_nothing(tmp_path, journal):
+    """An empty journal, or one whose header was torn by a kill, recorded no file: the folder is usable."""
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / ".m3vit-output.journal").write_bytes(journal)
+    with OutputFolder(out, kind="infer") as folder:
+        write_text(folder.path("a.png"), "x")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_FILE, "a.png"]
 
 
 KILLED_WRITER = textwrap.dedent("""

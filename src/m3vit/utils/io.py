@@ -29,8 +29,10 @@ Errors a user can fix (a folder that is not m3vit's, a locked folder, a full dis
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -47,7 +49,7 @@ from .errors import OutputError, RunLockedError
 __all__ = ["current_umask", "write_atomic", "write_bytes", "write_text", "write_json", "write_report",
            "check_file_replaceable", "check_report_replaceable", "report_format", "OutputKind",
            "atomic_directory", "check_replaceable", "remove_output", "OutputFolder", "FolderLock", "MANIFEST_FILE",
-           "TEMP_MARK", "is_temporary_name", "make_dirs"]
+           "TEMP_MARK", "is_temporary_name", "make_dirs", "exchange_paths"]
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +234,9 @@ class OutputKind:
 
     def recognises(self, folder: str | os.PathLike) -> bool:
         folder = Path(folder)
-        try:
-            return folder.is_dir() and not self.foreign_entries(folder) and self.identify(folder)
+        try:  # a link is never recognised: what it points to is not the output's to replace
+            return (folder.is_dir() and not folder.is_symlink() and not self.foreign_entries(folder)
+                    and self.identify(folder))
         except OSError:
             return False
 
@@ -260,6 +263,8 @@ def remove_output(path: str | os.PathLike, kind: OutputKind) -> list[str]:
     Returns the entries left behind (anything ``kind`` does not write, never deleted).
     """
     path = Path(path)
+    if path.is_symlink():
+        raise OutputError(f"{path} is a link; m3vit removes only folders of its own, never what a link points to")
     for name in kind.files:
         entry = path / name
         if entry.is_file() and not entry.is_symlink():
@@ -270,13 +275,41 @@ def remove_output(path: str | os.PathLike, kind: OutputKind) -> list[str]:
     return left
 
 
+_RENAME_EXCHANGE = 2  # renameat2's flag (linux/fs.h)
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` in one atomic step (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``), so no reader or crash ever finds ``b`` missing. Returns False where the system or
+    the file system cannot (then nothing changed); other failures raise ``OSError``."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(b))
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # no C library to load symbols from: no atomic exchange
+        return None
+
+
 class atomic_directory:
     """Build a folder output of ``kind`` in a temporary sibling; on success it replaces ``path``.
 
     ``with atomic_directory(path, kind) as tmp: ...`` writes into ``tmp``. Before anything is written,
     ``path`` must be free, an empty folder, or a folder ``kind`` recognises (else ``OutputError``); it is
-    checked again before the swap. The old output is moved aside under a temporary name, the new one
-    renamed into place, then the old one's files are deleted by name. On an exception only the
+    checked again before the swap. The new output and the old one are swapped in one atomic step
+    (``exchange_paths``; where the system cannot, the old one is moved aside under a temporary name and the
+    new one renamed into place), then the old one's files are deleted by name. On an exception only the
     temporary folder this call created is removed. The new folder and its files follow the umask.
     """
 
@@ -308,10 +341,14 @@ class atomic_directory:
                 if entry.is_file():
                     _follow_umask(entry, directory=False)
             check_replaceable(self.path, self.kind)
-            if os.path.lexists(self.path):
+            if not os.path.lexists(self.path):
+                os.replace(self.tmp, self.path)
+            elif exchange_paths(self.tmp, self.path):  # one atomic swap: the old output now sits at tmp
+                old = self.tmp
+            else:  # two renames: a crash between them leaves the output only under the temporary names
                 old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{TEMP_MARK}old-", dir=self.path.parent))
                 os.replace(self.path, old)  # an empty folder or a recognised output (checked just above)
-            os.replace(self.tmp, self.path)
+                os.replace(self.tmp, self.path)
         except OutputError:
             self._discard()
             raise
@@ -437,8 +474,11 @@ class OutputFolder:
             return set()
         damaged = OutputError(f"{path} is damaged; m3vit cannot tell which files in {self.folder} it wrote: "
                               f"choose another output folder")
-        # A last line without its newline was torn by the kill: its file was not written yet.
+        # A last line without its newline was torn by the kill: its file was not written yet. Without a
+        # whole line (the header itself torn, or nothing written: a full disk) nothing was recorded.
         lines = path.read_bytes().split(b"\n")[:-1]
+        if not lines:
+            return set()
         try:
             header = json.loads(lines[0]) if lines else None
             names = [json.loads(line) for line in lines[1:]]
@@ -454,16 +494,21 @@ class OutputFolder:
     def _record(self, name: str) -> None:
         """Append ``name`` to the journal (created with its header on first use), before its file exists."""
         path = self.folder / JOURNAL_FILE
-        lines = [] if path.exists() else [json.dumps({"format": _JOURNAL_FORMAT, "kind": self.kind})]
+        new = not path.exists()
+        lines = [json.dumps({"format": _JOURNAL_FORMAT, "kind": self.kind})] if new else []
         lines.append(json.dumps(name))
+        data = ("\n".join(lines) + "\n").encode()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask applies
             try:
-                os.write(fd, ("\n".join(lines) + "\n").encode())
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             finally:
                 os.close(fd)
         except OSError as exc:
+            if new:  # the journal this call created records nothing whole: leave no trace of it
+                _unlink_quietly(path)
             raise _output_error(path, exc) from None
 
     def _read_manifest_file(self) -> set[str]:
