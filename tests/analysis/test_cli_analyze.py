@@ -124,3 +124,23 @@ def test_user_errors_are_one_line(checkpoints, capsys, argv, fragment):
     code, _, err = _run([a.format(root=checkpoints) for a in argv], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], err
+
+
+@pytest.mark.parametrize("command, mine", [("conflicts", "conflicts.md"), ("compare", "compare.json")])
+def test_a_users_file_in_out_stops_the_analysis_before_any_work(checkpoints, capsys, tmp_path, monkeypatch,
+                                                                 command, mine):
+    import m3vit.analysis.checkpoints as library
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the analysis ran before the output folder was checked")
+
+    monkeypatch.setattr(library, "checkpoint_conflicts", no_work)
+    monkeypatch.setattr(library, "compare_checkpoints", no_work)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / mine).write_text("my notes")
+    args = (["--checkpoint", checkpoints / "moe"] if command == "conflicts" else
+            [checkpoints / "moe", checkpoints / "dense"])
+    code, _, err = _run(["analyze", command, *args, "--out", out], capsys)
+    assert code == 2 and f"{mine} exists and was not written by m3vit" in err
+    assert (out / mine).read_text() == "my notes" and [p.name for p in out.iterdir()] == [mine]

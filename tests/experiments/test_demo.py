@@ -99,3 +99,23 @@ def test_metrics_table_marks_the_better_run_by_metric_direction():
     assert rows[("normals", "mean")] == "a"      # lower error is better
     assert rows[("normals", "median")] == "b"
     assert rows[("semseg", "mIoU")] == "b"       # higher IoU is better
+
+
+@pytest.mark.parametrize("mine", ["figures/curves.png", "figures/predictions_sal.png",
+                                  "figures/experts/experts_block1.png"])
+def test_a_users_file_among_the_demo_figures_stops_it_before_any_training(tiny_configs, tmp_path, monkeypatch,
+                                                                          mine):
+    import m3vit.experiments.demo as demo_module
+    from m3vit.experiments import run_demo
+    from m3vit.utils.errors import OutputError
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run trained before the output names were checked")
+
+    monkeypatch.setattr(demo_module, "_train", no_training)
+    out = tmp_path / "demo"
+    (out / mine).parent.mkdir(parents=True)
+    (out / mine).write_bytes(b"my figure")
+    with pytest.raises(OutputError, match=f"{mine} exists and was not written by m3vit"):
+        run_demo(out, {"m3vit": tiny_configs["m3vit"], "mvit": tiny_configs["mvit"]})
+    assert (out / mine).read_bytes() == b"my figure"

@@ -128,3 +128,20 @@ def test_study_user_errors(tiny_configs, tmp_path, capsys, extra, fragment):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0]
     assert not (tmp_path / "s" / "seed-0").exists()
+
+
+def test_a_users_file_among_the_study_outputs_stops_it_before_any_training(tiny_configs, tmp_path, monkeypatch):
+    import m3vit.experiments.study as study_module
+    from m3vit.utils.errors import OutputError
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a run trained before the output names were checked")
+
+    monkeypatch.setattr(study_module, "_train_and_eval", no_training)
+    out = tmp_path / "s"
+    (out / "seed-1").mkdir(parents=True)
+    (out / "seed-1" / "baselines.json").write_text("{}")
+    with pytest.raises(OutputError, match="seed-1/baselines.json exists and was not written by m3vit"):
+        run_study(out, {"m3vit": tiny_configs["m3vit"]}, tiny_configs["mvit"], ["data.tasks=[sal]"], seeds=2,
+                  say=lambda line: None)
+    assert (out / "seed-1" / "baselines.json").read_text() == "{}"

@@ -3,6 +3,7 @@ side by side (``m3vit.analysis``, which also formats the text)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -51,32 +52,43 @@ def _checks(args) -> None:
         raise InputError(f"--batch-size must be >= 1, got {args.eval_batch_size}")
 
 
+def _output_folder(args, names: list[str], stack: contextlib.ExitStack):
+    """The ``--out`` folder (None without one), opened for the whole command and ``names`` claimed before any
+    work, so a file of the user's there stops the command at once."""
+    if not args.out:
+        return None
+    from ..utils.io import OutputFolder
+
+    out = stack.enter_context(OutputFolder(args.out, kind="analysis"))
+    out.claim(names)
+    return out
+
+
 def run_conflicts(args) -> int:
     from ..analysis import plot_conflict_evolution, plot_conflict_matrices
     from ..analysis.checkpoints import checkpoint_conflicts, conflicts_text, run_checkpoints
+    from ..utils.io import write_json, write_text
 
     _checks(args)
     options = dict(tasks=args.tasks, batches=args.batches, batch_size=args.eval_batch_size, split=args.split,
                    device=device(args.device))
-    if args.run:
-        steps = run_checkpoints(args.run)
-        reports = {}
-        for step, path in steps:
-            if not args.json:
-                say(f"step {step}: {path}")
-            reports[step] = checkpoint_conflicts(path, args.set or [], **options)
-    else:
-        report = checkpoint_conflicts(args.checkpoint, args.set or [], **options)
-        reports = {report.info["step"]: report}
-    last = reports[max(reports, key=lambda s: -1 if s is None else s)]
-    data = ({"checkpoint": args.checkpoint, **last.to_dict()} if not args.run else
-            {"run": args.run, "steps": {str(step): r.to_dict() for step, r in reports.items()}})
     written = []
-    if args.out:
-        from ..utils.io import OutputFolder, write_json, write_text
-
-        with OutputFolder(args.out, kind="analysis") as out:
-            out.claim(["conflicts.json", "conflicts.md", "conflicts.png", "evolution.png"])
+    with contextlib.ExitStack() as stack:
+        out = _output_folder(args, ["conflicts.json", "conflicts.md", "conflicts.png", "evolution.png"], stack)
+        if args.run:
+            steps = run_checkpoints(args.run)
+            reports = {}
+            for step, path in steps:
+                if not args.json:
+                    say(f"step {step}: {path}")
+                reports[step] = checkpoint_conflicts(path, args.set or [], **options)
+        else:
+            report = checkpoint_conflicts(args.checkpoint, args.set or [], **options)
+            reports = {report.info["step"]: report}
+        last = reports[max(reports, key=lambda s: -1 if s is None else s)]
+        data = ({"checkpoint": args.checkpoint, **last.to_dict()} if not args.run else
+                {"run": args.run, "steps": {str(step): r.to_dict() for step, r in reports.items()}})
+        if out is not None:
             written.append(write_json(out.path("conflicts.json"), data))
             title = f"Gradient conflicts of {args.checkpoint or args.run}"
             written.append(write_text(out.path("conflicts.md"), "\n".join(
@@ -94,21 +106,20 @@ def run_compare(args) -> int:
 
     from ..analysis import plot_conflict_matrices
     from ..analysis.checkpoints import compare_checkpoints, compare_text
+    from ..utils.io import write_json
 
     _checks(args)
     if args.limit is not None and args.limit < 1:
         from ..utils.errors import InputError
 
         raise InputError(f"--limit must be >= 1, got {args.limit}")
-    result = compare_checkpoints(args.checkpoints[0], args.checkpoints[1], args.set or [], names=args.names,
-                                 batches=args.batches, batch_size=args.eval_batch_size, limit=args.limit,
-                                 split=args.split, device=device(args.device))
     written = []
-    if args.out:
-        from ..utils.io import OutputFolder, write_json
-
-        with OutputFolder(args.out, kind="analysis") as out:
-            out.claim(["compare.json", "conflicts.png"])
+    with contextlib.ExitStack() as stack:
+        out = _output_folder(args, ["compare.json", "conflicts.png"], stack)
+        result = compare_checkpoints(args.checkpoints[0], args.checkpoints[1], args.set or [], names=args.names,
+                                     batches=args.batches, batch_size=args.eval_batch_size, limit=args.limit,
+                                     split=args.split, device=device(args.device))
+        if out is not None:
             written.append(write_json(out.path("compare.json"), result))
             matrices = {name: np.array(c["conflicts"]["cosine"], dtype=float)
                         for name, c in result["checkpoints"].items()}

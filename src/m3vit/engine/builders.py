@@ -13,7 +13,7 @@ from ..models.config import ConfigError
 from ..tasks import Task
 from .config import RunConfig
 
-__all__ = ["build_train_dataset", "build_eval_dataset", "build_tasks", "loss_weights", "build_model", "collate"]
+__all__ = ["build_train_dataset", "build_eval_dataset", "run_tasks", "build_tasks", "loss_weights", "build_model", "collate"]
 
 
 def build_train_dataset(cfg: RunConfig):
@@ -30,6 +30,11 @@ def build_eval_dataset(cfg: RunConfig, split: str | None = None):
     metrics are computed on the original labels (the field's protocol).
     """
     return dataset_from_config(cfg.data, cfg.data.val_split if split is None else split, train=False)
+
+
+def run_tasks(cfg: RunConfig) -> list[str]:
+    """The tasks a run of ``cfg`` trains: ``data.tasks``, or every task its training split provides."""
+    return list(build_train_dataset(cfg).tasks) if cfg.data.tasks is None else list(cfg.data.tasks)
 
 
 def build_tasks(task_channels: dict[str, int], dataset: Any = None) -> dict[str, Task]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..efficiency import count_flops, measure_latency
-from ..engine.builders import build_eval_dataset, build_train_dataset
+from ..engine.builders import build_eval_dataset, build_train_dataset, run_tasks
 from ..engine.config import ConfigError, RunConfig, load_config, resolve_config_path
 from ..engine.evaluator import evaluate
 from ..engine.run_folder import FINAL, LOG_FILE, read_log, remove_run_folder
@@ -134,6 +134,8 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
         paths = {name: resolve_config_path(p) for name, p in (configs or DEFAULT_CONFIGS).items()}
         cfgs = {name: load_config(path, overrides) for name, path in paths.items()}
         compare_configs(cfgs)
+        # Every file the demo writes, claimed before any training: a file of the user's there stops it now.
+        folder.claim(_figure_names(out, run_tasks(next(iter(cfgs.values()))), conflict_batches > 0))
         results: dict[str, Any] = {}
         models = {}
         for name, cfg in cfgs.items():
@@ -170,6 +172,18 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
         write_text(folder.path("report.md"), _report(results, names, cfgs, paths, table, figures))
         say(f"wrote {out / 'results.json'} and {out / 'report.md'}")
         return DemoResult(out=out, results=results, table=table)
+
+
+def _figure_names(out: Path, tasks: list[str], conflicts: bool) -> list[str]:
+    """The figures ``_figures`` and ``_conflicts`` may write (relative to ``out``); the expert heatmaps are
+    named after the model's MoE blocks, so every such name already in ``figures/experts`` counts."""
+    names = ["figures/curves.png", *(f"figures/predictions_{task}.png" for task in tasks)]
+    if conflicts:
+        names.append("figures/conflicts.png")
+    experts = out / "figures" / "experts"
+    if experts.is_dir():
+        names += sorted(f"figures/experts/{p.name}" for p in experts.glob("experts_*.png"))
+    return names
 
 
 def _figures(out: Path, folder: OutputFolder, cfgs, models, results, samples: int, say) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import yaml
 
 from ..analysis.stats import DEFAULT_RESAMPLES, summarize
 from ..utils.io import OutputFolder, write_json, write_text
-from ..engine.builders import build_eval_dataset, build_train_dataset, loss_weights
+from ..engine.builders import build_eval_dataset, loss_weights, run_tasks
 from ..engine.config import ConfigError, RunConfig, load_config, parse_overrides, resolve_config_path
 from ..engine.evaluator import evaluate
 from ..engine.run_folder import FINAL, LOG_FILE
@@ -205,9 +205,12 @@ def run_study(out: str | Path, multi: Mapping[str, str | Path] | None = None, si
         if isinstance(heldout, bool) or not isinstance(heldout, int) or heldout < 0 or heldout == base.data.seed:
             raise InputError(f"--heldout-seed must be a scene seed >= 0 other than data.seed={base.data.seed}, "
                              f"got {heldout!r}")
-        tasks = list(build_train_dataset(base).tasks) if base.data.tasks is None else list(base.data.tasks)
+        tasks = run_tasks(base)
         loss_weights(base, tasks)  # every task needs a weight before anything trains
         names = list(multi_cfgs)
+        folder.claim([f"seed-{seed}/{file}" for seed in seed_list for file in (
+            *(f"single/{task}.{METRICS_FILE}" for task in tasks), "baselines.json",
+            *(f"{name}.{METRICS_FILE}" for name in names))])  # before any training: a user's file stops it now
         say(f"study: {len(seed_list)} seed(s) {seed_list} x ({len(tasks)} single-task baselines ({base.model.name}) "
             f"+ {len(names)} multi-task model(s) {names}); evaluated on the {base.data.val_split} scenes "
             f"(data.seed={base.data.seed}) and held-out scenes (data.seed={heldout})")
