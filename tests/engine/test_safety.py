@@ -94,6 +94,17 @@ def test_export_refuses_a_user_folder_a_plain_file_and_its_own_source(source, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "mine", "notes.txt", "sal"]
 
 
+def test_export_never_replaces_a_trained_checkpoint(source, tmp_path, capsys):
+    """``export --out RUN/final`` (a trained model, a checkpoint m3vit wrote but not an export) is refused:
+    an export replaces only an earlier export."""
+    trained = save_checkpoint(_tiny_model(), tmp_path / "run" / "final")
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    code, _, err = _cli(capsys, "export", "--checkpoint", source, "--task", "sal", "--out", trained,
+                        "--calibration", "2")
+    _one_line_error(code, err, str(trained), "is not an m3vit export")
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
 def test_save_checkpoint_refuses_a_user_folder_and_a_plain_file(tmp_path):
     user = _user_folder(tmp_path / "mine")
     with pytest.raises(OutputError, match="is not an m3vit checkpoint"):

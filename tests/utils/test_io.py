@@ -39,6 +39,13 @@ def mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    path = write_json(tmp_path / "report.json", {"format": "x"})
+    os.chmod(path, 0o600)
+    write_json(path, {"format": "x", "again": True})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and json.loads(path.read_text())["again"]
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_files_and_folders_follow_the_umask(tmp_path, umask, mask):
     umask(mask)
@@ -151,6 +158,26 @@ def test_replacing_a_folder_output_never_leaves_the_path_missing(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         with atomic_directory(target, KIND) as tmp:
             write_text(tmp / "a.txt", "new")
+    assert (target / "a.txt").read_text() == "new"
+
+
+def test_a_killed_builds_temporary_folder_is_swept_by_the_next_one(tmp_path):
+    """What a process killed while building ``out`` left (its unlocked temporary folder, holding only this
+    kind's files) goes when ``out`` is next written; a temporary folder another process is still building
+    (locked), one holding a user's file, and other names stay."""
+    target = tmp_path / "out"
+    stale = tmp_path / ".out.m3vit-tmp-dead01"
+    busy = tmp_path / ".out.m3vit-tmp-busy01"
+    foreign = tmp_path / ".out.m3vit-tmp-mine01"
+    other = tmp_path / ".other.m3vit-tmp-dead02"
+    for folder in (stale, busy, foreign, other):
+        folder.mkdir()
+        (folder / "a.txt").write_text("partial")
+    (foreign / "notes.txt").write_text("the user's")
+    with FolderLock(busy, create=False):
+        with atomic_directory(target, KIND) as tmp:
+            write_text(tmp / "a.txt", "new")
+    assert not stale.exists() and busy.is_dir() and (foreign / "notes.txt").is_file() and other.is_dir()
     assert (target / "a.txt").read_text() == "new"
 
 

@@ -54,7 +54,7 @@ from ..engine.evaluator import evaluate
 from ..engine.inference import predict_checked
 from ..analysis.experts import expert_usage
 from ..models import MultiTaskModel, moe_block_indices
-from ..models.checkpoint import CHECKPOINT, WEIGHTS, write_checkpoint_files
+from ..models.checkpoint import CHECKPOINT, CONFIG, WEIGHTS, write_checkpoint_files
 from ..models.config import GATE_SOFTMAX
 from ..models.modes import eval_mode
 
@@ -65,8 +65,20 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "export.json"
+def _is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds an export: a checkpoint whose config records the ``export`` it came from (a
+    trained model's checkpoint does not, and is never replaced by an export)."""
+    if not CHECKPOINT.identify(folder):
+        return False
+    try:
+        with open(folder / CONFIG, encoding="utf-8") as f:
+            return any(line.startswith("export:") for line in f)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 #: An export folder: a checkpoint plus the export report and the ONNX graphs (what ``m3vit export`` replaces).
-EXPORT = OutputKind("export", CHECKPOINT.files | {REPORT_FILE, ONNX_FILE, INT8_FILE}, CHECKPOINT.identify)
+EXPORT = OutputKind("export", CHECKPOINT.files | {REPORT_FILE, ONNX_FILE, INT8_FILE}, _is_export)
 
 
 @dataclass

@@ -19,7 +19,8 @@ The rules every command follows (the README's "Safety" section):
 * Only the exact temporary names this process created are ever deleted; an old output is removed
   file by file (the names its kind knows), never with a recursive delete of whatever it holds.
 * New files and folders get the permissions that ``open()`` and ``mkdir()`` would give them: 0666 /
-  0777 minus the umask (``tempfile`` makes 0600 / 0700, which would hide a shared checkpoint).
+  0777 minus the umask (``tempfile`` makes 0600 / 0700, which would hide a shared checkpoint); a file
+  replaced keeps the permissions it had.
 * A folder one process works in is locked (``FolderLock``: ``fcntl.flock`` on the folder) for as long
   as it works there; the kernel releases the lock when the process dies, even by SIGKILL.
 
@@ -115,7 +116,7 @@ def is_temporary_name(name: str) -> bool:
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)``, then rename the temporary file to ``path`` (creating its folder).
 
-    The file gets the umask's permissions. On any error the temporary file is removed and ``path`` is
+    A new file gets the umask's permissions, a replaced one keeps its own. On any error the temporary file is removed and ``path`` is
     left as it was; an ``OSError`` (a full disk, no permission) becomes an ``OutputError`` naming
     ``path``, not the temporary name.
     """
@@ -130,7 +131,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        _follow_umask(tmp, directory=False)
+        _take_mode(tmp, path)
         os.replace(tmp, path)
     except OSError as exc:
         _unlink_quietly(tmp)
@@ -139,6 +140,19 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         _unlink_quietly(tmp)
         raise
     return path
+
+
+def _take_mode(tmp: str, path: Path) -> None:
+    """Give the temporary file ``tmp`` the permissions of the file ``path`` it replaces (a report made private
+    stays private), or the umask's for a new file."""
+    try:
+        old = os.lstat(path)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISREG(old.st_mode):
+        os.chmod(tmp, stat.S_IMODE(old.st_mode))
+    else:
+        _follow_umask(tmp, directory=False)
 
 
 def _unlink_quietly(path: str | os.PathLike) -> None:
@@ -320,14 +334,44 @@ class atomic_directory:
     def __enter__(self) -> Path:
         check_replaceable(self.path, self.kind)
         make_dirs(self.path.parent)
+        self._sweep_stale()
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}{TEMP_MARK}tmp-", dir=self.path.parent))
         except OSError as exc:
             raise _output_error(self.path, exc) from None
+        # Locked while this process builds it: a later call for the same path knows it is not stale.
+        self._lock = FolderLock(self.tmp).acquire()
         _follow_umask(self.tmp, directory=True)
         return self.tmp
 
+    def _sweep_stale(self) -> None:
+        """Remove what a killed earlier call for this path left: its temporary folders (``.NAME.m3vit-tmp-…``,
+        and ``.NAME.m3vit-old-…`` once NAME exists again) that no process holds locked and that hold nothing
+        but this kind's files, deleted by name; anything else there stays."""
+        prefixes = [f".{self.path.name}{TEMP_MARK}tmp-"]
+        if os.path.lexists(self.path):
+            prefixes.append(f".{self.path.name}{TEMP_MARK}old-")
+        for entry in self.path.parent.iterdir():
+            if not entry.name.startswith(tuple(prefixes)) or entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                lock = FolderLock(entry, create=False).acquire()
+            except (RunLockedError, OutputError):  # being built by another process, or gone meanwhile
+                continue
+            try:
+                if not self.kind.foreign_entries(entry) and not any(p.is_symlink() for p in entry.iterdir()):
+                    remove_output(entry, self.kind)
+                    log.info("removed %s, left by an interrupted m3vit process", entry)
+            finally:
+                lock.release()
+
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._finish(exc_type, exc)
+        finally:
+            self._lock.release()
+
+    def _finish(self, exc_type, exc) -> bool:
         if exc_type is not None:
             self._discard()
             if isinstance(exc, OutputError):  # raised by a write inside: name the user's path, not ours
@@ -377,13 +421,15 @@ class FolderLock:
     lock when the holding process ends in any way (SIGKILL included), and no lock file is left behind.
     """
 
-    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+    def __init__(self, folder: str | os.PathLike, what: str = "folder", create: bool = True):
         self.folder = Path(folder)
         self.what = what
+        self.create = create  # make the folder when it does not exist (else: OutputError)
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
-        make_dirs(self.folder)
+        if self.create:
+            make_dirs(self.folder)
         try:
             fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
