@@ -254,6 +254,28 @@ def test_output_folder_never_overwrites_a_file_it_did_not_write(tmp_path):
             pass
 
 
+def test_output_folder_never_overwrites_a_file_the_user_changed_after_m3vit_wrote_it(tmp_path):
+    """A file m3vit wrote and the user then edited in place (a hand-corrected mask) is the user's now: the
+    next run refuses it. An untouched one, and one listed by an older manifest without stamps, are replaced."""
+    out = tmp_path / "preds"
+    with OutputFolder(out, kind="infer") as folder:
+        write_text(folder.path("a_semseg.png"), "ours")
+        write_text(folder.path("b_semseg.png"), "ours")
+        write_text(folder.path("a_semseg.png"), "ours, written twice in one run")
+    (out / "a_semseg.png").write_text("corrected by hand")
+    with OutputFolder(out, kind="infer") as folder:
+        with pytest.raises(OutputError, match="a_semseg.png was changed after m3vit wrote it"):
+            folder.claim(["b_semseg.png", "a_semseg.png"])
+        write_text(folder.path("b_semseg.png"), "ours again")
+    assert (out / "a_semseg.png").read_text() == "corrected by hand"
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    del manifest["stamps"]  # as m3vit wrote it before the stamps
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with OutputFolder(out, kind="infer") as folder:
+        write_text(folder.path("a_semseg.png"), "ours")
+    assert (out / "a_semseg.png").read_text() == "ours"
+
+
 def test_output_folder_that_wrote_nothing_leaves_no_trace(tmp_path):
     with pytest.raises(M3ViTError):
         with OutputFolder(tmp_path / "new", kind="demo"):

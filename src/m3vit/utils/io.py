@@ -13,7 +13,8 @@ The rules every command follows (the README's "Safety" section):
   JSON report's ``"format"``, a PNG's text tag); anything else is refused with one line.
 * A folder that receives files from several runs (inference outputs, expert reports, experiment
   reports) keeps a manifest ``.m3vit-output.json`` of the files m3vit wrote there
-  (``OutputFolder``): a file that is not listed is never overwritten. Each name is appended to a journal
+  (``OutputFolder``): a file that is not listed, or that was changed after m3vit wrote it (its size or
+  modification time is not the one recorded), is never overwritten. Each name is appended to a journal
   (``.m3vit-output.journal``) before its file is written, so a process killed mid-run leaves its files
   recognised; the journal is folded into the manifest when the folder is closed.
 * Only the exact temporary names this process created are ever deleted; an old output is removed
@@ -475,6 +476,9 @@ class OutputFolder:
         self.kind = kind
         self._lock = FolderLock(self.folder, what="output folder")
         self._files: set[str] = set()
+        # (size, mtime_ns) of each file when the last run ended, and the names this run has written.
+        self._stamps: dict[str, tuple[int, int]] = {}
+        self._written: set[str] = set()
 
     def __enter__(self) -> "OutputFolder":
         if os.path.lexists(self.folder) and not self.folder.is_dir():
@@ -492,7 +496,8 @@ class OutputFolder:
         try:
             if self._files:
                 write_json(self.folder / MANIFEST_FILE, {"format": _MANIFEST_FORMAT, "kind": self.kind,
-                                                        "files": sorted(self._files)})
+                                                        "files": sorted(self._files),
+                                                        "stamps": self._current_stamps()})
                 try:
                     os.unlink(self.folder / JOURNAL_FILE)  # folded into the manifest just written
                 except FileNotFoundError:
@@ -570,7 +575,36 @@ class OutputFolder:
             raise OutputError(f"{path} is damaged; m3vit cannot tell which files in {self.folder} it wrote: "
                               f"choose another output folder")
         self._refuse_kind(data.get("kind"))
+        stamps = data.get("stamps")  # absent in manifests of m3vit before the stamps
+        if isinstance(stamps, dict):
+            self._stamps = {str(k): (v[0], v[1]) for k, v in stamps.items()
+                            if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)}
         return {str(f) for f in data["files"]}
+
+    def _current_stamps(self) -> dict[str, list[int]]:
+        """``[size, mtime_ns]`` of every listed file that exists (what a later run checks it against)."""
+        stamps = {}
+        for name in sorted(self._files):
+            try:
+                st = os.lstat(self.folder / name)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                stamps[name] = [st.st_size, st.st_mtime_ns]
+        return stamps
+
+    def _changed_since_written(self, name: str) -> bool:
+        """Whether the listed file ``name`` was changed (or replaced) after m3vit last wrote it: its size or
+        modification time is not the one the manifest recorded. A name this run wrote, or one recorded
+        without a stamp (a killed run's journal, an older manifest), is not checked."""
+        stamp = self._stamps.get(name)
+        if stamp is None or name in self._written:
+            return False
+        try:
+            st = os.lstat(self.folder / name)
+        except FileNotFoundError:
+            return False
+        return not stat.S_ISREG(st.st_mode) or [st.st_size, st.st_mtime_ns] != list(stamp)
 
     def owns(self, name: str) -> bool:
         return name in self._files
@@ -582,6 +616,9 @@ class OutputFolder:
             if os.path.lexists(target) and name not in self._files:
                 raise OutputError(f"{target} exists and was not written by m3vit; it is never overwritten: "
                                   f"choose another output folder or move that file")
+            if self._changed_since_written(name):
+                raise OutputError(f"{target} was changed after m3vit wrote it; it is never overwritten: "
+                                  f"choose another output folder or move that file")
             if target.is_dir():
                 raise OutputError(f"{target} is a folder; choose another output folder")
 
@@ -591,4 +628,5 @@ class OutputFolder:
         if name not in self._files:
             self._record(name)
             self._files.add(name)
+        self._written.add(name)
         return self.folder / name
