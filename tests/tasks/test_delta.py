@@ -63,6 +63,15 @@ def test_load_baselines_from_file_wrapped_file_and_run_directory(tmp_path):
     assert load_baselines(run) == {"depth": {"rmse": 0.5}}
     (run / "metrics.json").write_text(json.dumps({"depth": {"rmse": 0.4}}))
     assert load_baselines(run) == {"depth": {"rmse": 0.4}}  # metrics.json first
+    (run / "baselines.json").write_text(json.dumps({"metrics": {"depth": {"rmse": 0.3}}, "seeds": [0, 1]}))
+    assert load_baselines(run) == {"depth": {"rmse": 0.3}}  # a study folder: its single-task baselines
+
+
+def test_load_baselines_says_what_to_give_for_a_file_of_several_runs(tmp_path):
+    demo = tmp_path / "results.json"  # the demo's: {run: {"metrics": ...}}
+    demo.write_text(json.dumps({"m3vit": {"metrics": {"sal": {"mIoU": 40.0}}}}))
+    with pytest.raises(ValueError, match="m3vit/metrics is an object, not a number: give one run's metrics"):
+        load_baselines(demo)
 
 
 def test_load_baselines_errors(tmp_path):

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
                    help="default: the run's eval.batch_size")
     p.add_argument("--pathway", choices=EVAL_PATHWAYS, default="single",
                    help="single: each task alone (as deployed); all: every task in one batched forward")
-    p.add_argument("--baselines", help="single-task metrics (JSON or run folder) for Δm (default: eval.baselines; "
+    p.add_argument("--baselines", help="single-task metrics for Δm: a JSON file (an eval --out report) or a study "
+                   "--out folder (its baselines.json) (default: eval.baselines; "
                    "with --protocol reference the paper's baselines of the dataset)")
     p.add_argument("--protocol", choices=EVAL_PROTOCOLS, default="default",
                    help="default: float predictions upsampled bilinearly to each label; reference: the official "

@@ -18,7 +18,9 @@ from .registry import task_class
 __all__ = ["delta_m", "load_baselines", "reference_baselines_path", "reference_delta_m", "REFERENCE_BASELINE_FILES",
            "REFERENCE_DELTA_M_EXCLUDES"]
 
-_RUN_FILES = ("metrics.json", "results.json")
+#: What a folder given as baselines is searched for, in order: a study's mean single-task baselines
+#: (``m3vit study --out``, also each ``seed-N/``), then a metrics file of the user's.
+_RUN_FILES = ("baselines.json", "metrics.json", "results.json")
 _BASELINES_DIR = Path(__file__).resolve().parent / "baselines"
 #: Dataset name -> packaged file of the paper's single-task baselines.
 REFERENCE_BASELINE_FILES = {"pascal_context": "pascal_context_resnet18.json", "nyud": "nyud_resnet50.json"}
@@ -79,6 +81,9 @@ def _as_task_metrics(data: object, source: Path) -> dict[str, dict[str, float]]:
             )
         out[str(task)] = {}
         for metric, value in values.items():
+            if isinstance(value, Mapping):  # e.g. the demo's results.json: several runs, not one's metrics
+                raise DataError(f"{source}: {task}/{metric} is an object, not a number: give one run's metrics "
+                                f"{{task: {{metric: value}}}} (an `m3vit eval --out` report, a study's baselines.json)")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DataError(f"{source}: {task}/{metric} must be a number, got {value!r}")
             out[str(task)][str(metric)] = float(value)
@@ -86,10 +91,11 @@ def _as_task_metrics(data: object, source: Path) -> dict[str, dict[str, float]]:
 
 
 def load_baselines(path: str | Path) -> dict[str, dict[str, float]]:
-    """Baseline metrics ``{task: {metric: value}}`` from a JSON file or a run directory.
+    """Baseline metrics ``{task: {metric: value}}`` from a JSON file or a folder.
 
-    The JSON holds ``{task: {metric: value}}`` or ``{"metrics": {task: {metric: value}}}``; a
-    directory must contain ``metrics.json`` or ``results.json`` of that form.
+    The JSON holds ``{task: {metric: value}}`` or ``{"metrics": {task: {metric: value}}}`` (an ``m3vit eval
+    --out`` report, a study's ``baselines.json``); a folder must contain one of ``_RUN_FILES`` of that form
+    (a ``m3vit study --out`` folder or one of its ``seed-N/`` folders).
     """
     path = Path(path)
     if path.is_dir():
@@ -98,7 +104,8 @@ def load_baselines(path: str | Path) -> dict[str, dict[str, float]]:
                 path = path / name
                 break
         else:
-            raise FileNotFoundError(f"run directory {path} holds none of {list(_RUN_FILES)}")
+            raise FileNotFoundError(f"folder {path} holds none of {list(_RUN_FILES)} (give a JSON file of single-task "
+                                    f"metrics, e.g. an `m3vit eval --out` report, or an `m3vit study --out` folder)")
     elif not path.is_file():
         raise FileNotFoundError(f"baselines file {path} does not exist (give a JSON file or a run directory)")
     try:
