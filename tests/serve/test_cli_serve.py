@@ -56,7 +56,10 @@ def test_a_missing_extra_is_one_line_naming_the_install_command(checkpoint, monk
     assert err == "error: m3vit serve needs fastapi (not installed): pip install m3vit[serve]\n"
 
 
-def test_serve_starts_prints_its_url_answers_and_stops_on_ctrl_c(checkpoint):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_serve_starts_prints_its_url_answers_and_stops_cleanly(checkpoint, stop):
+    """Ctrl-C and SIGTERM (what ``kill``, systemd and docker send) both end with the clean shutdown, the
+    ``stopped`` line and status 0."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "m3vit", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                              "--device", "cpu", "--stream-experts"],
@@ -71,7 +74,7 @@ def test_serve_starts_prints_its_url_answers_and_stops_on_ctrl_c(checkpoint):
             assert json.load(answer) == {"status": "ok"}
         with urllib.request.urlopen(url + "api/info", timeout=30) as answer:
             assert json.load(answer)["streaming"] is True
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:

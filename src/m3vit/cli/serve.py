@@ -3,6 +3,8 @@ tasks."""
 
 from __future__ import annotations
 
+import signal
+
 from .common import CLIError, add_device_option, device
 
 
@@ -56,11 +58,20 @@ def run(args) -> int:
         print(f"m3vit serve: {info['model']} ({', '.join(info['tasks'])}; {experts}; {info['device']}) "
               f"at {url}  (Ctrl-C to stop)", flush=True)
 
+    # uvicorn shuts down cleanly on Ctrl-C and SIGTERM, then raises the signal again with the handler it
+    # found: SIGTERM's default would end the process (status 143) before the lines below; this one makes it
+    # end like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve(app, sock=sock, log_level="info" if args.verbose else "warning", on_ready=ready)
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its clean shutdown
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C (and so SIGTERM) after its clean shutdown
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         app.state.service.close()  # already closed by the app's shutdown, unless uvicorn failed to start
     print("m3vit serve: stopped", flush=True)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
