@@ -217,6 +217,10 @@ def test_infer_compile_writes_what_eager_writes(checkpoints, capsys, tmp_path):
     assert (np.load(tmp_path / "compiled" / "photo_semseg.npy") == np.load(tmp_path / "eager" / "photo_semseg.npy")).mean() > 0.99
     code, _, err = _run(args + ["--compile", "--stream-experts", "--out", tmp_path / "streamed", image], capsys)
     assert code == 2 and "runs eagerly only" in err and err.count("\n") == 1
+    # an image right after a bare --compile is not taken for the backend in silence
+    code, _, err = _run(args + ["--out", tmp_path / "other", "--compile", image], capsys)
+    assert code == 2 and "is not a torch.compile backend: give images before --compile" in err
+    assert err.count("\n") == 1 and not (tmp_path / "other").exists()
 
 
 # ----------------------------------------------------------------------------------------------

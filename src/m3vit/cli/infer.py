@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 
 from .common import CLIError, add_device_option, device
@@ -25,12 +27,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--stream-experts", action="store_true",
                    help="keep expert weights in the checkpoint file and read them two at a time per MoE layer "
                         "(less memory, same predictions; see m3vit.efficiency.streaming)")
-    p.add_argument("--compile", nargs="?", const="default", metavar="BACKEND",
+    p.add_argument("--compile", nargs="?", const="default", metavar="BACKEND", type=_backend_name,
                    help="run the model under torch.compile (m3vit.nn.compile_model; the first image compiles): "
                         "BACKEND is torch.compile's (default: inductor, or aot_eager on a CPU without a C++ "
                         "compiler); not with --stream-experts")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size; PNG, JPEG, ...)")
     p.set_defaults(func=run)
+
+
+def _backend_name(value: str) -> str:
+    """``--compile``'s optional BACKEND: a torch.compile backend name, never a file (``--compile photo.jpg``
+    would otherwise take the image for the backend)."""
+    if "." in value or "/" in value or os.sep in value:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a torch.compile backend: give images before --compile "
+                                         f"or write --compile=BACKEND")
+    return value
 
 
 def run(args) -> int:
