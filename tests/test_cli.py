@@ -53,6 +53,9 @@ def test_flops_from_checkpoint(tmp_path, capsys):
         (["flops", "--model", "m3vit_micro", "--set", "model.tasks=[edge]"], "--set model.tasks: give it with --tasks"),
         (["flops", "--model", "m3vit_micro", "--set", "model.bogus=1"], "bogus"),
         (["flops", "--checkpoint", "/nonexistent/ckpt"], "does not exist"),
+        (["flops", "--model", "m3vit_micro", "--set", "model.name=mvit_micro"], "--set model.name: give it with --model"),
+        (["flops", "--checkpoint", "/nonexistent/ckpt", "--set", "model.num_experts=4"],
+         "--set applies to --model; a --checkpoint is counted as it was saved"),
         (["flops", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["demo", "--repeats", "0"], "argument --repeats: must be >= 1"),
         ([], "the following arguments are required: command"),
@@ -139,6 +142,14 @@ def test_data_show_never_replaces_a_picture_it_did_not_write(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out} exists and is not a PNG figure written by m3vit") and len(err.splitlines()) == 1
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["samples.png"]
+
+
+@pytest.mark.parametrize("name", ["samples.jpg", "samples.txt", "samples"])
+def test_data_show_refuses_a_name_that_is_not_a_png(name, tmp_path, capsys):
+    assert main(["data", "show", "--num", "1", "--size", "32", "32", "--out", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "give a file name ending in .png" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from m3vit.models import create_model
 from m3vit.nn import MoE, compile_model, dispatch_to_experts
 from m3vit.nn.compile import default_backend
 from m3vit.nn.dispatch import moe_experts_op
+from m3vit.utils.errors import InputError
 
 TASKS = {"semseg": 5, "depth": 1, "sal": 1}
 
@@ -119,3 +120,9 @@ def test_default_backend_needs_a_cxx_compiler_on_cpu(monkeypatch):
     assert default_backend("cpu") == "aot_eager"
     monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}")
     assert default_backend("cpu") == "inductor"
+
+
+def test_an_unknown_backend_is_a_users_error():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(InputError, match="'nosuchbackend' is not a torch.compile backend: use inductor"):
+        compile_model(model, backend="nosuchbackend")

@@ -7,7 +7,7 @@ import json
 from .common import CLIError, default_model_tasks, positive_int
 
 #: Keys ``--set`` may not set: they have their own options.
-_OWN_OPTIONS = {"tasks": "--tasks", "img_size": "--img-size"}
+_OWN_OPTIONS = {"name": "--model", "tasks": "--tasks", "img_size": "--img-size"}
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +47,9 @@ def _build_model(args):
     import m3vit
 
     if args.checkpoint:
+        if args.set:  # the checkpoint's config is what its weights were trained with
+            raise CLIError(f"--set applies to --model; a --checkpoint is counted as it was saved (drop --set "
+                           f"{args.set[0]})")
         return m3vit.load_checkpoint(args.checkpoint)
     return m3vit.create_model(args.model, args.tasks or default_model_tasks(), img_size=tuple(args.img_size),
                               **model_overrides(args.set))

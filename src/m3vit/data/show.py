@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..tasks import get_task
 from ..utils.errors import InputError
-from ..utils.figures import image_to_uint8, is_m3vit_figure, picture_grid
+from ..utils.figures import check_figure_path, image_to_uint8, is_m3vit_figure, picture_grid
 from ..utils.io import check_file_replaceable
 
 __all__ = ["dataset_tasks", "render_grid"]
@@ -43,6 +43,7 @@ def render_grid(dataset, indices: Sequence[int], path: str | os.PathLike, *, cel
     """
     if not indices:
         raise InputError("render_grid needs at least one sample index")
+    check_figure_path(path)
     check_file_replaceable(path, is_m3vit_figure, "a PNG figure")
     tasks = dataset_tasks(dataset)
     rows = []

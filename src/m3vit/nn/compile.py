@@ -40,7 +40,8 @@ def compile_model(model: nn.Module, *, backend: str | None = None, mode: str | N
 
     Returns the compiled module: it shares the model's parameters and forwards attribute access
     (``compiled.moe_layers``, ``compiled.aux_loss()``); the first call compiles. A model whose MoE layers
-    stream their experts from a file (``m3vit.efficiency.streaming``) runs eagerly only: ``InputError``.
+    stream their experts from a file (``m3vit.efficiency.streaming``) runs eagerly only, and an unknown
+    ``backend`` is a user's error: ``InputError``.
     """
     if any(not getattr(m, "compilable", True) for m in model.modules()):
         raise InputError("this model streams its experts from the checkpoint file, which runs eagerly only; "
@@ -49,4 +50,8 @@ def compile_model(model: nn.Module, *, backend: str | None = None, mode: str | N
         param = next(model.parameters(), None)
         backend = default_backend(param.device if param is not None else "cpu")
         log.info("compiling %s with torch.compile backend %r", type(model).__name__, backend)
-    return torch.compile(model, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+    try:
+        return torch.compile(model, backend=backend, mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+    except torch._dynamo.exc.InvalidBackend:  # the name is looked up at once: a user's typo, not a bug
+        raise InputError(f"{backend!r} is not a torch.compile backend: use inductor, aot_eager or eager (all: "
+                         f"torch._dynamo.list_backends(exclude_tags=()))") from None

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
+from .errors import InputError
 from .io import write_atomic
 
-__all__ = ["new_figure", "save_figure", "is_m3vit_figure", "image_to_uint8", "picture_grid", "FIGURE_TAG"]
+__all__ = ["new_figure", "save_figure", "check_figure_path", "is_m3vit_figure", "image_to_uint8", "picture_grid", "FIGURE_TAG"]
 
 #: The PNG text entry every figure m3vit saves carries, by which ``is_m3vit_figure`` recognises its own files.
 FIGURE_TAG = ("Software", "m3vit")
@@ -27,9 +29,17 @@ def new_figure(width: float, height: float, dpi: int = 100):
     return Figure(figsize=(width, height), dpi=dpi)
 
 
+def check_figure_path(path: str | os.PathLike) -> None:
+    """Refuse (``InputError``) a figure path whose name does not end in ``.png``: m3vit writes PNG only, and a
+    ``samples.jpg`` holding PNG bytes would mislead every program that trusts the suffix."""
+    if Path(path).suffix.lower() != ".png":
+        raise InputError(f"{path}: m3vit writes figures as PNG; give a file name ending in .png")
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> str:
     """Write a matplotlib ``Figure`` as PNG (tagged ``FIGURE_TAG``; ``dpi`` default: the figure's) to a
-    temporary name, then rename it to ``path``; the path."""
+    temporary name, then rename it to ``path`` (``check_figure_path``); the path."""
+    check_figure_path(path)
     key, value = FIGURE_TAG
     return os.fspath(write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi or "figure",
                                                                 metadata={key: value})))
