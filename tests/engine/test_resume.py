@@ -217,6 +217,24 @@ def test_resume_when_no_checkpoint_verifies_is_one_line(tmp_path, tiny_overrides
     assert f"the newest failed with: {out / 'checkpoints' / 'step-4' / 'trainer.pt'}: damaged or truncated" in lines[0]
 
 
+def test_an_optimizer_state_that_does_not_fit_is_one_line(tmp_path, tiny_overrides, capsys):
+    """A trainer.pt whose keys and step verify but whose optimizer state does not fit the parameters."""
+    from m3vit.cli import main
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(train__steps=2)
+    assert main(["train", "--out", str(out), *overrides]) == 0
+    state_path = out / "checkpoints" / "step-2" / "trainer.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["optimizer"] = {"state": {}, "param_groups": []}
+    torch.save(state, state_path)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), *overrides, "--set", "train.steps=4", "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert lines[0].startswith(f"error: {state_path}: its optimizer state does not fit this run's parameters")
+
+
 def test_resuming_a_finished_run_says_it_is_finished(tmp_path, tiny_overrides, capsys):
     from m3vit.cli import main
 

@@ -97,9 +97,10 @@ def test_epochs_set_the_length(tmp_path, tiny_config):
     assert [r["epoch"] for r in records(tmp_path / "run")] == [0, 0, 0, 1, 1, 1]
 
 
-def test_batch_larger_than_dataset_is_a_clear_error(tmp_path, tiny_config):
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+def test_batch_larger_than_dataset_is_a_clear_error_and_leaves_no_folder(tmp_path, tiny_config):
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
         train(tiny_config(train__batch_size=32), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # the folder the run created goes with the failed setup
 
 
 def test_refuses_non_empty_out_and_changed_config_on_resume(tmp_path, tiny_config):

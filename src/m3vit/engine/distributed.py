@@ -143,8 +143,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.rank, self.world_size = rank, world_size
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = self.length // self.global_batch
-        if self.batches_per_epoch < 1:
-            raise ValueError(
+        if self.batches_per_epoch < 1:  # the run config's sizes: a user's setting, not a bug
+            raise ConfigError(
                 f"the training set has {self.length} samples, fewer than one global batch of {self.global_batch} "
                 f"(train.batch_size={batch_size} x {world_size} process(es)); lower train.batch_size or use more data"
             )

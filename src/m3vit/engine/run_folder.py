@@ -74,9 +74,19 @@ def claim_run_folder(out: Path, cfg: RunConfig, resume: bool, *, lock: bool = Tr
     """Hold ``out`` for the run of ``cfg`` for the ``with`` block and yield the step checkpoint to resume from
     (None: start from step 0), after ``check_run_folder``. With ``lock`` (the main process of a run) the folder
     is locked (``FolderLock``: one run per folder; released when the block ends, or by the kernel when the
-    process dies); the other processes of a distributed run only check it."""
-    with FolderLock(out, what="--out") if lock else nullcontext():
-        yield check_run_folder(out, cfg, resume)
+    process dies), and a folder it created is removed again when the block fails with it still empty; the
+    other processes of a distributed run only check it."""
+    created = not os.path.lexists(out)
+    try:
+        with FolderLock(out, what="--out") if lock else nullcontext():
+            yield check_run_folder(out, cfg, resume)
+    except BaseException:
+        if created and lock:  # a run that failed before writing anything leaves no empty folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass  # it holds what the run wrote (or another process made it meanwhile): keep it
+        raise
 
 
 def check_run_folder(out: Path, cfg: RunConfig, resume: bool) -> Path | None:

@@ -54,7 +54,7 @@ from ..models.checkpoint import (CHECKPOINT, CONFIG, TRAINER_STATE, WEIGHTS, rea
                                  task_embed_layout_error, verify_checkpoint, write_checkpoint_files)
 from ..models.config import REFERENCE_OPTIONS, ConfigError
 from ..nn.heads import CrossTaskHead
-from ..utils.errors import CheckpointError, M3ViTError
+from ..utils.errors import CheckpointError, M3ViTError, one_line
 from ..utils.io import atomic_directory, write_bytes
 from .builders import build_eval_dataset, build_model, build_tasks, build_train_dataset, collate, loss_weights
 from .config import RunConfig
@@ -335,9 +335,14 @@ class _Trainer:
             except RuntimeError:
                 raise RunDirectoryError(f"--resume: {directory}: the saved cross-task module does not match "
                                         f"train.cross_task_module={self.cfg.train.cross_task_module!r}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:  # verified for its keys and step, not for what the optimizer state holds
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{directory / TRAINER_STATE}: its optimizer state does not fit this run's "
+                                  f"parameters ({one_line(exc)}); move {directory.name} away to resume from an "
+                                  f"earlier checkpoint") from None
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         if int(state["global_batch"]) != self.sampler.global_batch:
