@@ -113,6 +113,8 @@ def test_compare_two_checkpoints(checkpoints, capsys, tmp_path):
     (["analyze", "conflicts", "--run", "{root}/empty"], "no checkpoint in it"),
     (["analyze", "conflicts", "--checkpoint", "{root}/moe", "--batches", "0"], "--batches must be >= 1"),
     (["analyze", "conflicts", "--checkpoint", "{root}/moe", "--tasks", "bogus"], "unknown task(s) ['bogus']"),
+    (["analyze", "conflicts", "--checkpoint", "{root}/moe", "--tasks", "sal"], "gradient conflicts need two tasks"),
+    (["analyze", "conflicts", "--checkpoint", "{root}/moe", "--tasks", "sal", "sal"], "need two tasks or more"),
     (["analyze", "conflicts", "--checkpoint", "{root}/moe", "--set", "model.depth=3"], "cannot override the model"),
     (["analyze", "conflicts"], "one of the arguments --checkpoint --run is required"),
     (["analyze", "compare", "{root}/moe"], "the following arguments are required"),

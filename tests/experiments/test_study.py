@@ -119,6 +119,8 @@ def test_one_seed_says_the_interval_is_undefined(tiny_configs, tmp_path):
     (["--reference", "bogus"], "--reference 'bogus' is not one of"),
     (["--multi", "only-a-name"], "NAME CONFIG pairs"),
     (["--multi", "single", "{m3vit}"], "cannot name a folder"),
+    (["--multi", "..", "{m3vit}"], "run name '..' cannot name a folder"),
+    (["--multi", ".", "{m3vit}"], "run name '.' cannot name a folder"),
 ])
 def test_study_user_errors(tiny_configs, tmp_path, capsys, extra, fragment):
     argv = ["study", "--out", str(tmp_path / "s"), "--single", str(tiny_configs["mvit"])]

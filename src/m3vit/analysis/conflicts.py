@@ -36,6 +36,7 @@ from ..data import preprocess
 from ..data.transforms import Resize
 from ..engine.builders import build_tasks
 from ..tasks import get_task
+from ..utils.errors import DataError, InputError
 
 __all__ = ["task_gradient_cosines", "gradient_conflicts", "GradientConflicts", "ConflictReport",
            "measure_conflicts", "parameter_groups", "plot_conflict_matrices", "plot_conflict_evolution",
@@ -336,11 +337,14 @@ def measure_conflicts(model, dataset, tasks: Sequence[str] | None = None, *, bat
         raise ValueError(f"batches and batch_size must be >= 1, got {batches} and {batch_size}")
     requested = model.resolve_tasks(tasks)
     tasks = [t for t in model.tasks if t in requested]
+    if len(tasks) < 2:  # a conflict is between two tasks' gradients
+        raise InputError(f"gradient conflicts need two tasks or more, got {tasks}; give at least two distinct tasks "
+                         f"of the model's {list(model.tasks)}")
     absent = [t for t in tasks if t not in getattr(dataset, "tasks", tasks)]
     if absent:
-        raise ValueError(f"the dataset has no labels for task(s) {absent}; it has {list(dataset.tasks)}")
+        raise DataError(f"the dataset has no labels for task(s) {absent}; it has {list(dataset.tasks)}")
     if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
+        raise DataError("the dataset is empty")
     device = next(model.parameters()).device if device is None else torch.device(device)
     size = tuple(model.config.img_size)
     results, seen = [], 0

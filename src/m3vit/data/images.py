@@ -88,9 +88,9 @@ def read_image(path: str | os.PathLike | BinaryIO, *, max_pixels: int | None = M
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageTooLargeError(
-                        f"{path}: {width}x{height} is {width * height / 1e6:.1f} M pixels, above the limit of "
-                        f"{max_pixels / 1e6:g} M (downscale the image, or raise the limit: max_pixels / "
-                        f"--max-pixels)", width, height, max_pixels)
+                        f"{path}: {width}x{height} is {width * height:,} pixels, above the limit of "
+                        f"{max_pixels:,} (downscale the image, or raise the limit: max_pixels / --max-pixels)",
+                        width, height, max_pixels)
                 ImageOps.exif_transpose(img, in_place=True)
                 chw, white = _pixels(img, path)
     except FileNotFoundError:

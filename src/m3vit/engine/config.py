@@ -185,7 +185,9 @@ class DataSection:
             with_people = datasets_with_people()
             _check_choice(f"{prefix}.people", self.people, sorted({m for n in with_people for m in DATASETS[n].people_modes}))
             if not dataset.people_modes:
-                raise _fail(f"{prefix}.people", f"applies to the {' or '.join(with_people)} dataset only: set it to null")
+                raise _fail(f"{prefix}.people", f"is {self.people!r} (the config sets it), which applies to the "
+                                                f"{' or '.join(with_people)} dataset only: --set {prefix}.people=null "
+                                                f"for {self.name}")
 
 
 @dataclass

@@ -125,7 +125,8 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
 
     ``overrides`` (``--set`` strings or a dotted dict) apply to every run. A run directory that
     already holds a run of the same config is resumed (a finished one is not retrained); ``fresh``
-    deletes it first. ``conflict_batches`` validation batches measure the gradient conflicts (0: skip).
+    deletes it first. ``conflict_batches`` validation batches measure the gradient conflicts (0, or a single
+    task: skipped).
     ``say`` receives progress lines.
     """
     out = Path(out)
@@ -134,8 +135,10 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
         paths = {name: resolve_config_path(p) for name, p in (configs or DEFAULT_CONFIGS).items()}
         cfgs = {name: load_config(path, overrides) for name, path in paths.items()}
         compare_configs(cfgs)
+        tasks = run_tasks(next(iter(cfgs.values())))
+        conflicts = conflict_batches > 0 and len(tasks) > 1  # a conflict is between two tasks
         # Every file the demo writes, claimed before any training: a file of the user's there stops it now.
-        folder.claim(_figure_names(out, run_tasks(next(iter(cfgs.values()))), conflict_batches > 0))
+        folder.claim(_figure_names(out, tasks, conflicts))
         results: dict[str, Any] = {}
         models = {}
         for name, cfg in cfgs.items():
@@ -164,7 +167,7 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
             except ValueError as exc:  # e.g. a zero baseline metric after a very short run
                 results["delta_m"] = {"value": None, "of": a, "baseline": b, "error": str(exc)}
         figures = _figures(out, folder, cfgs, models, results, samples, say)
-        if conflict_batches > 0:
+        if conflicts:
             figures["conflicts"] = _conflicts(folder, cfgs, models, results, conflict_batches, say)
         results["figures"] = figures
         write_json(folder.path("results.json"), results)

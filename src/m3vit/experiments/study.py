@@ -190,7 +190,8 @@ def run_study(out: str | Path, multi: Mapping[str, str | Path] | None = None, si
             overrides = parse_overrides(overrides)
         multi_paths = {name: resolve_config_path(p) for name, p in (multi or DEFAULT_MULTI).items()}
         single_path = resolve_config_path(single if single is not None else DEFAULT_SINGLE)
-        bad_names = [n for n in multi_paths if not n or "/" in n or n in ("single", "figures") or n.startswith("seed-")]
+        bad_names = [n for n in multi_paths if not n or "/" in n or n in ("single", "figures", ".", "..")
+                     or n.startswith("seed-")]
         if bad_names:
             raise InputError(f"run name {bad_names[0]!r} cannot name a folder of the study; choose another")
         multi_cfgs = {name: load_config(path, overrides) for name, path in multi_paths.items()}
