@@ -162,6 +162,7 @@ def test_data_show_refuses_a_name_that_is_not_a_png(name, tmp_path, capsys):
         (["data", "show", "--tasks", "bogus"], "bogus"),
         (["data", "show", "--split", "nope"], "nope"),
         (["data", "show", "--num", "0"], "argument --num: must be >= 1"),
+        (["data", "show", "--num", "100000"], "--num must be <= 64 (one figure), got 100000"),
         (["data", "show", "--size", "16000", "16000"], "each side must be <= 4096"),
         (["data", "show", "--dataset", "nyud", "--root", "/tmp", "--people", "close"], "synthetic scenes only"),
         (["data", "show", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),

@@ -276,6 +276,16 @@ def test_output_folder_never_overwrites_a_file_the_user_changed_after_m3vit_wrot
     assert (out / "a_semseg.png").read_text() == "ours"
 
 
+@pytest.mark.parametrize("name", [MANIFEST_FILE, ".m3vit-output.journal"])
+def test_a_manifest_or_journal_that_is_a_folder_refuses_the_output_folder_before_any_write(tmp_path, name):
+    out = tmp_path / "preds"
+    (out / name).mkdir(parents=True)
+    with pytest.raises(OutputError, match="is damaged"):
+        with OutputFolder(out, kind="infer"):
+            pass
+    assert [p.name for p in out.iterdir()] == [name]
+
+
 def test_output_folder_that_wrote_nothing_leaves_no_trace(tmp_path):
     with pytest.raises(M3ViTError):
         with OutputFolder(tmp_path / "new", kind="demo"):

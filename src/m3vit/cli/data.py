@@ -6,6 +6,10 @@ from .choices import DATASETS, PEOPLE_MODES
 from .common import CLIError, Parser, positive_int
 
 
+#: Most samples one ``data show`` figure holds.
+MAX_ROWS = 64
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="look at a dataset")
     data = p.add_subparsers(dest="data_command", required=True, parser_class=Parser)
@@ -16,7 +20,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tasks", nargs="+", help="labels to show (default: every task of the dataset)")
     p.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
                    help="render size of the synthetic scenes (default 128 128); for real data: resize to this")
-    p.add_argument("--num", type=positive_int, default=4, help="number of samples (rows)")
+    p.add_argument("--num", type=positive_int, default=4, help=f"number of samples (rows; 1 to {MAX_ROWS})")
     p.add_argument("--start", type=int, default=0, help="index of the first sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--people", choices=PEOPLE_MODES,
@@ -31,6 +35,8 @@ def run_show(args) -> int:
 
     if args.start < 0:
         raise CLIError("--start must be >= 0")
+    if args.num > MAX_ROWS:  # one figure: thousands of rows would render for minutes into an unviewable PNG
+        raise CLIError(f"--num must be <= {MAX_ROWS} (one figure), got {args.num}; use --start to page through")
     options = {"size": tuple(args.size)} if args.size else {}
     if not DATASETS[args.dataset].reads_files:  # rendered: as many samples as shown
         options["length"] = args.start + args.num

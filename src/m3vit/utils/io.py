@@ -521,10 +521,12 @@ class OutputFolder:
     def _read_journal(self) -> set[str]:
         """The names a run recorded before it ended without writing the manifest (killed, crashed)."""
         path = self.folder / JOURNAL_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             return set()
         damaged = OutputError(f"{path} is damaged; m3vit cannot tell which files in {self.folder} it wrote: "
                               f"choose another output folder")
+        if not path.is_file() or path.is_symlink():
+            raise damaged
         # A last line without its newline was torn by the kill: its file was not written yet. Without a
         # whole line (the header itself torn, or nothing written: a full disk) nothing was recorded.
         lines = path.read_bytes().split(b"\n")[:-1]
@@ -564,10 +566,10 @@ class OutputFolder:
 
     def _read_manifest_file(self) -> set[str]:
         path = self.folder / MANIFEST_FILE
-        if not path.is_file():
+        if not os.path.lexists(path):
             return set()
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
             ok = data.get("format") == _MANIFEST_FORMAT and isinstance(data.get("files"), list)
         except (ValueError, UnicodeDecodeError, AttributeError):
             ok = False
