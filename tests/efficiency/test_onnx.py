@@ -393,6 +393,61 @@ def test_onnx_adapter_refuses_foreign_files(multi_gate, tmp_path):
         OnnxModel(tmp_path / "foreign.onnx")
     with pytest.raises(InputError, match="does not exist"):
         OnnxModel(tmp_path / "missing.onnx")
+    with pytest.raises(InputError, match="is a folder, not an ONNX file"):
+        OnnxModel(tmp_path)
+    for key, value in (("m3vit.config", "{not json"), ("m3vit.task", "depth")):
+        damaged = onnx.load(str(multi_gate[1]))
+        next(p for p in damaged.metadata_props if p.key == key).value = value
+        onnx.save(damaged, str(tmp_path / "damaged.onnx"))
+        with pytest.raises(InputError, match=f"damaged.onnx: its m3vit metadata is damaged \\({key}"):
+            OnnxModel(tmp_path / "damaged.onnx")
+
+
+def test_onnx_adapter_unknown_task_is_an_input_error(multi_gate, calibration):
+    from m3vit.efficiency.onnx_model import OnnxModel
+    from m3vit.utils.errors import InputError
+
+    adapter = OnnxModel(multi_gate[1], threads=1)
+    for tasks in (["depth"], "semseg", []):
+        with pytest.raises(InputError, match="this ONNX model's task is 'sal'"):
+            adapter.resolve_tasks(tasks)
+    with pytest.raises(InputError, match=r"unknown task\(s\) \['semseg'\]"):
+        adapter(_images(calibration, 1), tasks=["semseg"])
+    assert adapter.resolve_tasks(None) == adapter.resolve_tasks("sal") == ["sal"]
+
+
+def _unusable_onnx_files(folder, model_path):
+    """Files onnxruntime cannot load as a model, by the failure they caused: a parse error (InvalidProtobuf),
+    a protobuf without a graph (InvalidArgument), a graph that does not connect (InvalidArgument), an unknown
+    operator (InvalidGraph)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    data = model_path.read_bytes()
+    files = {"empty": b"", "truncated": data[:len(data) // 2], "yaml": b"format: m3vit-checkpoint\n",
+             "binary": bytes(range(256)) * 8, "no_graph": b"\x08\x07"}
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in "xy")
+    for name, node in (("dangling", helper.make_node("Relu", ["z"], ["y"])),
+                       ("unknown_op", helper.make_node("NoSuchOp", ["x"], ["y"]))):
+        files[name] = helper.make_model(helper.make_graph([node], "g", [x], [y]), ir_version=8,
+                                        opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    for name, content in files.items():
+        (folder / f"{name}.onnx").write_bytes(content)
+    assert onnx.load_from_string(files["dangling"]).graph.node  # a parseable model, refused by onnxruntime only
+    return [folder / f"{name}.onnx" for name in files]
+
+
+def test_onnx_session_refuses_unusable_files_in_one_line(multi_gate, tmp_path):
+    from m3vit.efficiency.onnx_export import onnx_session
+    from m3vit.efficiency.onnx_model import OnnxModel
+    from m3vit.utils.errors import InputError
+
+    for path in _unusable_onnx_files(tmp_path, multi_gate[1]):
+        for load in (lambda p: onnx_session(p, threads=1), OnnxModel):
+            with pytest.raises(InputError) as caught:
+                load(path)
+            message = str(caught.value)
+            assert message.startswith(f"{path} is not ") and "\n" not in message, message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -443,12 +498,16 @@ def test_cli_export_onnx_int8_and_eval_onnx(tmp_path, capsys):
     (["export", "--task", "sal", "--out", "OUT", "--int8"], "--int8 quantises the ONNX file: add --onnx"),
     (["eval", "--onnx", "CKPT/config.yaml"], "is not an ONNX file"),
     (["eval", "--onnx", "CKPT/missing.onnx"], "does not exist"),
+    (["eval", "--onnx", "CKPT"], "is a folder, not an ONNX file"),
+    (["eval", "--onnx", "EMPTY"], "is not a usable ONNX model"),
     (["eval", "--onnx", "CKPT/config.yaml", "--fixed-point"], "cannot be combined with --onnx"),
 ])
 def test_cli_onnx_errors_are_one_line(argv, message, tmp_path, capsys):
     _onnx()
     source = _checkpoint(tmp_path)
-    argv = [a.replace("CKPT", str(source)).replace("OUT", str(tmp_path / "out")) for a in argv]
+    (tmp_path / "empty.onnx").touch()
+    argv = [a.replace("CKPT", str(source)).replace("OUT", str(tmp_path / "out")).replace("EMPTY", str(tmp_path / "empty.onnx"))
+            for a in argv]
     code, _, err = _run(capsys, argv[0], "--checkpoint", source, *argv[1:])
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()

@@ -83,6 +83,63 @@ def test_load_errors_name_the_problem(tmp_path):
         m3vit.load_checkpoint(tmp_path / "ckpt")
 
 
+def test_a_file_given_as_the_checkpoint_is_told_apart_from_a_missing_folder(tmp_path):
+    m3vit.save_checkpoint(_model(), tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    with pytest.raises(CheckpointError) as caught:
+        m3vit.load_checkpoint(weights)
+    assert str(caught.value) == (f"{str(weights)!r} is a file, not a checkpoint: a checkpoint is the folder holding "
+                                 f"model.safetensors and config.yaml; give {str(tmp_path / 'ckpt')!r}")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"notes.txt' is a file, not a checkpoint: a checkpoint is the folder "
+                                              r"holding model.safetensors and config.yaml$"):
+        m3vit.load_checkpoint(tmp_path / "notes.txt")
+
+
+def _set_version(directory, version):
+    meta = yaml.safe_load((directory / "config.yaml").read_text())
+    if version is None:
+        del meta["version"]
+    else:
+        meta["version"] = version
+    (directory / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+@pytest.mark.parametrize("version", [2, 99])
+def test_a_checkpoint_of_a_newer_format_version_is_refused(tmp_path, version):
+    from m3vit.models.checkpoint import VERSION, read_checkpoint_config, verify_checkpoint
+
+    assert VERSION == 1 and yaml.safe_load((m3vit.save_checkpoint(_model(), tmp_path / "ckpt") / "config.yaml")
+                                           .read_text())["version"] == VERSION
+    _set_version(tmp_path / "ckpt", version)
+    config = tmp_path / "ckpt" / "config.yaml"
+    message = (rf"^{config}: checkpoint format version {version} is newer than this m3vit reads \(version 1\); "
+               rf"upgrade m3vit to load it$")
+    for read in (read_checkpoint_config, verify_checkpoint, m3vit.load_checkpoint):
+        with pytest.raises(CheckpointError, match=message):
+            read(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("version", ["1", 1.5, True, [1]])
+def test_a_checkpoint_version_that_is_not_an_integer_is_named(tmp_path, version):
+    m3vit.save_checkpoint(_model(), tmp_path / "ckpt")
+    _set_version(tmp_path / "ckpt", version)
+    with pytest.raises(CheckpointError, match=r"config.yaml: 'version' must be an integer \(the checkpoint format "
+                                              r"version; this m3vit writes 1\), got "):
+        m3vit.load_checkpoint(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("version", [None, 0, 1])
+def test_a_checkpoint_without_a_version_or_of_an_older_one_still_loads(tmp_path, version):
+    model = _model().eval()
+    m3vit.save_checkpoint(model, tmp_path / "ckpt")
+    _set_version(tmp_path / "ckpt", version)
+    loaded = m3vit.load_checkpoint(tmp_path / "ckpt")
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(images).values(), loaded(images).values()))
+
+
 def test_a_run_folder_points_at_its_final_checkpoint(tmp_path):
     m3vit.save_checkpoint(_model(), tmp_path / "run" / "final")
     with pytest.raises(FileNotFoundError, match="for a training run folder use .*final"):

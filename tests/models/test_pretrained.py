@@ -175,7 +175,7 @@ def test_missing_key_and_unreadable_file(tmp_path):
         load_pretrained_vit(make(), tmp_path / "nope.pth")
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="is not a PyTorch or safetensors checkpoint"):
         load_pretrained_vit(make(), bad)
 
 
@@ -196,8 +196,54 @@ def test_unreadable_checkpoints_are_checkpoint_errors(tmp_path):
     broken.write_bytes(b"garbage" * 3)
     listing = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], listing)
-    for path, fragment in [(bad, "cannot read"), (broken, "as a safetensors file"), (listing, "state dict"),
+    for path, fragment in [(bad, "is not a PyTorch or safetensors checkpoint"), (broken, "as a safetensors file"), (listing, "state dict"),
                            (tmp_path, "is a directory")]:
         with pytest.raises(CheckpointError) as err:
             load_pretrained_vit(make(), path)
         assert fragment in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_m3vit_checkpoint_given_as_pretrained_is_named_as_one(tmp_path):
+    """An m3vit checkpoint's weights hold backbone.* keys, not a ViT's blocks.N.*: the error says what the file is."""
+    from m3vit.utils.errors import CheckpointError
+
+    weights = m3vit.save_checkpoint(make(), tmp_path / "ckpt") / "model.safetensors"
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained_vit(make(), weights)
+    message = str(err.value)
+    assert message.startswith(f"pretrained checkpoint {str(weights)!r} holds no ViT backbone weights") and "\n" not in message
+    assert "is an m3vit checkpoint's weights" in message and "--checkpoint" in message and "DeiT/ViT" in message
+    with pytest.raises(CheckpointError, match=r"^the pretrained state dict holds no ViT backbone weights \(no "
+                                              r"'blocks.N.\*' keys[^\n]*DeiT/ViT checkpoint$") as err:
+        load_pretrained_vit(make(), {"fc.weight": torch.zeros(2, 2)})
+    assert "m3vit checkpoint" not in str(err.value)
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so_in_one_line(tmp_path):
+    """torch.load's own messages advise weights_only=False (never m3vit's advice) and span lines."""
+    import pickle
+
+    import numpy as np
+
+    from m3vit.utils.errors import CheckpointError
+
+    good = tmp_path / "good.pth"
+    torch.save(timm_state_dict(depth=1), good)
+    files = {"config.yaml": (b"format: m3vit-checkpoint\nversion: 1\n", "neither a torch.save archive nor a pickle"),
+             "config.pth": (b"model: {name: m3vit_micro}\n", "neither a torch.save archive nor a pickle"),
+             "random.pt": (bytes(range(256)) * 4, "neither a torch.save archive nor a pickle"),
+             "empty.pth": (b"", "it is empty"),
+             "truncated.pth": (good.read_bytes()[:200], "a damaged or foreign zip archive"),
+             "plain.pkl": (pickle.dumps({"a": 1}), "Python objects besides tensors"),
+             "legacy_truncated.pt": (pickle.dumps({"a": 1}, protocol=2)[:5], "")}
+    objects = tmp_path / "objects.pth"
+    torch.save({"model": timm_state_dict(depth=1), "args": np.zeros(2)}, objects)
+    for name, (content, _) in files.items():
+        (tmp_path / name).write_bytes(content)
+    for path, reason in [(tmp_path / n, why) for n, (_, why) in files.items()] + [(objects, "Python objects besides tensors")]:
+        with pytest.raises(CheckpointError) as err:
+            load_pretrained_vit(make(), path)
+        message = str(err.value)
+        assert message.startswith(f"{str(path)!r} is not a PyTorch or safetensors checkpoint of tensors ("), message
+        assert reason in message and "\n" not in message and "weights_only" not in message, message
+        assert message.endswith("give a DeiT/ViT weights file holding only tensors (.pth, .pt, .bin or .safetensors)")

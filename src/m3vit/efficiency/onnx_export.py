@@ -211,9 +211,10 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool
     """An onnxruntime CPU ``InferenceSession`` on ``path`` (all graph optimisations; ``threads`` intra-op
     threads, default onnxruntime's). ``spin=False`` stops its idle worker threads spinning between runs
     (they then leave the cores to other work, at some latency). A file that is not an ONNX model raises
-    ``InputError``."""
+    ``InputError``: one onnxruntime cannot parse (empty, truncated, another format) or whose model it
+    refuses at load (no graph, a graph that does not connect, an unknown operator)."""
     ort = _require("onnxruntime")
-    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidProtobuf
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument, InvalidGraph, InvalidProtobuf
 
     options = ort.SessionOptions()
     if threads is not None:
@@ -225,6 +226,11 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, spin: bool
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except InvalidProtobuf:
         raise InputError(f"{path} is not an ONNX file (onnxruntime cannot parse it)") from None
+    except (InvalidArgument, InvalidGraph) as exc:  # parsed, but not a model onnxruntime can load
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = (reason.partition(" failed:")[2].strip() or reason).rstrip(".")  # onnxruntime's "Load model from <path> failed:"
+        raise InputError(f"{path} is not a usable ONNX model ({reason}); give a file written by "
+                         f"'m3vit export --onnx'") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

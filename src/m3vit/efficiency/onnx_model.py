@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..engine.evaluator import evaluate
 from ..models.config import ModelConfig
-from ..utils.errors import InputError
+from ..utils.errors import ConfigError, InputError, one_line
 from .onnx_export import METADATA_CONFIG, METADATA_TASK, onnx_session
 
 __all__ = ["OnnxModel", "evaluate_onnx"]
@@ -33,6 +33,9 @@ class OnnxModel(nn.Module):
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         super().__init__()
         self.path = Path(path)
+        if self.path.is_dir():
+            raise InputError(f"{self.path} is a folder, not an ONNX file: give the .onnx file in it "
+                             f"(e.g. the model.onnx 'm3vit export --onnx' writes)")
         if not self.path.is_file():
             raise InputError(f"ONNX file {self.path} does not exist")
         self.session = onnx_session(self.path, threads)
@@ -40,8 +43,16 @@ class OnnxModel(nn.Module):
         if METADATA_CONFIG not in metadata or METADATA_TASK not in metadata:
             raise InputError(f"{self.path} has no m3vit metadata ({METADATA_CONFIG}, {METADATA_TASK}): evaluate a file "
                              f"written by 'm3vit export --onnx'")
-        config = ModelConfig.from_dict(json.loads(metadata[METADATA_CONFIG]))
+        damaged = f"{self.path}: its m3vit metadata is damaged"
+        try:
+            config = ModelConfig.from_dict(json.loads(metadata[METADATA_CONFIG]))
+        except (json.JSONDecodeError, ConfigError) as exc:  # not JSON, or not a model config
+            raise InputError(f"{damaged} ({METADATA_CONFIG}: {one_line(exc)}); export it again with "
+                             f"'m3vit export --onnx'") from None
         self.task = metadata[METADATA_TASK]
+        if self.task not in config.tasks:
+            raise InputError(f"{damaged} ({METADATA_TASK} {self.task!r} is not one of its config's tasks "
+                             f"{list(config.tasks)}); export it again with 'm3vit export --onnx'")
         self.config = config.replace(tasks={self.task: config.tasks[self.task]})
         self.tasks = [self.task]
         self.input_name = self.session.get_inputs()[0].name
@@ -57,7 +68,7 @@ class OnnxModel(nn.Module):
         tasks = [tasks] if isinstance(tasks, str) else list(dict.fromkeys(tasks))
         unknown = [t for t in tasks if t not in self.tasks]
         if unknown or not tasks:
-            raise ValueError(f"unknown task(s) {unknown or tasks}; this ONNX model's task is {self.task!r}")
+            raise InputError(f"unknown task(s) {unknown or tasks}; this ONNX model's task is {self.task!r}")
         return tasks
 
     def forward(self, images: Tensor, tasks: str | Sequence[str] | None = None) -> dict[str, Tensor]:

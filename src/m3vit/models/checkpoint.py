@@ -121,9 +121,16 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
     """The parsed ``config.yaml`` of a checkpoint directory (its ``model`` a mapping; not yet validated).
 
     A missing directory or file is a ``FileNotFoundError`` naming it (with a hint for a training run
-    folder); a ``config.yaml`` that is not YAML or not an m3vit checkpoint config is a ``CheckpointError``.
+    folder); a file given for the directory, a ``config.yaml`` that is not YAML or not an m3vit checkpoint
+    config, or one of a format ``version`` newer than ``VERSION`` is a ``CheckpointError``. A config without
+    a ``version`` (or of an older one) is read as it is.
     """
     directory = Path(directory)
+    if directory.is_file():
+        parent = directory.parent
+        hint = f"; give {str(parent)!r}" if all((parent / name).is_file() for name in (WEIGHTS, CONFIG)) else ""
+        raise CheckpointError(f"{str(directory)!r} is a file, not a checkpoint: a checkpoint is the folder holding "
+                              f"{WEIGHTS} and {CONFIG}{hint}")
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     for name in (WEIGHTS, CONFIG):
@@ -140,6 +147,14 @@ def read_checkpoint_config(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an m3vit checkpoint config (format: {FORMAT})")
+    version = meta.get("version")  # none before versions were written: read as version 1
+    if version is not None:
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CheckpointError(f"{path}: 'version' must be an integer (the checkpoint format version; this m3vit "
+                                  f"writes {VERSION}), got {version!r:.60}")
+        if version > VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {version} is newer than this m3vit reads "
+                                  f"(version {VERSION}); upgrade m3vit to load it")
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path}: 'model' must be the mapping of the model's config, "
                               f"got {meta.get('model')!r:.60}")

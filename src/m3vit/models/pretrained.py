@@ -22,6 +22,8 @@ the experts of an MoE block are initialised from that block's dense MLP (routers
 from __future__ import annotations
 
 import os
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -58,16 +60,37 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             raise CheckpointError(f"cannot read {str(path)!r} as a safetensors file: {reason}") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors vary by torch version
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise CheckpointError(f"cannot read {str(path)!r} as a PyTorch checkpoint: {reason}") from None
+            with warnings.catch_warnings():  # torch's notice on pickles of protocol > 2 (plain pickles, not torch.save's)
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch.load's failures
+            raise CheckpointError(f"{str(path)!r} is not a PyTorch or safetensors checkpoint of tensors "
+                                  f"({_unreadable_reason(path, exc)}); give a DeiT/ViT weights file holding only "
+                                  f"tensors (.pth, .pt, .bin or .safetensors)") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _unreadable_reason(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read ``path``, in m3vit's words (torch's own message
+    spans lines and advises loading with ``weights_only=False``, which runs the file's code)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return "it is empty"
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle, protocol >= 2)
+        return "it is neither a torch.save archive nor a pickle"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects besides tensors, or is a pickle torch.save did not write"
+    if isinstance(exc, EOFError):
+        return "it is truncated"
+    if head == b"PK" and isinstance(exc, RuntimeError):
+        return "it is a damaged or foreign zip archive"
+    return f"torch.load failed with {type(exc).__name__}"
 
 
 def expert_init_rule(mlp_hidden: int, expert_hidden: int) -> tuple[str, int]:
@@ -98,7 +121,8 @@ def load_pretrained_vit(model: MultiTaskModel, path_or_state: str | os.PathLike 
     """Copy ImageNet ViT weights into ``model``'s backbone (and head norms). Returns a report with
     the ``loaded`` and ``ignored`` checkpoint keys and the expert initialisation ``rule``.
 
-    Raises a ``ConfigError`` naming the key when a shape does not match or a needed key is missing.
+    Raises a ``ConfigError`` naming the key when a shape does not match or a needed key is missing, and a
+    ``CheckpointError`` when the weights are no ViT's (no ``blocks.N.*`` keys: an m3vit checkpoint's, say).
     """
     src = path_or_state if isinstance(path_or_state, dict) else read_state_dict(path_or_state)
     cfg = model.config
@@ -120,7 +144,16 @@ def load_pretrained_vit(model: MultiTaskModel, path_or_state: str | os.PathLike 
             )
         new[dst] = value.to(own[dst].dtype)
 
-    depth = 1 + max((int(k.split(".")[1]) for k in src if k.startswith("blocks.")), default=-1)
+    if not any(k.startswith("blocks.") for k in src):
+        where = "the pretrained state dict" if isinstance(path_or_state, dict) else \
+            f"pretrained checkpoint {str(path_or_state)!r}"
+        if any(k.startswith("backbone.") for k in src):  # MultiTaskModel's own keys
+            raise CheckpointError(f"{where} holds no ViT backbone weights: it is an m3vit checkpoint's weights, which "
+                                  f"commands take as --checkpoint <its folder> (and 'm3vit train --resume' continues); "
+                                  f"model.pretrained needs a DeiT/ViT checkpoint")
+        raise CheckpointError(f"{where} holds no ViT backbone weights (no 'blocks.N.*' keys of the DeiT/timm layout); "
+                              f"give a DeiT/ViT checkpoint")
+    depth = 1 + max(int(k.split(".")[1]) for k in src if k.startswith("blocks."))
     if depth != cfg.depth:
         raise ConfigError(f"pretrained checkpoint has {depth} blocks but the model has depth={cfg.depth}")
 
