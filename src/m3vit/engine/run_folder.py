@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..models.checkpoint import CHECKPOINT, TRAINER_STATE, verify_checkpoint
+from ..models.checkpoint import CHECKPOINT, TRAINER_STATE, torch_load_failure, verify_checkpoint
 from ..models.config import ConfigError
 from ..utils.errors import CheckpointError, M3ViTError, one_line
 from ..utils.io import FolderLock, remove_output, write_text
@@ -244,8 +244,8 @@ def verify_step_checkpoint(path: str | os.PathLike) -> None:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch.load's failures
-        reason = one_line(exc) if not isinstance(exc, OSError) else (exc.strerror or "cannot be read")
-        raise CheckpointError(f"{state_path}: damaged or truncated ({type(exc).__name__}: {reason})") from None
+        reason = (exc.strerror or "cannot be read") if isinstance(exc, OSError) else torch_load_failure(state_path, exc)
+        raise CheckpointError(f"{state_path}: damaged or truncated ({reason})") from None
     if not isinstance(state, dict) or any(key not in state for key in TRAINER_STATE_KEYS):
         missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"{state_path}: not a trainer state (missing {missing[:3]})")

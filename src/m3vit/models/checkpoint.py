@@ -15,6 +15,7 @@ file and what is wrong; a missing directory or file is a ``FileNotFoundError``.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .m3vit import MultiTaskModel
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_config", "write_checkpoint_files",
            "verify_checkpoint", "VerifiedCheckpoint", "build_on_meta", "read_weights_into", "TensorsOnMeta",
            "is_checkpoint_config", "task_embed_layout_error", "CHECKPOINT", "CHECKPOINT_FILES", "WEIGHTS",
-           "CONFIG", "TRAINER_STATE"]
+           "CONFIG", "TRAINER_STATE", "torch_load_failure"]
 
 FORMAT = "m3vit-checkpoint"
 VERSION = 1
@@ -82,6 +83,24 @@ def build_on_meta(cfg: ModelConfig) -> MultiTaskModel:
     any size is free to build); what ``TensorsOnMeta`` leaves real is small and rebuilt from the config."""
     with TensorsOnMeta():
         return MultiTaskModel(cfg)
+
+
+def torch_load_failure(path: str | os.PathLike, exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` could not read ``path``, in m3vit's words (torch's own message
+    spans lines and advises loading with ``weights_only=False``, which runs the file's code)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head:
+        return "it is empty"
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle, protocol >= 2)
+        return "it is neither a torch.save archive nor a pickle"
+    if isinstance(exc, pickle.UnpicklingError):
+        return "it holds Python objects besides tensors, or is a pickle torch.save did not write"
+    if isinstance(exc, EOFError):
+        return "it is truncated"
+    if head == b"PK" and isinstance(exc, RuntimeError):
+        return "it is a damaged or foreign zip archive"
+    return f"torch.load failed with {type(exc).__name__}"
 
 
 #: A checkpoint folder, for ``m3vit.utils.io.atomic_directory``.

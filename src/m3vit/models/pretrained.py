@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..utils.errors import CheckpointError
+from .checkpoint import torch_load_failure
 from .config import ConfigError
 from .m3vit import MultiTaskModel, resample_pos_embed
 
@@ -65,7 +66,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # torch.load's failures
             raise CheckpointError(f"{str(path)!r} is not a PyTorch or safetensors checkpoint of tensors "
-                                  f"({_unreadable_reason(path, exc)}); give a DeiT/ViT weights file holding only "
+                                  f"({torch_load_failure(path, exc)}); give a DeiT/ViT weights file holding only "
                                   f"tensors (.pth, .pt, .bin or .safetensors)") from None
     for key in ("model", "state_dict", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -73,24 +74,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def _unreadable_reason(path: Path, exc: BaseException) -> str:
-    """Why ``torch.load(weights_only=True)`` could not read ``path``, in m3vit's words (torch's own message
-    spans lines and advises loading with ``weights_only=False``, which runs the file's code)."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if not head:
-        return "it is empty"
-    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy: a pickle, protocol >= 2)
-        return "it is neither a torch.save archive nor a pickle"
-    if isinstance(exc, pickle.UnpicklingError):
-        return "it holds Python objects besides tensors, or is a pickle torch.save did not write"
-    if isinstance(exc, EOFError):
-        return "it is truncated"
-    if head == b"PK" and isinstance(exc, RuntimeError):
-        return "it is a damaged or foreign zip archive"
-    return f"torch.load failed with {type(exc).__name__}"
 
 
 def expert_init_rule(mlp_hidden: int, expert_hidden: int) -> tuple[str, int]:
