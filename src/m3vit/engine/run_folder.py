@@ -41,8 +41,8 @@ from .config import RunConfig
 
 __all__ = ["RUN_CONFIG", "LOG_FILE", "CHECKPOINTS", "FINAL", "TENSORBOARD", "RESUMABLE_KEYS", "TRAINER_STATE_KEYS",
            "RunDirectoryError", "claim_run_folder", "check_run_folder", "config_differences", "prepare_run_folder",
-           "read_log", "truncate_log", "append_log", "step_checkpoint_path", "step_checkpoints", "verify_step_checkpoint",
-           "latest_checkpoint", "prune_checkpoints", "remove_run_folder"]
+           "read_log", "truncate_log", "append_log", "step_checkpoint_path", "step_checkpoints",
+           "verify_step_checkpoint", "latest_checkpoint", "prune_checkpoints", "remove_run_folder"]
 
 log = logging.getLogger(__name__)
 

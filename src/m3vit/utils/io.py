@@ -117,9 +117,9 @@ def is_temporary_name(name: str) -> bool:
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)``, then rename the temporary file to ``path`` (creating its folder).
 
-    A new file gets the umask's permissions, a replaced one keeps its own. On any error the temporary file is removed and ``path`` is
-    left as it was; an ``OSError`` (a full disk, no permission) becomes an ``OutputError`` naming
-    ``path``, not the temporary name.
+    A new file gets the umask's permissions, a replaced one keeps its own. On any error the temporary file
+    is removed and ``path`` is left as it was; an ``OSError`` (a full disk, no permission) becomes an
+    ``OutputError`` naming ``path``, not the temporary name.
     """
     path = Path(path)
     if path.is_dir():
