@@ -131,7 +131,8 @@ def test_synthetic_study_configs_differ_only_in_the_router():
 
 def test_people_applies_to_the_synthetic_data_only():
     assert load_config(None, SMALL).data.people is None  # null: the dataset's default ("sparse")
-    with pytest.raises(ConfigError, match="data.people: is .close. \(the config sets it\), which applies to the synthetic dataset only: --set data.people=null for nyud"):
+    with pytest.raises(ConfigError, match=r"data.people: is .close. \(the config sets it\), which applies to the "
+                                          r"synthetic dataset only: --set data.people=null for nyud"):
         load_config(None, {**SMALL, "data.name": "nyud", "data.root": "/x", "data.people": "close"})
 
 
