@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -268,6 +269,21 @@ def test_output_folder_never_overwrites_a_file_the_user_changed_after_m3vit_wrot
             folder.claim(["b_semseg.png", "a_semseg.png"])
         write_text(folder.path("b_semseg.png"), "ours again")
     assert (out / "a_semseg.png").read_text() == "corrected by hand"
+    with OutputFolder(out, kind="infer") as folder:  # still refused: the refused run kept its old stamp
+        with pytest.raises(OutputError, match="a_semseg.png was changed after m3vit wrote it"):
+            folder.claim(["a_semseg.png"])
+    # the same size, edited in place: the content tells
+    (out / "b_semseg.png").write_text("OURS AGAIN")
+    with OutputFolder(out, kind="infer") as folder:
+        with pytest.raises(OutputError, match="b_semseg.png was changed after m3vit wrote it"):
+            folder.claim(["b_semseg.png"])
+    # a copy of the folder (new modification times, the same content) is still m3vit's
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copyfile)
+    (copy / "a_semseg.png").unlink()
+    (copy / "b_semseg.png").write_text("ours again")
+    with OutputFolder(copy, kind="infer") as folder:
+        write_text(folder.path("b_semseg.png"), "ours, rewritten")
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     del manifest["stamps"]  # as m3vit wrote it before the stamps
     (out / MANIFEST_FILE).write_text(json.dumps(manifest))

@@ -14,7 +14,7 @@ The rules every command follows (the README's "Safety" section):
 * A folder that receives files from several runs (inference outputs, expert reports, experiment
   reports) keeps a manifest ``.m3vit-output.json`` of the files m3vit wrote there
   (``OutputFolder``): a file that is not listed, or that was changed after m3vit wrote it (its size or
-  modification time is not the one recorded), is never overwritten. Each name is appended to a journal
+  content is not the one recorded), is never overwritten. Each name is appended to a journal
   (``.m3vit-output.journal``) before its file is written, so a process killed mid-run leaves its files
   recognised; the journal is folded into the manifest when the folder is closed.
 * Only the exact temporary names this process created are ever deleted; an old output is removed
@@ -35,6 +35,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -460,6 +461,14 @@ class FolderLock:
 # Folders that collect files from several runs
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class OutputFolder:
     """A folder m3vit writes files into, with a manifest of what it wrote (see the module docstring).
 
@@ -476,8 +485,8 @@ class OutputFolder:
         self.kind = kind
         self._lock = FolderLock(self.folder, what="output folder")
         self._files: set[str] = set()
-        # (size, mtime_ns) of each file when the last run ended, and the names this run has written.
-        self._stamps: dict[str, tuple[int, int]] = {}
+        # (size, mtime_ns, sha256) of each file when the last run ended, and the names this run has written.
+        self._stamps: dict[str, tuple[int, int, str]] = {}
         self._written: set[str] = set()
 
     def __enter__(self) -> "OutputFolder":
@@ -579,26 +588,30 @@ class OutputFolder:
         self._refuse_kind(data.get("kind"))
         stamps = data.get("stamps")  # absent in manifests of m3vit before the stamps
         if isinstance(stamps, dict):
-            self._stamps = {str(k): (v[0], v[1]) for k, v in stamps.items()
-                            if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)}
+            self._stamps = {str(k): (v[0], v[1], v[2]) for k, v in stamps.items()
+                            if isinstance(v, list) and len(v) == 3 and isinstance(v[0], int) and isinstance(v[1], int)
+                            and isinstance(v[2], str)}
         return {str(f) for f in data["files"]}
 
-    def _current_stamps(self) -> dict[str, list[int]]:
-        """``[size, mtime_ns]`` of every listed file that exists (what a later run checks it against)."""
-        stamps = {}
-        for name in sorted(self._files):
+    def _current_stamps(self) -> dict[str, list]:
+        """``[size, mtime_ns, sha256]`` of every file this run wrote, and the earlier stamps of the others (a
+        file the user changed since keeps the stamp that tells it): what a later run checks them against."""
+        stamps = {name: list(stamp) for name, stamp in self._stamps.items()
+                  if name in self._files and name not in self._written}
+        for name in sorted(self._written):
             try:
                 st = os.lstat(self.folder / name)
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode):
-                stamps[name] = [st.st_size, st.st_mtime_ns]
+                stamps[name] = [st.st_size, st.st_mtime_ns, _sha256(self.folder / name)]
         return stamps
 
     def _changed_since_written(self, name: str) -> bool:
         """Whether the listed file ``name`` was changed (or replaced) after m3vit last wrote it: its size or
-        modification time is not the one the manifest recorded. A name this run wrote, or one recorded
-        without a stamp (a killed run's journal, an older manifest), is not checked."""
+        content is not the one the manifest recorded (the content is hashed only when the modification time
+        moved: a copy of the folder is still recognised). A name this run wrote, or one recorded without a
+        stamp (a killed run's journal, an older manifest), is not checked."""
         stamp = self._stamps.get(name)
         if stamp is None or name in self._written:
             return False
@@ -606,7 +619,9 @@ class OutputFolder:
             st = os.lstat(self.folder / name)
         except FileNotFoundError:
             return False
-        return not stat.S_ISREG(st.st_mode) or [st.st_size, st.st_mtime_ns] != list(stamp)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != stamp[0]:
+            return True
+        return st.st_mtime_ns != stamp[1] and _sha256(self.folder / name) != stamp[2]
 
     def owns(self, name: str) -> bool:
         return name in self._files
