@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ..efficiency import count_flops, measure_latency
+from ..efficiency import count_flops
+from ..efficiency.latency import measure_latency_side_by_side
 from ..engine.builders import build_eval_dataset, build_train_dataset, run_tasks
 from ..engine.config import ConfigError, RunConfig, load_config, resolve_config_path
 from ..engine.evaluator import evaluate
@@ -63,28 +64,34 @@ def _gflops(model, img_size: Sequence[int]) -> tuple[dict[str, float], float]:
     return gflops, report.params_m
 
 
-def efficiency_summary(model, img_size: Sequence[int], repeats: int = 5) -> dict[str, Any]:
-    """Per-task and all-task GFLOPs and median CPU latency (ms) of single-task vs all-task inference
-    (batch 1, timed round-robin in one run).
+def efficiency_summary(models: Mapping[str, Any], img_size: Sequence[int], repeats: int = 5) -> dict[str, dict]:
+    """Per model (``{name: model}``, the same tasks): per-task and all-task GFLOPs and median CPU latency (ms)
+    of single-task vs all-task inference (batch 1), every model and setting timed round-robin in one run
+    (``measure_latency_side_by_side``), so the models' latencies compare under the same machine load.
 
     ``gflops`` is the active compute: the MoE layers counted with per-expert dispatch, which executes
     exactly the routed tokens. ``gflops_executed`` counts what the model's configured dispatch runs,
     which on short queues ("auto" -> batched) includes the rows padded to the longest queue.
     """
-    executed, params = _gflops(model, img_size)
-    saved = [layer.dispatch for layer in model.moe_layers]
-    try:
-        for layer in model.moe_layers:
-            layer.dispatch = "per_expert"
-        active, _ = _gflops(model, img_size)
-    finally:
-        for layer, dispatch in zip(model.moe_layers, saved):
-            layer.dispatch = dispatch
-    settings = [[t] for t in model.tasks] + [None]
-    timings = measure_latency(model, tuple(img_size), settings, repeats=repeats, warmup=1)
-    latency = {("all" if s is None else s[0]): r["median_ms"] for s, r in zip(settings, timings)}
-    return {"params_m": params, "gflops": active, "gflops_executed": executed, "latency_ms": latency,
-            "threads": torch.get_num_threads(), "img_size": list(img_size), "batch_size": 1}
+    out = {}
+    for name, model in models.items():
+        executed, params = _gflops(model, img_size)
+        saved = [layer.dispatch for layer in model.moe_layers]
+        try:
+            for layer in model.moe_layers:
+                layer.dispatch = "per_expert"
+            active, _ = _gflops(model, img_size)
+        finally:
+            for layer, dispatch in zip(model.moe_layers, saved):
+                layer.dispatch = dispatch
+        out[name] = {"params_m": params, "gflops": active, "gflops_executed": executed,
+                     "threads": torch.get_num_threads(), "img_size": list(img_size), "batch_size": 1}
+    tasks = next(iter(models.values())).tasks
+    settings = [[t] for t in tasks] + [None]
+    timings = measure_latency_side_by_side(models, tuple(img_size), settings, repeats=repeats, warmup=1)
+    for name, runs in timings.items():
+        out[name]["latency_ms"] = {("all" if s is None else s[0]): r["median_ms"] for s, r in zip(settings, runs)}
+    return out
 
 
 @dataclass
@@ -153,9 +160,12 @@ def run_demo(out: str | Path = "demo-out", configs: Mapping[str, str | Path] | N
             start = time.perf_counter()
             metrics = evaluate(model, dataset, eval_cfg=cfg.eval, batch_size=cfg.eval.batch_size, pathway="single")
             info["eval_seconds"] = time.perf_counter() - start
-            say(f"[{name}] measuring GFLOPs and CPU latency at {cfg.data.size[0]}x{cfg.data.size[1]}")
             results[name] = {"metrics": metrics, "checkpoint": str(final), "config": str(paths[name]),
-                             "model": cfg.model.name, **info, **efficiency_summary(model, cfg.data.size, latency_repeats)}
+                             "model": cfg.model.name, **info}
+        size = next(iter(cfgs.values())).data.size
+        say(f"measuring GFLOPs and CPU latency at {size[0]}x{size[1]}, {', '.join(models)} timed side by side")
+        for name, summary in efficiency_summary(models, size, latency_repeats).items():
+            results[name].update(summary)
         names = list(cfgs)
         first_cfg = cfgs[names[0]]
         if len(names) == 2:
@@ -263,8 +273,9 @@ def _summary(results: dict, names: list[str], cfg: RunConfig) -> str:
     h, w = cfg.data.size
     lines.append("")
     lines.append(f"Inference cost at {h}x{w}, batch 1, {results[names[0]]['threads']} CPU thread(s) "
-                 f"(median of the timed runs); 'all' runs every task in one batched pass; GFLOPs are the "
-                 f"active compute (routed tokens only, see results.json gflops_executed for padded dispatch):")
+                 f"(medians; the models timed side by side, round-robin); 'all' runs every task in one batched "
+                 f"pass; GFLOPs are the active compute (routed tokens only, see results.json gflops_executed for "
+                 f"padded dispatch):")
     lines.append(_cost_table(results, names))
     if "delta_m" in results and results["delta_m"]["value"] is not None:
         d = results["delta_m"]
