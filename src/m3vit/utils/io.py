@@ -276,7 +276,8 @@ def check_replaceable(path: Path, kind: OutputKind) -> None:
 def remove_output(path: str | os.PathLike, kind: OutputKind) -> list[str]:
     """Delete the files of ``kind`` in the folder ``path``, then the folder if it is empty.
 
-    Returns the entries left behind (anything ``kind`` does not write, never deleted).
+    Returns the entries left behind (anything ``kind`` does not write, never deleted). What another m3vit
+    process removes meanwhile (two sweeping the same stale folder) is no error.
     """
     path = Path(path)
     if path.is_symlink():
@@ -284,10 +285,13 @@ def remove_output(path: str | os.PathLike, kind: OutputKind) -> list[str]:
     for name in kind.files:
         entry = path / name
         if entry.is_file() and not entry.is_symlink():
-            entry.unlink()
-    left = sorted(p.name for p in path.iterdir())
-    if not left:
-        path.rmdir()
+            entry.unlink(missing_ok=True)
+    try:
+        left = sorted(p.name for p in path.iterdir())
+        if not left:
+            path.rmdir()
+    except FileNotFoundError:
+        return []
     return left
 
 
