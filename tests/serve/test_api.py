@@ -442,3 +442,73 @@ def test_a_missing_extra_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
     with pytest.raises(ImportError, match=r"uvicorn.*pip install m3vit\[serve\]"):
         serve_app.require_serve_extra()
+
+
+# ------------------------------------------------------------------------------------------------
+# Clients that stall, hang up or probe
+# ------------------------------------------------------------------------------------------------
+def _start_upload(url: str, boundary: str = "m3vit-stall"):
+    """A raw connection that sends the headers and the start of a multipart body, then stalls."""
+    import socket
+    from urllib.parse import urlparse
+
+    where = urlparse(url)
+    sock = socket.create_connection((where.hostname, where.port))
+    sock.sendall(f"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                 f"\r\nContent-Length: 500000\r\n\r\n--{boundary}".encode())
+    return sock
+
+
+def test_a_stalled_upload_frees_its_slot_after_the_upload_timeout(checkpoint, to_png, make_image):
+    """A client that never finishes its upload holds a request slot for ``upload_timeout_s`` at most (408);
+    then the server answers others again."""
+    import httpx2
+
+    app = create_app(checkpoint, device="cpu", workers=1, queue_size=0, upload_timeout_s=1.0)
+    with running_server(app) as url:
+        stalled = _start_upload(url)
+        try:
+            time.sleep(0.3)
+            with httpx2.Client(base_url=url, timeout=60) as http:
+                image = {"image": ("x.png", to_png(make_image(16, 16)), "image/png")}
+                assert http.post("api/predict", files=image, data={"tasks": "sal"}).status_code == 503
+                stalled.settimeout(10)
+                reply = stalled.recv(4096).decode()
+                assert reply.startswith("HTTP/1.1 408") and "the upload took longer than 1 s" in reply
+                assert http.post("api/predict", files=image, data={"tasks": "sal"}).status_code == 200
+        finally:
+            stalled.close()
+
+
+def test_a_client_hanging_up_mid_upload_is_not_logged_as_a_bug(checkpoint, to_png, make_image, caplog):
+    import httpx2
+
+    app = create_app(checkpoint, device="cpu")
+    with running_server(app) as url, caplog.at_level(logging.DEBUG, logger="m3vit.serve.app"):
+        _start_upload(url).close()
+        time.sleep(0.5)
+        with httpx2.Client(base_url=url, timeout=60) as http:
+            image = {"image": ("x.png", to_png(make_image(16, 16)), "image/png")}
+            assert http.post("api/predict", files=image, data={"tasks": "sal"}).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "disconnected during the upload" in caplog.text
+
+
+def test_head_works_where_get_does_and_405_says_what_is_allowed(client):
+    for path in ("/", "/api/health", "/api/info"):
+        assert client.head(path).status_code == 200, path
+    answer = client.get("/api/predict")
+    assert answer.status_code == 405 and answer.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "EPS", "PDF"])
+def test_formats_that_decode_before_the_size_check_or_run_ghostscript_are_refused(client, make_image, fmt):
+    """PIL decodes an ICO's embedded image before its size can be checked, and hands EPS/PDF to
+    Ghostscript: neither is read at all."""
+    buf = io.BytesIO()
+    picture = Image.fromarray(make_image(16, 16))
+    try:
+        picture.save(buf, format=fmt)
+    except OSError:  # EPS needs no Ghostscript to write, PDF neither; skip where PIL cannot write it
+        pytest.skip(f"PIL cannot write {fmt} here")
+    assert_error(post(client, buf.getvalue(), filename=f"x.{fmt.lower()}"), 400, "not an image in a format m3vit reads")

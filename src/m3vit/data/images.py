@@ -20,6 +20,7 @@ PIL.Image.MAX_IMAGE_PIXELS``, 179 M pixels by default), whatever ``max_pixels`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import struct
@@ -30,7 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..utils.errors import ConfigError, InputError
 
@@ -44,11 +45,23 @@ log = logging.getLogger(__name__)
 #: (CLI: ``--max-pixels``) to change it.
 MAX_PIXELS = 50_000_000
 
+#: The formats ``read_image`` opens (PIL's names): photographs and lossless images. Others are refused
+#: before decoding: PIL's ICO reader decodes the whole embedded image before its size can be checked, and
+#: EPS/PDF would run Ghostscript on the file.
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF", "PPM", "TGA", "JPEG2000")
+
 # Modes whose values are not 8-bit: read as numbers, not converted by PIL (which would clip them).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _WIDE_MODES = (*_SIXTEEN_BIT_MODES, "I", "F")
 # What PIL raises for a file it cannot identify or decode (struct/zlib errors escape some plugins).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error)
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    """``IMAGE_FORMATS`` that this PIL can open (``Image.open(formats=)`` needs their plugins registered)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 class ImageReadError(InputError):
@@ -84,7 +97,7 @@ def read_image(path: str | os.PathLike | BinaryIO, *, max_pixels: int | None = M
         with warnings.catch_warnings():
             # PIL warns above MAX_IMAGE_PIXELS; our own limit (checked below) decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
+            with Image.open(source, formats=_open_formats()) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageTooLargeError(
@@ -97,6 +110,8 @@ def read_image(path: str | os.PathLike | BinaryIO, *, max_pixels: int | None = M
         raise ImageReadError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageReadError(f"{path}: is a directory, not an image") from None
+    except UnidentifiedImageError:  # no allowed format recognises it (PIL's message holds an object's repr)
+        raise ImageReadError(f"{path}: not an image in a format m3vit reads ({', '.join(IMAGE_FORMATS)})") from None
     except Image.DecompressionBombError:
         raise ImageTooLargeError(f"{path}: more pixels than PIL's decompression-bomb limit of "
                                  f"{2 * Image.MAX_IMAGE_PIXELS} allows; downscale the image") from None

@@ -63,15 +63,20 @@ def _parse_bool(field: str, value) -> bool:
     raise RequestError(f"the {field!r} field must be true or false, got {str(value)[:40]!r}")
 
 
+#: Seconds a client has to send its whole upload; a slower one is answered 408 and frees its request slot.
+UPLOAD_TIMEOUT_S = 30.0
+
+
 def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None, workers: int = 1,
                queue_size: int = DEFAULT_QUEUE_SIZE, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_pixels: int = DEFAULT_MAX_PIXELS):
+               max_pixels: int = DEFAULT_MAX_PIXELS, upload_timeout_s: float = UPLOAD_TIMEOUT_S):
     """A FastAPI app serving ``model_or_checkpoint`` (a ``MultiTaskModel`` or a checkpoint directory).
 
     ``workers`` model replicas each run on their own thread (a checkpoint is loaded that many times; a
     model object is deep-copied); at most ``workers + queue_size`` requests are in progress at once,
-    more get 503. ``stream_experts`` and ``device`` (default ``auto``) apply to a checkpoint. The
-    service is ``app.state.service``; it is closed when the app shuts down.
+    more get 503; a request whose upload takes longer than ``upload_timeout_s`` gets 408, so a stalled
+    client holds a slot that long at most. ``stream_experts`` and ``device`` (default ``auto``) apply to a
+    checkpoint. The service is ``app.state.service``; it is closed when the app shuts down.
     """
     require_serve_extra()
     from fastapi import FastAPI, Request
@@ -81,6 +86,8 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
     from starlette.concurrency import run_in_threadpool
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
 
     service = PredictionService.load(model_or_checkpoint, stream_experts=stream_experts, device=device,
                                      workers=workers, queue_size=queue_size, max_upload_mb=max_upload_mb,
@@ -100,8 +107,8 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
                   docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     app.state.service = service
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, headers=None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
@@ -122,7 +129,7 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
                 message += " (send a multipart POST with the image in field 'image')"
         else:
             message = str(exc.detail)
-        return error(exc.status_code, message)
+        return error(exc.status_code, message, getattr(exc, "headers", None))  # a 405's Allow
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -136,7 +143,7 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
         return error(500, f"internal server error ({type(exc).__name__}); this is a bug, the traceback is in "
                           f"the server log")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index():
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -149,6 +156,9 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
     @app.get("/api/info")
     async def info():
         return service.info()
+
+    for path, endpoint in (("/api/health", health), ("/api/info", info)):  # HEAD: what health probes send
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/api/predict", openapi_extra=_PREDICT_FORM)
     async def predict(request: Request):
@@ -170,7 +180,15 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
                 service.check_upload_size(received)
                 return message
 
-            form = await Request(request.scope, limited_receive).form(max_files=4, max_fields=16)
+            try:
+                form = await asyncio.wait_for(Request(request.scope, limited_receive).form(max_files=4, max_fields=16),
+                                              upload_timeout_s)
+            except TimeoutError:
+                raise RequestError(f"the upload took longer than {upload_timeout_s:g} s; send it again faster or a "
+                                   f"smaller image", status=408) from None
+            except ClientDisconnect:  # the client went away mid-upload: nobody to answer, and not a bug
+                log.debug("POST /api/predict: the client disconnected during the upload")
+                return Response(status_code=400)
             try:
                 upload = form.get("image")
                 if upload is None:

@@ -98,14 +98,12 @@ def read_image_bytes(data: bytes, max_pixels: int | None = None) -> torch.Tensor
     try:
         return read_image(io.BytesIO(data), max_pixels=max_pixels, name=name)
     except ImageTooLargeError as exc:
-        size = (f"{exc.width}x{exc.height} (width x height) = {exc.width * exc.height:,} pixels, over"
+        size = (f"is {exc.width}x{exc.height} (width x height) = {exc.width * exc.height:,} pixels, over"
                 if exc.width else "has more pixels than")
-        raise RequestError(f"the image is {size} this server's limit of {max_pixels or 0:,} (--max-pixels); "
+        raise RequestError(f"the image {size} this server's limit of {max_pixels or 0:,} (--max-pixels); "
                            f"send a smaller image", status=413) from None
-    except ImageReadError as exc:
-        reason = str(exc).removeprefix(f"{name}: ")
-        raise RequestError(f"the 'image' field is not an image that can be read ({reason}); send a PNG, JPEG or "
-                           f"another image file") from None
+    except ImageReadError as exc:  # its message names the field already
+        raise RequestError(f"{exc}; send a PNG, JPEG or another image file") from None
 
 
 def _first_line(exc: BaseException) -> str:
