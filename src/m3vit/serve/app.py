@@ -116,7 +116,7 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
 
     @app.exception_handler(ServiceBusyError)
     async def _busy(request: Request, exc: ServiceBusyError):
-        return error(503, str(exc))
+        return error(503, str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):
@@ -190,12 +190,18 @@ def create_app(model_or_checkpoint, *, stream_experts: bool = False, device=None
                 log.debug("POST /api/predict: the client disconnected during the upload")
                 return Response(status_code=400)
             try:
+                for name in ("image", "raw"):  # which of two would count is a guess: refuse it
+                    if len(form.getlist(name)) > 1:
+                        raise RequestError(f"the {name!r} field is sent {len(form.getlist(name))} times; send it once")
                 upload = form.get("image")
                 if upload is None:
                     raise RequestError("no 'image' field; send the image file as multipart field 'image'")
                 if not isinstance(upload, UploadFile):
                     raise RequestError("the 'image' field must be a file upload, not text")
-                tasks = service.resolve_tasks(",".join(str(t) for t in form.getlist("tasks")))
+                if any(not isinstance(form.get(name, ""), str) for name in ("tasks", "raw")) or any(
+                        not isinstance(t, str) for t in form.getlist("tasks")):
+                    raise RequestError("the 'tasks' and 'raw' fields must be text, not file uploads")
+                tasks = service.resolve_tasks(",".join(form.getlist("tasks")))
                 raw = _parse_bool("raw", form.get("raw", ""))
                 data = await upload.read()
             finally:

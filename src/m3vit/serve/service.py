@@ -106,11 +106,6 @@ def read_image_bytes(data: bytes, max_pixels: int | None = None) -> torch.Tensor
         raise RequestError(f"{exc}; send a PNG, JPEG or another image file") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def process_memory_mb() -> tuple[float, float]:
     """``(resident, peak resident)`` memory of this process in MiB (``VmRSS``, ``VmHWM``; else ``ru_maxrss``)."""
     rss = peak = None
@@ -352,10 +347,13 @@ class PredictionService:
             tasks = [t.strip() for t in tasks.split(",") if t.strip()]
         if not tasks:
             return list(self.model.tasks)
-        try:
-            return self.model.resolve_tasks(list(tasks))
-        except ValueError as exc:
-            raise RequestError(f"{_first_line(exc)}; pass some of them comma-separated in the 'tasks' field") from None
+        unknown = [t for t in dict.fromkeys(tasks) if t not in self.model.tasks]
+        if unknown:  # named here, each cut short: a client's text is not echoed whole
+            shown = ", ".join(repr(t[:40]) for t in unknown[:5])
+            shown += f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise RequestError(f"unknown task(s) {shown}; this model's tasks are {list(self.model.tasks)}: pass some "
+                               f"of them comma-separated in the 'tasks' field")
+        return self.model.resolve_tasks(list(tasks))
 
     def read_image(self, data: bytes) -> torch.Tensor:
         """An upload as ``[3, H, W]`` in ``[0, 1]``, within the size limits (``RequestError`` otherwise)."""
