@@ -331,18 +331,12 @@ def _clean_temporaries(root: Path) -> None:
         if not _TEMPORARY.match(path.name):
             continue
         if path.is_dir() and not path.is_symlink():
-            if _holds_only_checkpoint_files(path):
+            if CHECKPOINT.holds_only_its_files(path):
                 remove_output(path, CHECKPOINT)
             else:
                 log.warning("kept %s: it holds files m3vit did not write", path)
         else:
             path.unlink()
-
-
-def _holds_only_checkpoint_files(folder: Path) -> bool:
-    """Whether every entry of ``folder`` is a plain file a checkpoint has (a checkpoint being written may
-    lack some, and its config may be unfinished: not ``CHECKPOINT.recognises``)."""
-    return not CHECKPOINT.foreign_entries(folder) and not any(p.is_symlink() for p in folder.iterdir())
 
 
 def _is_trainer_config(path: Path) -> bool:
@@ -370,7 +364,7 @@ def _is_own_entry(path: Path) -> bool:
     if path.is_symlink():
         return False
     if _TEMPORARY.match(name):
-        return not path.is_dir() or _holds_only_checkpoint_files(path)
+        return not path.is_dir() or CHECKPOINT.holds_only_its_files(path)
     if name == RUN_CONFIG:
         return True
     if name == LOG_FILE:
@@ -412,20 +406,19 @@ def remove_run_folder(out: str | os.PathLike) -> list[str]:
             return foreign
         for sub in (out / CHECKPOINTS, out):
             _clean_temporaries(sub)
-        root = out / CHECKPOINTS
-        if root.is_dir():
-            for _, path in _step_dirs(root):
-                remove_output(path, CHECKPOINT)
-            root.rmdir()
+        for _, path in step_checkpoints(out):
+            remove_output(path, CHECKPOINT)
         if (out / FINAL).is_dir():
             remove_output(out / FINAL, CHECKPOINT)
-        board = out / TENSORBOARD
-        if board.is_dir():
-            for event in board.iterdir():
-                event.unlink()
-            board.rmdir()
+        for event in (out / TENSORBOARD).glob(f"{_EVENT_PREFIX}*"):  # by name, like everything deleted here
+            event.unlink()
         for name in (RUN_CONFIG, LOG_FILE):
-            if (out / name).is_file():
-                (out / name).unlink()
-        out.rmdir()
+            (out / name).unlink(missing_ok=True)
+        for folder in (out / CHECKPOINTS, out / TENSORBOARD, out):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:  # something was put there meanwhile: it stays, and is named
+                return sorted(p.name for p in out.iterdir())
     return []

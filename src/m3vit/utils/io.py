@@ -248,6 +248,11 @@ class OutputKind:
         """The entries of ``folder`` this kind does not write (sorted)."""
         return sorted(p.name for p in folder.iterdir() if p.name not in self.files or p.is_dir())
 
+    def holds_only_its_files(self, folder: Path) -> bool:
+        """Whether every entry of ``folder`` is a plain file of this kind (some may be missing and ``identify``
+        is not asked: a folder being written, or half deleted, by m3vit)."""
+        return not self.foreign_entries(folder) and not any(p.is_symlink() for p in folder.iterdir())
+
     def recognises(self, folder: str | os.PathLike) -> bool:
         folder = Path(folder)
         try:  # a link is never recognised: what it points to is not the output's to replace
@@ -365,7 +370,7 @@ class atomic_directory:
             except (RunLockedError, OutputError):  # being built by another process, or gone meanwhile
                 continue
             try:
-                if not self.kind.foreign_entries(entry) and not any(p.is_symlink() for p in entry.iterdir()):
+                if self.kind.holds_only_its_files(entry):
                     remove_output(entry, self.kind)
                     log.info("removed %s, left by an interrupted m3vit process", entry)
             finally:
